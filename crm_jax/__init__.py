@@ -1,0 +1,1 @@
+"""crm-jax: the Continuous Refinement Model (CRM) in JAX/Flax."""

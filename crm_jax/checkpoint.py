@@ -1,0 +1,126 @@
+"""Model checkpoints: an orbax pytree of variables plus the model config.
+
+Layout of a model checkpoint directory (what ``convert_torch_weights.py``
+writes and ``Refiner.from_checkpoint`` / ``train.py --init`` read)::
+
+    DIR/config.json     {"format": "crm-jax-model", "model": {...}, "meta": {...}}
+    DIR/variables/      orbax StandardCheckpointer: {"params", "batch_stats"}
+
+A training workdir (``train.py``) is also accepted: its latest step is read.
+Directories are written under a temporary name and renamed, so a checkpoint
+is either complete or absent.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from crm_jax.models.crm import CRM, ModelConfig, init_variables
+
+FORMAT = "crm-jax-model"
+CONFIG_FILE = "config.json"
+VARIABLES_DIR = "variables"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read or does not fit the model."""
+
+
+def abstract_variables(config: ModelConfig):
+  """Shapes and dtypes of the variables of ``CRM(config)``, without computing."""
+  model = CRM(config)
+  return jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0)))
+
+
+def _paths(tree) -> Dict[str, Any]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p): leaf for p, leaf in flat}
+
+
+def check_tree(variables, config: ModelConfig, source: str) -> None:
+  """Raises ``CheckpointError`` unless ``variables`` matches ``CRM(config)``."""
+  want = _paths(abstract_variables(config))
+  have = _paths(variables)
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  if missing or extra:
+    raise CheckpointError(
+        f"{source}: variables do not match the model: missing {missing[:5]}"
+        f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+        f"{'...' if len(extra) > 5 else ''}")
+  for k, leaf in have.items():
+    if tuple(np.shape(leaf)) != tuple(want[k].shape):
+      raise CheckpointError(f"{source}: {k} has shape {tuple(np.shape(leaf))}, "
+                            f"the model needs {tuple(want[k].shape)}")
+
+
+def save_model(path: str, variables, config: ModelConfig,
+               meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
+  """Writes a model checkpoint directory atomically; returns its path."""
+  path = os.path.abspath(path)
+  check_tree(variables, config, path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+  try:
+    variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, VARIABLES_DIR), variables)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump({"format": FORMAT, "model": config.to_dict(), "meta": meta or {}},
+                f, indent=2)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def read_config(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:
+  """The model config and metadata of a model checkpoint directory."""
+  cfg_file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: no such checkpoint directory")
+  try:
+    with open(cfg_file) as f:
+      blob = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{cfg_file}: not a crm-jax checkpoint config ({e})") from None
+  if blob.get("format") != FORMAT or "model" not in blob:
+    raise CheckpointError(f"{cfg_file}: not a crm-jax model checkpoint")
+  try:
+    config = ModelConfig.from_dict(blob["model"])
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{cfg_file}: bad model config ({e})") from None
+  return config, blob.get("meta", {})
+
+
+def load_model(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:
+  """Loads ``(config, variables)`` from a model checkpoint directory.
+
+  ``variables`` is ``{'params': ..., 'batch_stats': ...}`` of numpy arrays.
+  """
+  path = os.path.abspath(path)
+  config, _ = read_config(path)
+  target = abstract_variables(config)
+  var_dir = os.path.join(path, VARIABLES_DIR)
+  if not os.path.isdir(var_dir):
+    raise CheckpointError(f"{var_dir}: missing (incomplete checkpoint)")
+  try:
+    variables = ocp.StandardCheckpointer().restore(var_dir, target)
+  except Exception as e:  # orbax raises many types; report one line.
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f"{var_dir}: cannot restore the variables ({msg})") from None
+  check_tree(variables, config, path)
+  return config, variables

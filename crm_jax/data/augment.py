@@ -1,0 +1,196 @@
+"""Per-sample training augmentation (spec sections 1 and 8), in NumPy/OpenCV, NHWC.
+
+Per sample, in this order:
+1. the same random ``crop_size`` crop (zero padding when the image is smaller) and the same
+   horizontal flip (p 0.5) for image and gt;
+2. image only: colour jitter (brightness 0.2, contrast 0.05, saturation 0.05, hue 0) and random
+   greyscale (p 0.1);
+3. the coarse seg, synthesised from the cropped gt (``synthesis.synthesize_coarse_mask``);
+4. normalisation: image ``(x / 255 - mean) / std``, seg ``(x / 255 - 0.5) / 0.5``, gt ``x / 255``
+   (kept soft).
+
+All randomness comes from a ``np.random.Generator`` argument. Upstream applied torchvision
+transforms to PIL images; the semantics are reproduced, the random streams are not.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+
+from crm_jax.constants import IMAGE_MEAN, IMAGE_STD, SEG_MEAN, SEG_STD
+from crm_jax.data import synthesis
+
+CROP_SIZE = 224
+HFLIP_PROB = 0.5
+JITTER_BRIGHTNESS = 0.2
+JITTER_CONTRAST = 0.05
+JITTER_SATURATION = 0.05  # hue jitter is 0 upstream, so it is not implemented.
+GRAYSCALE_PROB = 0.1
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L").
+
+_MEAN = np.asarray(IMAGE_MEAN, np.float32)
+_STD = np.asarray(IMAGE_STD, np.float32)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+  """[H, W], [H, W, 1] or [H, W, 3] -> [H, W, 3] (grey images are replicated, as PIL's RGB)."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3):
+    raise ValueError(f"expected an [H, W, 3] image, got shape {image.shape}")
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return image
+
+
+def _crop_or_pad_1d(n: int, size: int, rng: np.random.Generator) -> Tuple[slice, slice]:
+  """Source and destination slices along one axis.
+
+  ``n >= size``: a crop starting uniformly in [0, n - size]. ``n < size``: the whole extent,
+  placed uniformly in [0, size - n] of a zero canvas; this is the distribution of torchvision's
+  ``RandomCrop(pad_if_needed=True)``, which pads ``size - n`` on both sides and then crops.
+  """
+  offset = int(rng.integers(abs(n - size) + 1))
+  if n >= size:
+    return slice(offset, offset + size), slice(0, size)
+  return slice(0, n), slice(offset, offset + n)
+
+
+def random_crop(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
+                size: int = CROP_SIZE) -> Tuple[np.ndarray, np.ndarray]:
+  """The same random ``size`` x ``size`` crop of image [H, W, C] and gt [H, W] (or [H, W, 1]).
+
+  Where the image is smaller than ``size`` it is zero-padded (both image and gt), at a random
+  offset. Dtypes are kept.
+  """
+  image = np.asarray(image)
+  gt = np.asarray(gt)
+  h, w = image.shape[:2]
+  if gt.shape[:2] != (h, w):
+    raise ValueError(f"image {image.shape} and gt {gt.shape} differ in size")
+  src_y, dst_y = _crop_or_pad_1d(h, size, rng)
+  src_x, dst_x = _crop_or_pad_1d(w, size, rng)
+  out_image = np.zeros((size, size) + image.shape[2:], image.dtype)
+  out_gt = np.zeros((size, size) + gt.shape[2:], gt.dtype)
+  out_image[dst_y, dst_x] = image[src_y, src_x]
+  out_gt[dst_y, dst_x] = gt[src_y, src_x]
+  return out_image, out_gt
+
+
+def random_hflip(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
+                 p: float = HFLIP_PROB) -> Tuple[np.ndarray, np.ndarray]:
+  """Flips image and gt left-right together, with probability ``p``."""
+  if rng.random() < p:
+    return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(gt[:, ::-1])
+  return image, gt
+
+
+def rgb_to_gray(image: np.ndarray) -> np.ndarray:
+  """ITU-R 601 luma of an [H, W, 3] RGB image, float32 [H, W]."""
+  image = np.asarray(image, np.float32)
+  r, g, b = LUMA_WEIGHTS
+  return r * image[..., 0] + g * image[..., 1] + b * image[..., 2]
+
+
+def _blend(image: np.ndarray, other, factor: float) -> np.ndarray:
+  """``factor * image + (1 - factor) * other``, clipped to uint8 (torchvision's ``_blend``)."""
+  return _to_uint8(factor * image.astype(np.float32) + (1.0 - factor) * np.asarray(other))
+
+
+def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
+  return _blend(image, 0.0, factor)
+
+
+def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
+  """Blends with the mean of the greyscale image."""
+  return _blend(image, float(rgb_to_gray(image).mean()), factor)
+
+
+def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+  """Blends with the greyscale image."""
+  return _blend(image, rgb_to_gray(image)[..., None], factor)
+
+
+def _jitter_factor(amount: float, rng: np.random.Generator) -> float:
+  return float(rng.uniform(max(0.0, 1.0 - amount), 1.0 + amount))
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator,
+                 brightness: float = JITTER_BRIGHTNESS, contrast: float = JITTER_CONTRAST,
+                 saturation: float = JITTER_SATURATION) -> np.ndarray:
+  """torchvision ``ColorJitter(brightness, contrast, saturation, hue=0)`` on a uint8 RGB image.
+
+  Each factor is uniform in [max(0, 1 - x), 1 + x]; the adjustments run in a random order, each
+  rounding and clipping to uint8 as PIL does. An amount of 0 leaves that adjustment out.
+  """
+  image = np.asarray(image)
+  ops = []
+  if brightness > 0:
+    ops.append((adjust_brightness, _jitter_factor(brightness, rng)))
+  if contrast > 0:
+    ops.append((adjust_contrast, _jitter_factor(contrast, rng)))
+  if saturation > 0:
+    ops.append((adjust_saturation, _jitter_factor(saturation, rng)))
+  out = image.astype(np.uint8, copy=True)
+  for k in rng.permutation(len(ops)):
+    fn, factor = ops[k]
+    out = fn(out, factor)
+  return out
+
+
+def random_grayscale(image: np.ndarray, rng: np.random.Generator,
+                     p: float = GRAYSCALE_PROB) -> np.ndarray:
+  """With probability ``p``, the luma replicated to 3 channels (uint8); else the image."""
+  if rng.random() < p:
+    gray = _to_uint8(rgb_to_gray(image))
+    return np.repeat(gray[..., None], 3, axis=-1)
+  return image
+
+
+def normalize_image(image_uint8: np.ndarray) -> np.ndarray:
+  """uint8 RGB [..., 3] -> float32 ``(x / 255 - mean) / std``."""
+  x = np.asarray(image_uint8, np.float32) / np.float32(255)
+  return (x - _MEAN) / _STD
+
+
+def normalize_seg(seg_uint8: np.ndarray) -> np.ndarray:
+  """uint8 grey seg -> float32 ``(x / 255 - 0.5) / 0.5`` in [-1, 1]; the shape is kept."""
+  x = np.asarray(seg_uint8, np.float32) / np.float32(255)
+  return ((x - np.float32(SEG_MEAN)) / np.float32(SEG_STD)).astype(np.float32)
+
+
+def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
+                          crop_size: int = CROP_SIZE) -> Dict[str, np.ndarray]:
+  """One training example from an (image, gt) pair, as spec section 8 makes it.
+
+  Args:
+    image: uint8 RGB [H, W, 3] (grey [H, W] or [H, W, 1] is replicated to RGB).
+    gt: uint8 grey mask [H, W] (or [H, W, 1]), values in [0, 255]; may be soft.
+    rng: the source of randomness.
+    crop_size: S.
+
+  Returns:
+    dict with ``image`` float32 [S, S, 3] normalised, ``seg`` float32 [S, S, 1] in [-1, 1] (the
+    synthesised coarse mask) and ``gt`` float32 [S, S, 1] in [0, 1] (``gt / 255``, soft).
+  """
+  image = _as_rgb(image).astype(np.uint8, copy=False)
+  gt = synthesis.as_mask_2d(gt)
+  if gt.dtype != np.uint8:
+    raise ValueError(f"gt must be uint8 grey values in [0, 255], got {gt.dtype}")
+  image, gt = random_crop(image, gt, rng, crop_size)
+  image, gt = random_hflip(image, gt, rng)
+  image = color_jitter(image, rng)
+  image = random_grayscale(image, rng)
+  seg = synthesis.synthesize_coarse_mask(gt, rng)
+  return {
+      "image": normalize_image(image),
+      "seg": normalize_seg(seg)[..., None],
+      "gt": (gt.astype(np.float32) / np.float32(255))[..., None],
+  }

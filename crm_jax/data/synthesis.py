@@ -1,0 +1,246 @@
+"""Coarse-mask synthesis for training (spec section 8, steps a and b).
+
+CRM is trained on (image, gt) pairs only; the coarse input mask ("seg") is made on the fly from the
+binarised gt in two steps:
+
+a. ``simplify_boundary``: every contour of at least ``MIN_CONTOUR_POINTS`` points loses a run of
+   ``REGIONAL_SAMPLE_RATE`` consecutive points (starting at a random pick among the
+   ``REMOVE_START_FRACTION`` of starts whose run endpoints are closest together, so the cut removes
+   a protrusion rather than tearing across the object), then a random ``SAMPLE_RATE`` of the
+   remaining points is kept in order and the polygons are filled.
+b. ``random_morphology``: up to ``MORPH_ROUNDS`` rounds of ``RECTS_PER_ROUND`` random rectangles,
+   each dilated or eroded with a random structuring element, stopping after the first round whose
+   IoU against step a's output falls below a target drawn uniformly in ``IOU_TARGET_RANGE``.
+
+All randomness comes from a ``np.random.Generator`` argument, so a seeded generator reproduces the
+mask exactly. Upstream drew from the global ``np.random`` and ``random`` states; the distribution is
+the same, the streams are not.
+
+``lowres_segmenter_mask`` is a separate, deterministic-ish stand-in for the output of a
+low-resolution segmenter, used to build the bundled demo set (not for training).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# Step a: boundary simplification.
+MIN_CONTOUR_POINTS = 10  # contours with fewer points are dropped.
+REGIONAL_SAMPLE_RATE = 0.1  # fraction of a contour removed as one consecutive run.
+REMOVE_START_FRACTION = 0.1  # the run starts among this fraction of starts, closest endpoints first.
+SAMPLE_RATE = 0.1  # fraction of the remaining points kept.
+
+# Step b: random morphology.
+BINARY_THRESHOLD = 127  # cv2.threshold(seg, 127, 255, THRESH_BINARY): > 127 -> 255.
+MORPH_ROUNDS = 250
+RECTS_PER_ROUND = 4
+CENTRE_PIXEL_PROB = 0.25  # per rectangle: set its centre pixel to 0 or 255 with this probability.
+DILATE_PROB = 0.5  # per rectangle: dilate with this probability, else erode.
+KERNEL_SIZE_RANGE = (3, 10)  # structuring-element size, an integer in [3, 10).
+MIN_MORPH_SIDE = 3  # images with a side below this are returned unchanged (upstream: h, w <= 2).
+IOU_EPS = 1e-6  # (|A & B| + eps) / (|A | B| + eps): two empty masks have IoU 1.
+
+# The IoU target of step b, drawn uniformly in [0.8, 1.0).
+IOU_TARGET_RANGE = (0.8, 1.0)
+
+# Gt binarisation: gt / 255 > 0.5.
+GT_THRESHOLD = 0.5
+
+# The low-resolution segmenter stand-in (demo data only).
+LOWRES_FACTOR = 16
+LOWRES_BLUR_SIGMA = 0.7  # Gaussian sigma at the low resolution, in low-res pixels.
+LOWRES_THRESHOLD = 0.5
+
+# Structuring-element shapes of step b.
+_SHAPE_RECT, _SHAPE_ELLIPSE, _SHAPE_HALF_HEIGHT, _SHAPE_HALF_WIDTH = range(4)
+
+
+def as_mask_2d(mask: np.ndarray) -> np.ndarray:
+  """Accepts [H, W] or [H, W, 1]; returns [H, W]."""
+  mask = np.asarray(mask)
+  if mask.ndim == 3 and mask.shape[-1] == 1:
+    mask = mask[..., 0]
+  if mask.ndim != 2:
+    raise ValueError(f"expected a [H, W] or [H, W, 1] mask, got shape {mask.shape}")
+  return mask
+
+
+def binarize_gt(gt: np.ndarray) -> np.ndarray:
+  """Binarises a gt mask to uint8 {0, 255}: ``gt / 255 > 0.5``.
+
+  Args:
+    gt: [H, W] (or [H, W, 1]) mask. Integer dtypes are grey values in [0, 255]; floating dtypes
+      are taken to be already divided by 255, i.e. in [0, 1].
+
+  Returns:
+    [H, W] uint8 in {0, 255}.
+  """
+  gt = as_mask_2d(gt)
+  prob = gt.astype(np.float32) if np.issubdtype(gt.dtype, np.floating) else gt / np.float32(255)
+  return np.where(prob > GT_THRESHOLD, 255, 0).astype(np.uint8)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+  """IoU of the nonzero pixels of two masks, with ``IOU_EPS`` so that empty vs empty is 1."""
+  a = np.asarray(a) != 0
+  b = np.asarray(b) != 0
+  inter = np.count_nonzero(a & b)
+  union = np.count_nonzero(a | b)
+  return float((inter + IOU_EPS) / (union + IOU_EPS))
+
+
+def _simplify_contour(contour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Step a on one contour [N, 1, 2] (N >= MIN_CONTOUR_POINTS); returns the kept points [M, 1, 2]."""
+  n = contour.shape[0]
+  num_remove = int(n * REGIONAL_SAMPLE_RATE)
+  # Candidate starts i (no wrap-around, as upstream), scored by the squared distance between the
+  # run's endpoints contour[i] and contour[i + num_remove].
+  num_starts = n - num_remove
+  pts = contour[:, 0, :].astype(np.int64)
+  dist = np.sum((pts[:num_starts] - pts[num_remove:num_remove + num_starts]) ** 2, axis=1)
+  order = np.argsort(dist, kind="stable")
+  # Upstream takes the first int(0.1 * num_starts) candidates, an empty set (and a crash) for
+  # 10 points; we keep at least one.
+  num_candidates = max(1, int(num_starts * REMOVE_START_FRACTION))
+  start = int(order[rng.integers(num_candidates)])
+  kept = np.concatenate([contour[:start], contour[start + num_remove:]], axis=0)
+  # Keep a random SAMPLE_RATE of the remaining points, in contour order.
+  m = kept.shape[0]
+  num_sample = int(m * SAMPLE_RATE)
+  idx = np.sort(rng.choice(m, size=num_sample, replace=False))
+  return kept[idx]
+
+
+def simplify_boundary(gt_uint8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Step a: simplifies every contour of a binary mask and fills the kept polygons.
+
+  Args:
+    gt_uint8: [H, W] uint8 mask in {0, 255}.
+    rng: the source of randomness.
+
+  Returns:
+    [H, W] uint8 in {0, 255}; ``gt_uint8`` itself (a copy) when no polygon is left.
+  """
+  gt_uint8 = np.ascontiguousarray(as_mask_2d(gt_uint8), dtype=np.uint8)
+  contours, _ = cv2.findContours(gt_uint8, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+  polygons = []
+  for contour in contours:
+    if contour.shape[0] < MIN_CONTOUR_POINTS:
+      continue
+    polygon = _simplify_contour(contour, rng)
+    if polygon.shape[0] > 0:
+      polygons.append(np.ascontiguousarray(polygon, dtype=np.int32))
+  if not polygons:
+    return gt_uint8.copy()
+  out = np.zeros_like(gt_uint8)
+  # One filled draw of all polygons: a hole's contour inside its outer contour stays a hole.
+  cv2.drawContours(out, polygons, -1, 255, thickness=cv2.FILLED)
+  return out
+
+
+def _random_structuring_element(rng: np.random.Generator) -> np.ndarray:
+  size = int(rng.integers(*KERNEL_SIZE_RANGE))
+  shape = int(rng.integers(4))
+  if shape == _SHAPE_RECT:
+    return cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
+  if shape == _SHAPE_ELLIPSE:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+  if shape == _SHAPE_HALF_HEIGHT:  # OpenCV ksize is (width, height).
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size // 2))
+  return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size // 2, size))
+
+
+def random_morphology(seg_uint8: np.ndarray, reference_uint8: np.ndarray, iou_target: float,
+                      rng: np.random.Generator) -> np.ndarray:
+  """Step b: random local dilations and erosions until IoU(seg, reference) < iou_target.
+
+  Args:
+    seg_uint8: [H, W] uint8 mask to perturb (thresholded at 127 first).
+    reference_uint8: [H, W] mask the stop rule compares against (step a's output).
+    iou_target: stop after the first round whose IoU falls below this.
+    rng: the source of randomness.
+
+  Returns:
+    [H, W] uint8 in {0, 255}. Masks with a side below ``MIN_MORPH_SIDE`` come back only
+    thresholded. If ``MORPH_ROUNDS`` rounds never reach the target, the last mask is returned.
+  """
+  seg = np.where(as_mask_2d(seg_uint8) > BINARY_THRESHOLD, 255, 0).astype(np.uint8)
+  reference = as_mask_2d(reference_uint8) != 0
+  h, w = seg.shape
+  if h < MIN_MORPH_SIDE or w < MIN_MORPH_SIDE:
+    return seg
+  for _ in range(MORPH_ROUNDS):
+    for _ in range(RECTS_PER_ROUND):
+      # A random non-empty rectangle [y0, y1) x [x0, x1).
+      x0 = int(rng.integers(w))
+      y0 = int(rng.integers(h))
+      x1 = int(rng.integers(x0 + 1, w + 1))
+      y1 = int(rng.integers(y0 + 1, h + 1))
+      # A lone pixel that the dilation/erosion below grows into a blob or a hole.
+      if rng.random() < CENTRE_PIXEL_PROB:
+        seg[(y0 + y1) // 2, (x0 + x1) // 2] = 255 * int(rng.integers(2))
+      op = cv2.dilate if rng.random() < DILATE_PROB else cv2.erode
+      kernel = _random_structuring_element(rng)
+      # The region is morphed on its own: OpenCV's default border leaves the edges unaffected.
+      region = np.ascontiguousarray(seg[y0:y1, x0:x1])
+      seg[y0:y1, x0:x1] = op(region, kernel, iterations=1)
+    if mask_iou(seg, reference) < iou_target:
+      break
+  return seg
+
+
+def sample_iou_target(rng: np.random.Generator,
+                      iou_range: tuple[float, float] = IOU_TARGET_RANGE) -> float:
+  """An IoU target uniform in [lo, hi)."""
+  lo, hi = iou_range
+  return float(lo + rng.random() * (hi - lo))
+
+
+def synthesize_coarse_mask(gt: np.ndarray, rng: np.random.Generator,
+                           iou_range: tuple[float, float] = IOU_TARGET_RANGE) -> np.ndarray:
+  """The training coarse mask of spec section 8: step a, then step b.
+
+  Args:
+    gt: [H, W] (or [H, W, 1]) gt mask, uint8 grey values in [0, 255] or floats in [0, 1];
+      binarised with ``gt / 255 > 0.5``.
+    rng: the source of randomness (the IoU target is drawn first, then steps a and b).
+    iou_range: the IoU target of step b is drawn uniformly in [lo, hi).
+
+  Returns:
+    [H, W] uint8 in {0, 255}.
+  """
+  gt_bin = binarize_gt(gt)
+  iou_target = sample_iou_target(rng, iou_range)
+  simplified = simplify_boundary(gt_bin, rng)
+  return random_morphology(simplified, simplified, iou_target, rng)
+
+
+def lowres_segmenter_mask(gt: np.ndarray, rng: np.random.Generator | None = None,
+                          factor: int = LOWRES_FACTOR) -> np.ndarray:
+  """The coarse mask a low-resolution segmenter would give: fine detail lost, blobby boundary.
+
+  gt (binarised) is area-downsampled by ``factor``, blurred a little, bilinearly upsampled back
+  and thresholded at 0.5. For the bundled demo set, not for training.
+
+  Args:
+    gt: [H, W] (or [H, W, 1]) gt, as for ``synthesize_coarse_mask``.
+    rng: optional; when given, the low-resolution probability map gets a small random offset
+      field (a segmenter's errors), otherwise the result is deterministic.
+    factor: the downsampling factor; the low-resolution size is at least 1x1.
+
+  Returns:
+    [H, W] uint8 in {0, 255}.
+  """
+  gt_bin = binarize_gt(gt)
+  h, w = gt_bin.shape
+  lh = max(1, int(round(h / factor)))
+  lw = max(1, int(round(w / factor)))
+  small = cv2.resize(gt_bin.astype(np.float32) / 255.0, (lw, lh), interpolation=cv2.INTER_AREA)
+  small = small.reshape(lh, lw)
+  small = cv2.GaussianBlur(small, (0, 0), LOWRES_BLUR_SIGMA, borderType=cv2.BORDER_REPLICATE)
+  small = small.reshape(lh, lw)
+  if rng is not None:
+    small = small + rng.uniform(-0.1, 0.1, size=small.shape).astype(np.float32)
+  up = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w)
+  return np.where(up > LOWRES_THRESHOLD, 255, 0).astype(np.uint8)

@@ -1,0 +1,247 @@
+"""A synthetic source of (image, mask) pairs with exactly known masks.
+
+For smoke tests, demos and training without downloaded data. Each pair is a textured object on a
+textured background:
+
+- the mask unites a smooth blob (thresholded multi-octave value noise with a radial falloff; the
+  fine octaves give boundary detail at several scales) with random star polygons and ellipses,
+  sometimes minus a hole, sometimes plus thin lines (hair- or spoke-like structures);
+- the background is a base colour plus low-frequency colour noise, a linear gradient, sometimes
+  stripes, sometimes distractor blobs; the object has its own colour (a moderate offset from the
+  background's) and texture; both get fine grain. The colours differ, but the textures overlap, so
+  the boundary is not a trivial colour threshold;
+- the object is composited with a lightly blurred alpha (anti-aliased edges, as in photographs),
+  while the mask stays hard {0, 255}.
+
+Sizes from 1x1 to 2048x2048 and beyond; a 2048x1536 pair takes well under a second. All
+randomness comes from a ``np.random.Generator``; ``SyntheticSource`` derives one per (seed, index),
+so it is random-access and deterministic (a grain-style data source).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import cv2
+import numpy as np
+
+# Target fraction of the image covered by the noise blob.
+BLOB_AREA_RANGE = (0.08, 0.4)
+# Value-noise octaves of the blob: (cells across the longer side, amplitude).
+BLOB_OCTAVES = ((3.0, 1.0), (10.0, 0.35), (40.0, 0.12), (120.0, 0.05))
+# Radial falloff weight of the blob field (keeps the blob away from the borders on average).
+BLOB_FALLOFF = 2.0
+# Colour distance between the object's and the background's base colours.
+COLOUR_OFFSET_RANGE = (35.0, 90.0)
+TEXTURE_AMPLITUDE = 28.0  # low-frequency colour noise, grey levels.
+GRAIN_SIGMA = 5.0  # per-pixel noise, grey levels.
+GRAIN_TILE = 509  # the grain repeats with this period (prime, so it does not align with stripes).
+ALPHA_BLUR_SIGMA = 0.6  # pixels; the composite's edge softness.
+# Quantile estimates use a strided subsample of at most this many values.
+_QUANTILE_SAMPLES = 65_536
+
+
+def _value_noise(h: int, w: int, cells: float, rng: np.random.Generator,
+                 channels: int = 1) -> np.ndarray:
+  """Smooth noise, float32 [h, w, channels], about unit variance: a random grid, cubic upsampling.
+
+  ``cells`` is the number of grid cells across the longer side (feature size ~ max(h, w) / cells).
+  """
+  longer = max(h, w)
+  gh = max(2, int(math.ceil(cells * h / longer)) + 1)
+  gw = max(2, int(math.ceil(cells * w / longer)) + 1)
+  grid = rng.standard_normal((gh, gw, channels), dtype=np.float32)
+  up = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
+  return up.reshape(h, w, channels)
+
+
+def _quantile(x: np.ndarray, q: float) -> float:
+  step = max(1, int(math.sqrt(x.size / _QUANTILE_SAMPLES)))
+  return float(np.quantile(x[::step, ::step], q))
+
+
+def _star_polygon(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+  """A random star-shaped polygon [N, 2] (x, y), int32."""
+  n = int(rng.integers(4, 13))
+  cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
+  radius = rng.uniform(0.08, 0.3) * min(h, w)
+  angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+  radii = radius * rng.uniform(0.4, 1.0, n)
+  pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
+  return np.round(pts).astype(np.int32)
+
+
+def _random_ellipse(mask: np.ndarray, rng: np.random.Generator, value: int) -> None:
+  h, w = mask.shape
+  centre = (int(rng.uniform(0.15, 0.85) * w), int(rng.uniform(0.15, 0.85) * h))
+  axes = (max(1, int(rng.uniform(0.04, 0.22) * w)), max(1, int(rng.uniform(0.04, 0.22) * h)))
+  cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, value, thickness=-1)
+
+
+def _make_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+  """uint8 [h, w] in {0, 255}."""
+  mask = np.zeros((h, w), np.uint8)
+  if rng.random() < 0.85:
+    field = np.zeros((h, w), np.float32)
+    for cells, amplitude in BLOB_OCTAVES:
+      field += amplitude * _value_noise(h, w, cells, rng)[..., 0]
+    cy, cx = rng.uniform(0.3, 0.7, 2)
+    ys = (np.arange(h, dtype=np.float32) + 0.5) / h - cy
+    xs = (np.arange(w, dtype=np.float32) + 0.5) / w - cx
+    field -= BLOB_FALLOFF * (ys[:, None] ** 2 + xs[None, :] ** 2)
+    area = rng.uniform(*BLOB_AREA_RANGE)
+    mask[field > _quantile(field, 1.0 - area)] = 255
+  for _ in range(int(rng.integers(0, 4))):
+    if rng.random() < 0.5:
+      cv2.fillPoly(mask, [_star_polygon(h, w, rng)], 255)
+    else:
+      _random_ellipse(mask, rng, 255)
+  if rng.random() < 0.2:  # a hole
+    _random_ellipse(mask, rng, 0)
+  if rng.random() < 0.4:  # thin structures leaving the object
+    ys, xs = np.nonzero(mask[::4, ::4])
+    if ys.size:
+      for _ in range(int(rng.integers(1, 6))):
+        k = int(rng.integers(ys.size))
+        start = (int(xs[k]) * 4, int(ys[k]) * 4)
+        angle = rng.uniform(0, 2 * np.pi)
+        length = rng.uniform(0.1, 0.4) * max(h, w)
+        end = (int(start[0] + length * math.cos(angle)), int(start[1] + length * math.sin(angle)))
+        cv2.line(mask, start, end, 255, thickness=int(rng.integers(1, 4)))
+  # Never empty nor full where the image has room for both.
+  if h * w >= 2:
+    if not mask.any():
+      mask[h // 2, w // 2] = 255
+      _random_ellipse(mask, rng, 255)
+    if mask.all():
+      mask[0, 0] = 0
+      mask[: max(1, h // 8), : max(1, w // 8)] = 0
+  return mask
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+  return rng.uniform(40, 215, 3).astype(np.float32)
+
+
+def _offset_colour(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  direction = rng.standard_normal(3).astype(np.float32)
+  direction /= np.linalg.norm(direction) + 1e-6
+  return np.clip(base + direction * rng.uniform(*COLOUR_OFFSET_RANGE), 0, 255).astype(np.float32)
+
+
+def _texture(h: int, w: int, colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """float32 [h, w, 3]: a colour with low-frequency colour noise, a gradient, maybe stripes."""
+  # Noise and a linear gradient (random direction, per-channel slope) are made on the noise grid
+  # and upsampled together: cubic interpolation keeps a linear ramp linear.
+  cells = rng.uniform(2.0, 30.0)
+  longer = max(h, w)
+  gh = max(2, int(math.ceil(cells * h / longer)) + 1)
+  gw = max(2, int(math.ceil(cells * w / longer)) + 1)
+  grid = TEXTURE_AMPLITUDE * rng.uniform(0.3, 1.0) * rng.standard_normal((gh, gw, 3),
+                                                                         dtype=np.float32)
+  theta = rng.uniform(0, 2 * np.pi)
+  ramp = (math.sin(theta) * np.linspace(-0.5, 0.5, gh, dtype=np.float32)[:, None]
+          + math.cos(theta) * np.linspace(-0.5, 0.5, gw, dtype=np.float32)[None, :])
+  grid += ramp[..., None] * rng.uniform(-50, 50, 3).astype(np.float32)
+  grid += colour
+  tex = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC).reshape(h, w, 3)
+  if rng.random() < 0.4:
+    # Stripes sin(a y + b x) = sin(a y) cos(b x) + cos(a y) sin(b x): outer products, cheap.
+    period = rng.uniform(4.0, 40.0)
+    phi = rng.uniform(0, np.pi)
+    a = 2 * np.pi * math.sin(phi) / period
+    b = 2 * np.pi * math.cos(phi) / period
+    yy = np.arange(h, dtype=np.float32) * np.float32(a)
+    xx = np.arange(w, dtype=np.float32) * np.float32(b)
+    stripes = np.sin(yy)[:, None] * np.cos(xx)[None, :]
+    stripes += np.cos(yy)[:, None] * np.sin(xx)[None, :]
+    # [h, w] -> [h, w, 3], channel c scaled by amplitude[c].
+    amplitude = rng.uniform(-20, 20, (3, 1)).astype(np.float32)
+    tex += cv2.transform(stripes[..., None], amplitude).reshape(h, w, 3)
+  return tex
+
+
+def _grain(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+  """float32 [h, w, 3] per-pixel noise: a random tile, repeated (cheaper than h * w draws)."""
+  th, tw = min(h, GRAIN_TILE), min(w, GRAIN_TILE)
+  tile = GRAIN_SIGMA * rng.standard_normal((th, tw, 3), dtype=np.float32)
+  reps_y, reps_x = -(-h // th), -(-w // tw)
+  if reps_y == 1 and reps_x == 1:
+    return tile
+  return np.tile(tile, (reps_y, reps_x, 1))[:h, :w]
+
+
+def make_synthetic_pair(height: int, width: int,
+                        rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+  """One synthetic pair.
+
+  Args:
+    height: H >= 1.
+    width: W >= 1.
+    rng: the source of randomness.
+
+  Returns:
+    (image uint8 [H, W, 3] RGB, mask uint8 [H, W] in {0, 255}). The mask is never empty nor full
+    when H * W >= 2.
+  """
+  h, w = int(height), int(width)
+  if h < 1 or w < 1:
+    raise ValueError(f"size must be at least 1x1, got {h}x{w}")
+  mask = _make_mask(h, w, rng)
+  bg_colour = _random_colour(rng)
+  fg_colour = _offset_colour(bg_colour, rng)
+  background = _texture(h, w, bg_colour, rng)
+  # Distractor blobs in the background, in colours near the object's (blended in their box only).
+  for _ in range(int(rng.integers(0, 3))):
+    blob = np.zeros((h, w), np.uint8)
+    _random_ellipse(blob, rng, 255)
+    colour = _offset_colour(fg_colour, rng)
+    strength = np.float32(rng.uniform(0.3, 0.7) / 255.0)
+    x, y, bw, bh = cv2.boundingRect(blob)
+    if bw and bh:
+      weight = blob[y:y + bh, x:x + bw, None].astype(np.float32) * strength
+      roi = background[y:y + bh, x:x + bw]
+      roi += weight * (colour - roi)
+  foreground = _texture(h, w, fg_colour, rng)
+  alpha = mask.astype(np.float32) * np.float32(1 / 255)
+  if min(h, w) >= 3:
+    alpha = cv2.GaussianBlur(alpha, (0, 0), ALPHA_BLUR_SIGMA).reshape(h, w)
+  image = cv2.blendLinear(foreground, background, alpha, 1.0 - alpha).reshape(h, w, 3)
+  # Adding the grain, rounding and saturating to uint8 in one OpenCV pass.
+  image = cv2.add(image, _grain(h, w, rng), dtype=cv2.CV_8U).reshape(h, w, 3)
+  return image, mask
+
+
+class SyntheticSource:
+  """A random-access source of synthetic pairs, deterministic per (seed, index).
+
+  ``source[i]`` is ``{"image": uint8 [H, W, 3], "mask": uint8 [H, W]}``; the generator for
+  index i is ``np.random.default_rng([seed, i])``, so any loader (e.g. grain) can read any record
+  in any order, from any process, and get the same pair.
+  """
+
+  def __init__(self, num_examples: int, height: int, width: int, seed: int = 0):
+    if num_examples < 0:
+      raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    self.num_examples = int(num_examples)
+    self.height = int(height)
+    self.width = int(width)
+    self.seed = int(seed)
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
+    index = int(index)
+    if index < 0:
+      index += self.num_examples
+    if not 0 <= index < self.num_examples:
+      raise IndexError(f"index {index} out of range for {self.num_examples} examples")
+    rng = np.random.default_rng([self.seed, index])
+    image, mask = make_synthetic_pair(self.height, self.width, rng)
+    return {"image": image, "mask": mask}
+
+  def __repr__(self) -> str:
+    return (f"SyntheticSource(num_examples={self.num_examples}, height={self.height}, "
+            f"width={self.width}, seed={self.seed})")
