@@ -38,15 +38,15 @@ def abstract_variables(config: ModelConfig):
   return jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0)))
 
 
-def _paths(tree) -> Dict[str, Any]:
+def tree_paths(tree) -> Dict[str, Any]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(p): leaf for p, leaf in flat}
 
 
 def check_tree(variables, config: ModelConfig, source: str) -> None:
   """Raises ``CheckpointError`` unless ``variables`` matches ``CRM(config)``."""
-  want = _paths(abstract_variables(config))
-  have = _paths(variables)
+  want = tree_paths(abstract_variables(config))
+  have = tree_paths(variables)
   missing = sorted(set(want) - set(have))
   extra = sorted(set(have) - set(want))
   if missing or extra:

@@ -73,6 +73,12 @@ def as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
   return mask
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def write_image(path: str, img: np.ndarray) -> None:
   """Writes a PNG/JPG atomically (temporary file, then rename). RGB in."""
   img = np.asarray(img)
@@ -86,6 +92,7 @@ def write_image(path: str, img: np.ndarray) -> None:
   try:
     if not cv2.imwrite(tmp, np.ascontiguousarray(img)):
       raise OSError(f"{path}: could not be written")
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

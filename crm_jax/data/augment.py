@@ -19,7 +19,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from crm_jax.constants import IMAGE_MEAN, IMAGE_STD, SEG_MEAN, SEG_STD
+from crm_jax.preprocess import normalize_image, normalize_seg  # re-exported
 from crm_jax.data import synthesis
 
 CROP_SIZE = 224
@@ -30,8 +30,6 @@ JITTER_SATURATION = 0.05  # hue jitter is 0 upstream, so it is not implemented.
 GRAYSCALE_PROB = 0.1
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L").
 
-_MEAN = np.asarray(IMAGE_MEAN, np.float32)
-_STD = np.asarray(IMAGE_STD, np.float32)
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
@@ -154,16 +152,10 @@ def random_grayscale(image: np.ndarray, rng: np.random.Generator,
   return image
 
 
-def normalize_image(image_uint8: np.ndarray) -> np.ndarray:
-  """uint8 RGB [..., 3] -> float32 ``(x / 255 - mean) / std``."""
-  x = np.asarray(image_uint8, np.float32) / np.float32(255)
-  return (x - _MEAN) / _STD
-
-
-def normalize_seg(seg_uint8: np.ndarray) -> np.ndarray:
-  """uint8 grey seg -> float32 ``(x / 255 - 0.5) / 0.5`` in [-1, 1]; the shape is kept."""
-  x = np.asarray(seg_uint8, np.float32) / np.float32(255)
-  return ((x - np.float32(SEG_MEAN)) / np.float32(SEG_STD)).astype(np.float32)
+def _gt_to_unit(gt: np.ndarray) -> np.ndarray:
+  if gt.dtype == np.uint8:
+    return gt.astype(np.float32) / np.float32(255)
+  return gt.astype(np.float32)
 
 
 def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
@@ -172,7 +164,7 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
 
   Args:
     image: uint8 RGB [H, W, 3] (grey [H, W] or [H, W, 1] is replicated to RGB).
-    gt: uint8 grey mask [H, W] (or [H, W, 1]), values in [0, 255]; may be soft.
+    gt: grey mask [H, W] (or [H, W, 1]), uint8 in [0, 255] or floating in [0, 1]; may be soft.
     rng: the source of randomness.
     crop_size: S.
 
@@ -182,8 +174,8 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
   """
   image = _as_rgb(image).astype(np.uint8, copy=False)
   gt = synthesis.as_mask_2d(gt)
-  if gt.dtype != np.uint8:
-    raise ValueError(f"gt must be uint8 grey values in [0, 255], got {gt.dtype}")
+  if gt.dtype != np.uint8 and not np.issubdtype(gt.dtype, np.floating):
+    raise ValueError(f"gt must be uint8 in [0, 255] or floating in [0, 1], got {gt.dtype}")
   image, gt = random_crop(image, gt, rng, crop_size)
   image, gt = random_hflip(image, gt, rng)
   image = color_jitter(image, rng)
@@ -192,5 +184,5 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
   return {
       "image": normalize_image(image),
       "seg": normalize_seg(seg)[..., None],
-      "gt": (gt.astype(np.float32) / np.float32(255))[..., None],
+      "gt": _gt_to_unit(gt)[..., None],
   }

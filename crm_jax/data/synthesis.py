@@ -28,7 +28,7 @@ import numpy as np
 # Step a: boundary simplification.
 MIN_CONTOUR_POINTS = 10  # contours with fewer points are dropped.
 REGIONAL_SAMPLE_RATE = 0.1  # fraction of a contour removed as one consecutive run.
-REMOVE_START_FRACTION = 0.1  # the run starts among this fraction of starts, closest endpoints first.
+REMOVE_START_FRACTION = 0.1  # the run starts among this fraction of starts, closest ends first.
 SAMPLE_RATE = 0.1  # fraction of the remaining points kept.
 
 # Step b: random morphology.
@@ -91,7 +91,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _simplify_contour(contour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Step a on one contour [N, 1, 2] (N >= MIN_CONTOUR_POINTS); returns the kept points [M, 1, 2]."""
+  """Step a on one contour [N, 1, 2], N >= MIN_CONTOUR_POINTS; returns the kept points [M, 1, 2]."""
   n = contour.shape[0]
   num_remove = int(n * REGIONAL_SAMPLE_RATE)
   # Candidate starts i (no wrap-around, as upstream), scored by the squared distance between the

@@ -222,8 +222,8 @@ class SyntheticSource:
   """
 
   def __init__(self, num_examples: int, height: int, width: int, seed: int = 0):
-    if num_examples < 0:
-      raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    if num_examples < 0 or seed < 0:
+      raise ValueError(f"num_examples and seed must be >= 0, got {num_examples} and {seed}")
     self.num_examples = int(num_examples)
     self.height = int(height)
     self.width = int(width)

@@ -1,0 +1,198 @@
+"""Tests of the per-sample training augmentation (spec sections 1 and 8)."""
+
+import cv2
+import numpy as np
+import pytest
+
+from crm_jax.constants import IMAGE_MEAN, IMAGE_STD
+from crm_jax.data import augment
+
+
+def _coord_pair(h, w):
+  """An image whose pixels name their coordinates (1-based, so that padding's zeros differ) and
+  a gt that repeats them, to check that both get the same crop and flip."""
+  ys, xs = np.indices((h, w))
+  image = np.stack([ys % 255 + 1, xs % 255 + 1, (ys + xs) % 255 + 1], -1).astype(np.uint8)
+  gt = image[..., 0].copy()
+  return image, gt
+
+
+def _random_image(h, w, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_random_crop_larger_image():
+  image, gt = _coord_pair(300, 400)
+  for seed in range(5):
+    crop_im, crop_gt = augment.random_crop(image, gt, np.random.default_rng(seed), size=224)
+    assert crop_im.shape == (224, 224, 3) and crop_gt.shape == (224, 224)
+    assert crop_im.dtype == np.uint8 and crop_gt.dtype == np.uint8
+    y0, x0 = int(crop_im[0, 0, 0]) - 1, int(crop_im[0, 0, 1]) - 1
+    np.testing.assert_array_equal(crop_im, image[y0:y0 + 224, x0:x0 + 224])
+    np.testing.assert_array_equal(crop_gt, gt[y0:y0 + 224, x0:x0 + 224])
+
+
+def test_random_crop_pads_smaller_image():
+  image, gt = _coord_pair(100, 150)
+  offsets = set()
+  for seed in range(10):
+    crop_im, crop_gt = augment.random_crop(image, gt, np.random.default_rng(seed), size=224)
+    assert crop_im.shape == (224, 224, 3) and crop_gt.shape == (224, 224)
+    ys, xs = np.nonzero(crop_gt)
+    y0, x0 = ys.min(), xs.min()
+    # The whole image, at a random offset, zeros elsewhere, same place for image and gt.
+    np.testing.assert_array_equal(crop_im[y0:y0 + 100, x0:x0 + 150], image)
+    np.testing.assert_array_equal(crop_gt[y0:y0 + 100, x0:x0 + 150], gt)
+    assert np.count_nonzero(crop_gt) == gt.size
+    assert crop_im.sum() == image.astype(np.int64).sum()
+    offsets.add((y0, x0))
+  assert len(offsets) > 1
+
+
+def test_random_crop_mixed_and_channel_gt():
+  image, gt = _coord_pair(50, 500)
+  crop_im, crop_gt = augment.random_crop(image, gt[..., None], np.random.default_rng(0), size=64)
+  assert crop_im.shape == (64, 64, 3) and crop_gt.shape == (64, 64, 1)
+  rows = np.nonzero(crop_gt[:, 0, 0])[0]
+  assert rows.size == 50  # every row kept, padded to 64
+  np.testing.assert_array_equal(crop_im[rows, :, 0], crop_gt[rows, :, 0])
+  with pytest.raises(ValueError):
+    augment.random_crop(image, gt[:10], np.random.default_rng(0))
+
+
+def test_random_hflip():
+  image, gt = _coord_pair(20, 30)
+  im, g = augment.random_hflip(image, gt, np.random.default_rng(0), p=1.0)
+  np.testing.assert_array_equal(im, image[:, ::-1])
+  np.testing.assert_array_equal(g, gt[:, ::-1])
+  im, g = augment.random_hflip(image, gt, np.random.default_rng(0), p=0.0)
+  np.testing.assert_array_equal(im, image)
+  np.testing.assert_array_equal(g, gt)
+  flips = [augment.random_hflip(image, gt, np.random.default_rng(s))[0][0, 0, 1] != image[0, 0, 1]
+           for s in range(200)]
+  assert 0.35 < np.mean(flips) < 0.65
+
+
+def test_adjustments():
+  image = _random_image(16, 16)
+  np.testing.assert_array_equal(augment.adjust_brightness(image, 1.0), image)
+  np.testing.assert_array_equal(augment.adjust_contrast(image, 1.0), image)
+  np.testing.assert_array_equal(augment.adjust_saturation(image, 1.0), image)
+  np.testing.assert_array_equal(augment.adjust_brightness(image, 0.0), 0)
+  dark = augment.adjust_contrast(image, 0.0)  # the greyscale mean everywhere
+  assert np.unique(dark).size == 1
+  assert dark[0, 0, 0] == np.rint(augment.rgb_to_gray(image).mean())
+  grey = augment.adjust_saturation(image, 0.0)
+  np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+  np.testing.assert_array_equal(grey[..., 0], np.rint(augment.rgb_to_gray(image)))
+  # Clipping to the uint8 range.
+  bright = augment.adjust_brightness(np.full((2, 2, 3), 250, np.uint8), 1.2)
+  assert bright.dtype == np.uint8 and (bright == 255).all()
+
+
+def test_color_jitter_range_and_determinism():
+  image = _random_image(64, 48)
+  image[:8] = 255
+  image[8:16] = 0
+  a = augment.color_jitter(image, np.random.default_rng(1))
+  b = augment.color_jitter(image, np.random.default_rng(1))
+  assert a.dtype == np.uint8 and a.shape == image.shape
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, image)
+  # Brightness in [0.8, 1.2] (contrast and saturation +-5 %) bounds the change of the mean.
+  for seed in range(20):
+    out = augment.color_jitter(image, np.random.default_rng(seed)).astype(np.float64)
+    ratio = out.mean() / image.mean()
+    assert 0.7 < ratio < 1.3
+  np.testing.assert_array_equal(
+      augment.color_jitter(image, np.random.default_rng(0), 0.0, 0.0, 0.0), image)
+
+
+def test_color_jitter_brightness_only_matches_a_factor():
+  image = np.full((4, 4, 3), 100, np.uint8)
+  out = augment.color_jitter(image, np.random.default_rng(7), brightness=0.2, contrast=0.0,
+                             saturation=0.0)
+  factor = np.random.default_rng(7).uniform(0.8, 1.2)
+  np.testing.assert_array_equal(out, np.rint(100 * factor))
+
+
+def test_random_grayscale():
+  image = _random_image(8, 8)
+  grey = augment.random_grayscale(image, np.random.default_rng(0), p=1.0)
+  assert grey.dtype == np.uint8 and grey.shape == image.shape
+  expected = np.rint(image.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+  np.testing.assert_allclose(grey[..., 0], expected, atol=1)
+  np.testing.assert_array_equal(grey[..., 0], grey[..., 1])
+  np.testing.assert_array_equal(grey[..., 1], grey[..., 2])
+  np.testing.assert_array_equal(augment.random_grayscale(image, np.random.default_rng(0), p=0.0),
+                                image)
+  hits = [augment.random_grayscale(image, np.random.default_rng(s)) is not image
+          for s in range(500)]
+  assert 0.05 < np.mean(hits) < 0.15
+
+
+def test_normalize():
+  image = np.array([[[0, 0, 0], [255, 255, 255]]], np.uint8)
+  out = augment.normalize_image(image)
+  assert out.dtype == np.float32 and out.shape == image.shape
+  mean, std = np.array(IMAGE_MEAN), np.array(IMAGE_STD)
+  np.testing.assert_allclose(out[0, 0], -mean / std, rtol=1e-6)
+  np.testing.assert_allclose(out[0, 1], (1 - mean) / std, rtol=1e-6)
+  seg = augment.normalize_seg(np.array([[0, 255, 51]], np.uint8))
+  assert seg.dtype == np.float32
+  np.testing.assert_allclose(seg, [[-1.0, 1.0, -0.6]], atol=1e-6)
+
+
+def _object_pair(h, w, seed=0):
+  image = _random_image(h, w, seed)
+  gt = np.zeros((h, w), np.uint8)
+  cv2.circle(gt, (w // 2, h // 2), min(h, w) // 3, 255, -1)
+  gt = cv2.GaussianBlur(gt, (5, 5), 0)  # soft edges, kept soft in the example's gt
+  return image, gt
+
+
+@pytest.mark.parametrize("shape", [(300, 260), (100, 150), (224, 224), (1, 1)])
+def test_make_training_example(shape):
+  image, gt = _object_pair(*shape)
+  ex = augment.make_training_example(image, gt, np.random.default_rng(0), crop_size=224)
+  assert set(ex) == {"image", "seg", "gt"}
+  assert ex["image"].shape == (224, 224, 3) and ex["image"].dtype == np.float32
+  assert ex["seg"].shape == (224, 224, 1) and ex["seg"].dtype == np.float32
+  assert ex["gt"].shape == (224, 224, 1) and ex["gt"].dtype == np.float32
+  assert np.isin(ex["seg"], (-1.0, 1.0)).all()
+  assert 0.0 <= ex["gt"].min() and ex["gt"].max() <= 1.0
+  lo = (0 - np.array(IMAGE_MEAN)) / np.array(IMAGE_STD)
+  hi = (1 - np.array(IMAGE_MEAN)) / np.array(IMAGE_STD)
+  assert (ex["image"] >= lo - 1e-5).all() and (ex["image"] <= hi + 1e-5).all()
+
+
+def test_make_training_example_consistency():
+  image, gt = _object_pair(300, 400)
+  ex = augment.make_training_example(image, gt, np.random.default_rng(3))
+  soft = ex["gt"][..., 0]
+  # Soft gt values survive (the gt is divided by 255, not binarised).
+  assert ((soft > 0.05) & (soft < 0.95)).any()
+  # The seg is synthesised from this very crop of the gt.
+  seg_fg = ex["seg"][..., 0] > 0
+  gt_fg = soft > 0.5
+  inter, union = (seg_fg & gt_fg).sum(), (seg_fg | gt_fg).sum()
+  assert inter / union > 0.5
+
+
+def test_make_training_example_determinism_and_grey_input():
+  image, gt = _object_pair(240, 260)
+  a = augment.make_training_example(image, gt, np.random.default_rng(11))
+  b = augment.make_training_example(image, gt, np.random.default_rng(11))
+  c = augment.make_training_example(image, gt, np.random.default_rng(12))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+  assert any(not np.array_equal(a[k], c[k]) for k in a)
+  grey = augment.make_training_example(image[..., 0], gt[..., None], np.random.default_rng(0),
+                                       crop_size=64)
+  assert grey["image"].shape == (64, 64, 3) and grey["gt"].shape == (64, 64, 1)
+  # A floating gt is taken to be in [0, 1] already.
+  f = augment.make_training_example(image, gt.astype(np.float32) / 255, np.random.default_rng(11))
+  for key in a:
+    np.testing.assert_allclose(f[key], a[key], atol=1e-6)
+  with pytest.raises(ValueError):
+    augment.make_training_example(image, gt.astype(np.int32), np.random.default_rng(0))
