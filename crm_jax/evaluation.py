@@ -9,7 +9,6 @@ when all its files exist: a run started again skips complete objects.
 """
 
 import dataclasses
-import glob
 import json
 import os
 import tempfile
@@ -21,19 +20,11 @@ from tqdm import tqdm
 
 from crm_jax import metrics
 from crm_jax.constants import SCALES
+from crm_jax.data.folders import BigTriple, scan_big
 from crm_jax.io import InputError, read_image, read_mask, write_image
 from crm_jax.preprocess import prob_to_uint8
 
-IMAGE_SUFFIXES = ("_im.jpg", "_im.png", "_im.jpeg")
 METRICS_FILE = "metrics.json"
-
-
-@dataclasses.dataclass
-class BigObject:
-  name: str
-  image: str
-  seg: str
-  gt: str
 
 
 def scale_key(scale: float) -> str:
@@ -51,31 +42,21 @@ def output_files(out_dir: str, name: str, scales: Sequence[float]) -> List[str]:
       os.path.join(out_dir, f"{name}_{kind}.png") for kind in ("im", "seg", "gt")]
 
 
-def list_objects(data_dir: str) -> Tuple[List[BigObject], List[str]]:
-  """Objects of a BIG-layout folder and a list of problems (missing files).
+def list_objects(data_dir: str) -> Tuple[List[BigTriple], List[str]]:
+  """Complete objects of a BIG-layout folder, and what was left out and why.
 
-  Raises ``InputError`` when the folder does not exist.
+  Raises ``InputError`` when the folder is missing or holds no object.
   """
-  if not os.path.isdir(data_dir):
-    raise InputError(f"{data_dir}: no such folder")
-  objects, problems = [], []
-  for path in sorted(glob.glob(os.path.join(data_dir, "*_im.*"))):
-    base = os.path.basename(path)
-    suffix = next((s for s in IMAGE_SUFFIXES if base.lower().endswith(s)), None)
-    if suffix is None:
-      continue
-    name = base[: -len(suffix)]
-    seg = os.path.join(data_dir, f"{name}_seg.png")
-    gt = os.path.join(data_dir, f"{name}_gt.png")
-    missing = [p for p in (seg, gt) if not os.path.isfile(p)]
-    if missing:
-      problems.append(f"{name}: missing {', '.join(os.path.basename(p) for p in missing)}")
-      continue
-    objects.append(BigObject(name, path, seg, gt))
+  try:
+    objects, report = scan_big(data_dir)
+  except (OSError, ValueError) as e:
+    raise InputError(str(e)) from None
+  problems = [f"{f}: no matching _im/_seg/_gt files" for f in report.unmatched]
+  problems += [f"{f}: ambiguous (duplicate name)" for f in report.duplicates]
   return objects, problems
 
 
-def _read_object(obj: BigObject):
+def _read_object(obj: BigTriple):
   image = read_image(obj.image)
   seg = read_mask(obj.seg)
   gt = read_mask(obj.gt)

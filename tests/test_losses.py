@@ -40,6 +40,7 @@ def _random_batch(seed, shape=(2, 1, 13, 17)):
   return logits, gt, seg
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_sobel_matches_torch(seed):
   torch = pytest.importorskip('torch')
@@ -64,6 +65,7 @@ def test_sobel_orientation_and_padding():
   assert ones[0, 0, 4, 0] > 0.1
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize('seed', [0, 1])
 def test_crm_loss_matches_torch(seed):
   torch = pytest.importorskip('torch')

@@ -1,0 +1,1 @@
+"""Data: training-set folders and TFDS builders, synthetic pairs, coarse-mask synthesis, augmentation."""

@@ -1,0 +1,533 @@
+"""TFDS builders for CRM's training sets and BIG, written and read without TensorFlow.
+
+Builders (TFDS names carry a ``crm_`` prefix so that they cannot collide with the TFDS catalogue;
+the helpers below take the short names):
+
+======== ================ ================== =============================================
+short    TFDS name        splits             example
+======== ================ ================== =============================================
+fss1000  crm_fss1000      train              {'image', 'mask', 'name'}
+duts_tr  crm_duts_tr      train              {'image', 'mask', 'name'}
+duts_te  crm_duts_te      train              {'image', 'mask', 'name'}
+ecssd    crm_ecssd        train              {'image', 'mask', 'name'}
+msra10k  crm_msra10k      train              {'image', 'mask', 'name'}
+dut_omron crm_dut_omron   train              {'image', 'mask', 'name'}
+big      crm_big          one per subfolder  {'image', 'seg', 'gt', 'name'}
+                          (val, test)
+======== ================ ================== =============================================
+
+(DUTS-TE is a training set here, as upstream trains on it.) The data are prepared from a manually
+downloaded and extracted archive (``MANUAL_DOWNLOAD_INSTRUCTIONS`` give each layout; the scanning is
+``crm_jax.data.folders``) into ``array_record`` files, and read back with random access through
+``builder.as_data_source``. No network is used and TensorFlow is not needed at any step.
+
+Storage. Each image is a ``tfds.features.Image`` holding the file's own encoded bytes: given bytes,
+TFDS stores them as they are (no TensorFlow, no re-encoding, no loss). The bytes are normalised so
+that every TFDS decoder (OpenCV/PIL in ``decode_example_np``, or ``tf.image.decode_image`` for TF
+users) returns the declared shape: an image stays as it is when it is a JPEG or PNG of 8-bit grey or
+RGB, a mask when it is a JPEG or PNG of 8-bit grey; anything else (RGBA, palette or colour masks,
+16-bit, other formats) is re-encoded once as a lossless PNG of what ``decode_image`` /
+``decode_mask`` below return. Masks are declared ``(None, None, 1)``; TFDS's own decoding therefore
+yields ``[H, W, 1]``.
+
+Reading. ``load_source`` asks TFDS for the raw bytes (``tfds.decode.SkipDecoding``) and decodes
+them with OpenCV: images as RGB uint8 ``[H, W, 3]`` (grey replicated, alpha dropped, as PIL's
+``convert('RGB')`` upstream; EXIF orientation is ignored, as by PIL), masks as grey uint8
+``[H, W]`` (as ``convert('L')``). ``MixtureSource`` concatenates such sources into one training
+mixture; ``training_mixture`` builds it from whichever sets are prepared.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from absl import logging
+import cv2
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from crm_jax.data import folders
+from crm_jax.io import InputError, as_rgb, img_bgr_to_rgb
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+DATA_VERSION = "1.0.0"
+TRAINING_SETS = ("fss1000", "duts_tr", "duts_te", "ecssd", "msra10k", "dut_omron")
+TFDS_PREFIX = "crm_"
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_MASK_READ_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and storage normalisation (OpenCV only).
+
+
+def _imdecode(data: bytes, flags: int, name: str) -> np.ndarray:
+  buf = np.frombuffer(data, dtype=np.uint8)
+  img = cv2.imdecode(buf, flags) if buf.size else None
+  if img is None:
+    raise InputError(f"{name}: unreadable or not an image")
+  return img
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+  """Encoded bytes -> RGB uint8 ``[H, W, 3]`` (grey replicated, alpha dropped, 16 bit scaled)."""
+  return as_rgb(img_bgr_to_rgb(_imdecode(data, cv2.IMREAD_UNCHANGED, name)), name)
+
+
+def decode_mask(data: bytes, name: str = "mask") -> np.ndarray:
+  """Encoded bytes -> grey uint8 ``[H, W]`` (colour converted with OpenCV's BT.601 weights)."""
+  return _imdecode(data, _MASK_READ_FLAGS, name)
+
+
+def _encode_png(img: np.ndarray, name: str) -> bytes:
+  ok, buf = cv2.imencode(".png", np.ascontiguousarray(img))
+  if not ok:
+    raise InputError(f"{name}: could not be encoded as PNG")
+  return buf.tobytes()
+
+
+def storable_image(data: bytes, name: str = "image") -> bytes:
+  """The bytes to store for an image: unchanged for 8-bit grey/RGB JPEG or PNG, else an RGB PNG."""
+  img = _imdecode(data, cv2.IMREAD_UNCHANGED, name)
+  if (data.startswith((_JPEG_MAGIC, _PNG_MAGIC)) and img.dtype == np.uint8
+      and (img.ndim == 2 or img.shape[2] == 3)):
+    return data
+  return _encode_png(decode_image(data, name)[:, :, ::-1], name)
+
+
+def storable_mask(data: bytes, name: str = "mask") -> bytes:
+  """The bytes to store for a mask: unchanged for 8-bit grey JPEG or PNG, else a grey PNG."""
+  img = _imdecode(data, cv2.IMREAD_UNCHANGED, name)
+  if data.startswith((_JPEG_MAGIC, _PNG_MAGIC)) and img.dtype == np.uint8 and img.ndim == 2:
+    return data
+  return _encode_png(decode_mask(data, name), name)
+
+
+def _read_bytes(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders.
+
+
+def _image_feature() -> tfds.features.Image:
+  return tfds.features.Image(shape=(None, None, 3), dtype=np.uint8)
+
+
+def _mask_feature() -> tfds.features.Image:
+  return tfds.features.Image(shape=(None, None, 1), dtype=np.uint8)
+
+
+class _CrmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared parts. ``reports`` holds the scan report of each split generated by this instance."""
+
+  VERSION = tfds.core.Version(DATA_VERSION)
+  RELEASE_NOTES = {DATA_VERSION: "Original files, normalised to JPEG/PNG of the declared channels."}
+  SHORT_NAME = ""
+  DISPLAY_NAME = ""
+  DESCRIPTION = ""
+  HOMEPAGE = ""
+  CITATION = ""
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS 4.9.10 finds this file through the `importlib_resources` backport, which it declares
+    # only for Python < 3.9 (so it is not installed); the answer is the module file.
+    return epath.Path(inspect.getfile(cls))
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.reports: Dict[str, folders.ScanReport] = {}
+
+  def _features(self) -> tfds.features.FeaturesDict:
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # DatasetInfo directly: dataset_info_from_configs would look for metadata files next to
+    # this module.
+    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
+                                 features=self._features(), homepage=self.HOMEPAGE,
+                                 citation=self.CITATION)
+
+  def _encode(self, files: Mapping[str, Tuple[str, bool]], report: folders.ScanReport,
+              key: str) -> Optional[Dict[str, bytes]]:
+    """{feature: stored bytes} from {feature: (path, is_mask)}; None if unreadable (reported)."""
+    out = {}
+    for feature, (path, is_mask) in files.items():
+      try:
+        data = _read_bytes(path)
+        out[feature] = storable_mask(data, path) if is_mask else storable_image(data, path)
+      except (OSError, InputError) as e:
+        logging.warning("%s: left out %s: %s", self.name, key, e)
+        if report.unreadable is None:
+          report.unreadable = []
+        report.unreadable.append(os.path.relpath(path, report.root))
+        report.matched -= 1
+        return None
+    return out
+
+
+class _PairsBuilder(_CrmBuilder, skip_registration=True):
+  """A training set: one 'train' split of {'image', 'mask', 'name'}."""
+
+  def _features(self) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict({
+        "image": _image_feature(),
+        "mask": _mask_feature(),
+        "name": tfds.features.Text(),
+    })
+
+  def _scan(self, root: str) -> Tuple[List[folders.Pair], folders.ScanReport]:
+    return folders.scan_flat(root, what=self.DISPLAY_NAME)
+
+  def _split_generators(self, dl_manager):
+    pairs, report = self._scan(os.fspath(dl_manager.manual_dir))
+    logging.info("%s: %s", self.name, report.summary())
+    self.reports["train"] = report
+    return {"train": self._generate_examples(pairs, report)}
+
+  def _generate_examples(self, pairs: Sequence[folders.Pair], report: folders.ScanReport):
+    for p in pairs:
+      ex = self._encode({"image": (p.image, False), "mask": (p.mask, True)}, report, p.name)
+      if ex is not None:
+        yield p.name, {**ex, "name": p.name}
+
+
+_FLAT_INSTRUCTIONS = """\
+Download and extract the {display} archive ({homepage}) and pass its folder as manual_dir.
+Images are `<id>.jpg`, masks grey `<id>.png`, paired by `<id>` anywhere under the folder: either
+all in one folder, or images and masks in subfolders as in the original archive, e.g.
+{example}
+Unpaired files are left out (and counted); hidden files and __MACOSX are ignored.
+"""
+
+
+class CrmFss1000(_PairsBuilder):
+  """FSS-1000 (Wei et al., CVPR 2020): 1000 classes x 10 image/mask pairs."""
+  name = "crm_fss1000"
+  SHORT_NAME = "fss1000"
+  DISPLAY_NAME = "FSS-1000"
+  DESCRIPTION = "FSS-1000 few-shot segmentation images and masks, as CRM trains on them."
+  HOMEPAGE = "https://github.com/HKUSTCV/FSS-1000"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+Download and extract FSS-1000 (fewshot_data.zip, {HOMEPAGE}) and pass the folder holding the class
+folders as manual_dir:
+  <manual_dir>/<class>/<k>.jpg   image
+  <manual_dir>/<class>/<k>.png   grey mask
+Samples are named `<class>/<k>`; unpaired files are left out (and counted).
+"""
+
+  def _scan(self, root: str):
+    return folders.scan_fss1000(root, what=self.DISPLAY_NAME)
+
+
+class CrmDutsTr(_PairsBuilder):
+  """DUTS-TR (Wang et al., CVPR 2017): 10,553 salient-object images."""
+  name = "crm_duts_tr"
+  SHORT_NAME = "duts_tr"
+  DISPLAY_NAME = "DUTS-TR"
+  DESCRIPTION = "DUTS-TR salient-object images and masks."
+  HOMEPAGE = "http://saliencydetection.net/duts/"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _FLAT_INSTRUCTIONS.format(
+      display=DISPLAY_NAME, homepage=HOMEPAGE,
+      example="  <manual_dir>/DUTS-TR-Image/<id>.jpg + <manual_dir>/DUTS-TR-Mask/<id>.png")
+
+
+class CrmDutsTe(_PairsBuilder):
+  """DUTS-TE (Wang et al., CVPR 2017): 5,019 salient-object images (a training set for CRM)."""
+  name = "crm_duts_te"
+  SHORT_NAME = "duts_te"
+  DISPLAY_NAME = "DUTS-TE"
+  DESCRIPTION = "DUTS-TE salient-object images and masks (used for training, as upstream)."
+  HOMEPAGE = "http://saliencydetection.net/duts/"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _FLAT_INSTRUCTIONS.format(
+      display=DISPLAY_NAME, homepage=HOMEPAGE,
+      example="  <manual_dir>/DUTS-TE-Image/<id>.jpg + <manual_dir>/DUTS-TE-Mask/<id>.png")
+
+
+class CrmEcssd(_PairsBuilder):
+  """ECSSD (Yan et al., CVPR 2013): 1,000 salient-object images."""
+  name = "crm_ecssd"
+  SHORT_NAME = "ecssd"
+  DISPLAY_NAME = "ECSSD"
+  DESCRIPTION = "ECSSD salient-object images and masks."
+  HOMEPAGE = "https://www.cse.cuhk.edu.hk/leojia/projects/hsaliency/dataset.html"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _FLAT_INSTRUCTIONS.format(
+      display=DISPLAY_NAME, homepage=HOMEPAGE,
+      example="  <manual_dir>/images/<id>.jpg + <manual_dir>/ground_truth_mask/<id>.png")
+
+
+class CrmMsra10k(_PairsBuilder):
+  """MSRA-10K (Cheng et al., TPAMI 2015): 10,000 salient-object images."""
+  name = "crm_msra10k"
+  SHORT_NAME = "msra10k"
+  DISPLAY_NAME = "MSRA-10K"
+  DESCRIPTION = "MSRA-10K salient-object images and masks."
+  HOMEPAGE = "https://mmcheng.net/msra10k/"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _FLAT_INSTRUCTIONS.format(
+      display=DISPLAY_NAME, homepage=HOMEPAGE,
+      example="  <manual_dir>/Imgs/<id>.jpg + <manual_dir>/Imgs/<id>.png (MSRA10K_Imgs_GT.zip)")
+
+
+class CrmDutOmron(_PairsBuilder):
+  """DUT-OMRON (Yang et al., CVPR 2013): 5,168 salient-object images."""
+  name = "crm_dut_omron"
+  SHORT_NAME = "dut_omron"
+  DISPLAY_NAME = "DUT-OMRON"
+  DESCRIPTION = "DUT-OMRON salient-object images and pixel-wise masks."
+  HOMEPAGE = "http://saliencydetection.net/dut-omron/"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _FLAT_INSTRUCTIONS.format(
+      display=DISPLAY_NAME, homepage=HOMEPAGE,
+      example=("  <manual_dir>/DUT-OMRON-image/<id>.jpg + "
+               "<manual_dir>/pixelwiseGT-new-PNG/<id>.png"))
+
+
+class CrmBig(_CrmBuilder):
+  """BIG (Cheng et al., CVPR 2020): 50 validation and 100 test objects, up to 5000x3600 pixels."""
+  name = "crm_big"
+  SHORT_NAME = "big"
+  DISPLAY_NAME = "BIG"
+  DESCRIPTION = ("BIG high-resolution segmentation refinement benchmark: image, coarse mask (seg) "
+                 "and ground truth per object.")
+  HOMEPAGE = "https://github.com/hkchengrex/CascadePSP"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+Download and extract BIG (see {HOMEPAGE}, docs/dataset.md) and pass the BIG folder as manual_dir.
+Each subfolder holding BIG files becomes a split named after it (the archive has val and test):
+  <manual_dir>/val/<name>_im.jpg    image (.png also accepted)
+  <manual_dir>/val/<name>_seg.png   coarse mask
+  <manual_dir>/val/<name>_gt.png    ground truth
+  <manual_dir>/test/...             the same
+Incomplete triples are left out (and counted).
+"""
+
+  def _features(self) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict({
+        "image": _image_feature(),
+        "seg": _mask_feature(),
+        "gt": _mask_feature(),
+        "name": tfds.features.Text(),
+    })
+
+  def _split_generators(self, dl_manager):
+    splits = {}
+    for split, folder in folders.big_split_folders(os.fspath(dl_manager.manual_dir)).items():
+      triples, report = folders.scan_big(folder, what=f"BIG {split}")
+      logging.info("%s %s: %s", self.name, split, report.summary())
+      self.reports[split] = report
+      splits[split] = self._generate_examples(triples, report)
+    return splits
+
+  def _generate_examples(self, triples: Sequence[folders.BigTriple],
+                         report: folders.ScanReport):
+    for t in triples:
+      ex = self._encode({"image": (t.image, False), "seg": (t.seg, True), "gt": (t.gt, True)},
+                        report, t.name)
+      if ex is not None:
+        yield t.name, {**ex, "name": t.name}
+
+
+BUILDERS: Dict[str, type] = {
+    cls.SHORT_NAME: cls
+    for cls in (CrmFss1000, CrmDutsTr, CrmDutsTe, CrmEcssd, CrmMsra10k, CrmDutOmron, CrmBig)
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def builder_class(name: str) -> type:
+  """The builder class for a short name (``duts_tr``) or a TFDS name (``crm_duts_tr``)."""
+  short = name[len(TFDS_PREFIX):] if name.startswith(TFDS_PREFIX) else name
+  if short not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(BUILDERS)}")
+  return BUILDERS[short]
+
+
+def get_builder(name: str, data_dir: PathLike) -> tfds.core.GeneratorBasedBuilder:
+  """The builder of ``name`` over ``data_dir`` (prepared or not), writing array_record files."""
+  return builder_class(name)(data_dir=os.fspath(data_dir), file_format="array_record")
+
+
+def prepared_path(name: str, data_dir: PathLike) -> str:
+  """The folder that holds the prepared files of ``name``: ``<data_dir>/crm_<name>/<version>``."""
+  return os.path.join(os.fspath(data_dir), builder_class(name).name, DATA_VERSION)
+
+
+def is_prepared(name: str, data_dir: PathLike) -> bool:
+  """Whether ``name`` is prepared in ``data_dir`` (checked quietly, without building anything)."""
+  path = prepared_path(name, data_dir)
+  return all(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "features.json"))
+
+
+def prepare(name: str, manual_dir: PathLike, data_dir: PathLike, *,
+            overwrite: bool = False) -> tfds.core.GeneratorBasedBuilder:
+  """Prepares ``name`` from the extracted archive in ``manual_dir`` into ``data_dir``.
+
+  No network: the files come from ``manual_dir`` only. An already prepared dataset is reused
+  (its ``reports`` stay empty) unless ``overwrite``. ``builder.reports[split]`` holds the scan
+  reports (matched, unmatched, duplicate and unreadable files) of the splits generated.
+
+  Raises:
+    ValueError: an unknown name.
+    FileNotFoundError / NotADirectoryError / folders.FolderError: ``manual_dir`` is missing, a
+      file, empty, or holds nothing that pairs up; the message names the folder.
+  """
+  cls = builder_class(name)
+  folders.check_folder(manual_dir, cls.DISPLAY_NAME)
+  builder = get_builder(name, data_dir)
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), download_mode=mode,
+                                        try_download_gcs=False)
+  builder.download_and_prepare(download_config=config)
+  return builder
+
+
+class DecodedSource:
+  """Random access to one prepared split, decoded with OpenCV into NumPy dicts.
+
+  Items: ``{'image': uint8 [H, W, 3] RGB, 'mask': uint8 [H, W], 'name': str}`` for the training
+  sets, ``{'image', 'seg', 'gt', 'name'}`` (seg and gt as masks) for BIG. Picklable (the TFDS
+  source is reopened lazily), so it can go to data-loader worker processes.
+  """
+
+  def __init__(self, name: str, data_dir: PathLike, split: str = "train"):
+    self.name = builder_class(name).SHORT_NAME
+    self.data_dir = os.fspath(data_dir)
+    self.split = split
+    self._source = None
+    self._masks: Tuple[str, ...] = ()
+    self._len = len(self._open())
+
+  def _open(self):
+    if self._source is None:
+      if not is_prepared(self.name, self.data_dir):
+        raise FileNotFoundError(
+            f"{self.name} is not prepared in {self.data_dir} (no "
+            f"{prepared_path(self.name, self.data_dir)}); run "
+            f"crm_jax.data.tfds_builders.prepare({self.name!r}, manual_dir, data_dir) first")
+      builder = get_builder(self.name, self.data_dir)
+      splits = list(builder.info.splits)
+      if self.split not in splits:
+        raise ValueError(f"{self.name} in {self.data_dir} has no split {self.split!r}; "
+                         f"it has {', '.join(splits)}")
+      features = builder.info.features
+      self._masks = tuple(k for k in ("mask", "seg", "gt") if k in features)
+      decoders = {k: tfds.decode.SkipDecoding() for k in ("image",) + self._masks}
+      self._source = builder.as_data_source(split=self.split, decoders=decoders)
+    return self._source
+
+  def _decode(self, ex: Mapping[str, Any]) -> Dict[str, Any]:
+    name = ex["name"]
+    name = name.decode("utf-8") if isinstance(name, bytes) else str(name)
+    out = {"image": decode_image(ex["image"], f"{self.name}/{name} image")}
+    for k in self._masks:
+      out[k] = decode_mask(ex[k], f"{self.name}/{name} {k}")
+    out["name"] = name
+    return out
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> Dict[str, Any]:
+    index = _check_index(index, self._len)
+    return self._decode(self._open()[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
+    indices = [_check_index(i, self._len) for i in indices]
+    return [self._decode(ex) for ex in self._open().__getitems__(indices)]
+
+  def __iter__(self):
+    for i in range(self._len):
+      yield self[i]
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_source"] = None
+    return state
+
+  def __repr__(self) -> str:
+    return (f"DecodedSource(name={self.name!r}, split={self.split!r}, len={self._len}, "
+            f"data_dir={self.data_dir!r})")
+
+
+def load_source(name: str, data_dir: PathLike, split: str = "train") -> DecodedSource:
+  """A random-access, OpenCV-decoded source over a prepared split (see ``DecodedSource``)."""
+  return DecodedSource(name, data_dir, split)
+
+
+def _check_index(index: int, length: int) -> int:
+  index = int(index)
+  if index < 0:
+    index += length
+  if not 0 <= index < length:
+    raise IndexError(f"index {index} out of range for {length} items")
+  return index
+
+
+class MixtureSource:
+  """The concatenation of random-access sources: ``__len__`` is the sum, ``__getitem__`` maps a
+  global index to (source, local index). Items are returned as the sources give them.
+
+  ``sources`` is a sequence of sources or a mapping {name: source}; empty sources are allowed.
+  """
+
+  def __init__(self, sources: Union[Sequence[Any], Mapping[str, Any]]):
+    if isinstance(sources, Mapping):
+      self.names = [str(k) for k in sources]
+      self.sources = list(sources.values())
+    else:
+      self.sources = list(sources)
+      self.names = [getattr(s, "name", str(i)) for i, s in enumerate(self.sources)]
+    if not self.sources:
+      raise ValueError("MixtureSource needs at least one source")
+    self.lengths = [len(s) for s in self.sources]
+    self.offsets = np.cumsum([0] + self.lengths).tolist()  # offsets[i]: first index of source i
+
+  def __len__(self) -> int:
+    return self.offsets[-1]
+
+  def locate(self, index: int) -> Tuple[int, int]:
+    """(source number, index within that source) of a global index."""
+    index = _check_index(index, len(self))
+    i = bisect.bisect_right(self.offsets, index) - 1
+    return i, index - self.offsets[i]
+
+  def __getitem__(self, index: int) -> Any:
+    i, j = self.locate(index)
+    return self.sources[i][j]
+
+  def __getitems__(self, indices: Iterable[int]) -> List[Any]:
+    return [self[i] for i in indices]
+
+  def __iter__(self):
+    for i in range(len(self)):
+      yield self[i]
+
+  def __repr__(self) -> str:
+    parts = ", ".join(f"{n}: {l}" for n, l in zip(self.names, self.lengths))
+    return f"MixtureSource({parts}; total {len(self)})"
+
+
+def training_mixture(data_dir: PathLike, names: Sequence[str] = TRAINING_SETS,
+                     split: str = "train") -> MixtureSource:
+  """The mixture of whichever of ``names`` are prepared in ``data_dir`` (in the order given).
+
+  Raises FileNotFoundError naming ``data_dir`` and the sets looked for when none is prepared.
+  """
+  sources = {n: load_source(n, data_dir, split) for n in names if is_prepared(n, data_dir)}
+  if not sources:
+    raise FileNotFoundError(f"none of {', '.join(names)} is prepared in {os.fspath(data_dir)}; "
+                            "run crm_jax.data.tfds_builders.prepare(name, manual_dir, data_dir)")
+  return MixtureSource(sources)
