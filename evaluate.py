@@ -1,10 +1,13 @@
-"""Refines a folder in the BIG layout at every scale and reports IoU and mBA.
+"""Refines BIG-style data at every scale and reports IoU and mBA (spec sections 5 and 6).
 
-    python evaluate.py --data DIR --checkpoint CKPT --output OUT [--scales ...]
+    python evaluate.py --data DIR --checkpoint CKPT --output OUT [--scales 0.125 0.25 0.5 1.0]
+    python evaluate.py --data crm_big --tfds-data-dir TFDS_DIR [--split test] \\
+        --checkpoint CKPT --output OUT
     python evaluate.py --metrics-only --output OUT
 
-Writes the published output layout in OUT and OUT/metrics.json; a run started
-again skips objects that are already complete.
+Writes the published output layout in OUT and OUT/metrics.json; a run started again skips
+objects that are already complete. Bad objects are reported and skipped; the exit status is
+non-zero only when nothing could be evaluated. The work is ``crm_jax.evaluation.evaluate``.
 """
 
 import argparse
@@ -18,20 +21,24 @@ from crm_jax.io import InputError
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", help="folder in the BIG layout")
+  parser.add_argument("--data", help="folder in the BIG layout, or a TFDS name with "
+                      "--tfds-data-dir (crm_big)")
+  parser.add_argument("--tfds-data-dir", help="TFDS data dir in which --data is prepared")
+  parser.add_argument("--split", help="TFDS split (needed when there are several)")
   parser.add_argument("--checkpoint", help="crm-jax model checkpoint directory")
   parser.add_argument("--output", required=True, help="output folder")
   parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
   parser.add_argument("--metrics-only", action="store_true",
-                      help="recompute the metrics of masks already in --output")
+                      help="recompute the metrics of the masks already in --output")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   if not args.metrics_only and not (args.data and args.checkpoint):
     parser.error("--data and --checkpoint are required unless --metrics-only")
   try:
     evaluate(args.data, args.checkpoint, args.output, args.scales,
-             metrics_only=args.metrics_only, progress=not args.no_progress)
-  except (InputError, CheckpointError) as e:
+             metrics_only=args.metrics_only, progress=not args.no_progress,
+             tfds_data_dir=args.tfds_data_dir, split=args.split)
+  except (InputError, CheckpointError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

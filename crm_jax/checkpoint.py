@@ -6,7 +6,8 @@ writes and ``Refiner.from_checkpoint`` / ``train.py --init`` read)::
     DIR/config.json     {"format": "crm-jax-model", "model": {...}, "meta": {...}}
     DIR/variables/      orbax StandardCheckpointer: {"params", "batch_stats"}
 
-A training workdir (``train.py``) is also accepted: its latest step is read.
+A training workdir (``train.py --workdir``) is also accepted: the model that
+training exported to ``WORKDIR/model`` is read.
 Directories are written under a temporary name and renamed, so a checkpoint
 is either complete or absent.
 """
@@ -26,6 +27,7 @@ from crm_jax.models.crm import CRM, ModelConfig, init_variables
 FORMAT = "crm-jax-model"
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
+EXPORT_DIR = "model"  # train.py exports its final model to WORKDIR/model.
 
 
 class CheckpointError(ValueError):
@@ -72,7 +74,12 @@ def save_model(path: str, variables, config: ModelConfig,
   tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
   try:
     variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
-    checkpointer = ocp.StandardCheckpointer()
+    # This process alone (in a multi-process run only one process exports; orbax would
+    # otherwise wait for the others at its barriers).
+    me = jax.process_index()
+    checkpointer = ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}))
     checkpointer.save(os.path.join(tmp, VARIABLES_DIR), variables)
     checkpointer.wait_until_finished()
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -87,8 +94,19 @@ def save_model(path: str, variables, config: ModelConfig,
   return path
 
 
+def resolve(path: str) -> str:
+  """``path``, or ``path/model`` when ``path`` is a training workdir."""
+  path = os.path.abspath(path)
+  exported = os.path.join(path, EXPORT_DIR)
+  if (not os.path.isfile(os.path.join(path, CONFIG_FILE))
+      and os.path.isfile(os.path.join(exported, CONFIG_FILE))):
+    return exported
+  return path
+
+
 def read_config(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:
   """The model config and metadata of a model checkpoint directory."""
+  path = resolve(path)
   cfg_file = os.path.join(path, CONFIG_FILE)
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -111,7 +129,7 @@ def load_model(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:
 
   ``variables`` is ``{'params': ..., 'batch_stats': ...}`` of numpy arrays.
   """
-  path = os.path.abspath(path)
+  path = resolve(path)
   config, _ = read_config(path)
   target = abstract_variables(config)
   var_dir = os.path.join(path, VARIABLES_DIR)

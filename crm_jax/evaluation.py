@@ -1,15 +1,31 @@
-"""Refinement and metrics over a folder in the BIG layout (``evaluate.py``).
+"""Refinement and metrics over BIG-style data (``evaluate.py``; spec sections 5 and 6).
 
-Input folder: ``<name>_im.jpg|png``, ``<name>_seg.png``, ``<name>_gt.png``.
-Output folder (the published layout, so the published eval_post scripts run
-on it unchanged): ``<s>_<name>_mask.png`` per scale ``s``, and
-``<name>_im.png``, ``<name>_seg.png``, ``<name>_gt.png``; plus
-``metrics.json``. Every file is written atomically, so an object is complete
-when all its files exist: a run started again skips complete objects.
+Input, either a folder (``<name>_im.jpg|png``, ``<name>_seg.png``, ``<name>_gt.png``) or a
+prepared TFDS dataset with ``seg`` and ``gt`` features (``crm_big``, read through
+``crm_jax.data.tfds_builders.load_source``; no TensorFlow).
+
+Output folder (the published layout, so the published eval_post scripts run on it unchanged):
+``<s>_<name>_mask.png`` per scale ``s`` (``uint8(prob * 255)``), and ``<name>_im.png``,
+``<name>_seg.png``, ``<name>_gt.png``, all at the original size; plus ``metrics.json``::
+
+    {"scales": {"0.125": {"iou", "mba", "old_iou", "old_mba", "num_images", ...}, ...},
+     "num_images": N, "seconds": S, "skipped": ["name: reason", ...], ...}
+
+Every file is written atomically (``crm_jax.io.write_image``) and the masks are written before
+the ``_im``/``_seg``/``_gt`` copies, so an object is complete exactly when all its files exist:
+a run started again (after an interruption) skips complete objects.
+
+Bad input (a missing ``_gt``/``_seg``/``_im`` file, sizes that differ, an unreadable image, an
+image too small to pad) is reported in one line naming the object and the problem; that object
+is skipped and the run goes on. ``evaluate`` raises ``InputError`` only when nothing could be
+evaluated (an empty or missing folder, no complete object, every object bad).
 """
+
+from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -20,60 +36,203 @@ from tqdm import tqdm
 
 from crm_jax import metrics
 from crm_jax.constants import SCALES
-from crm_jax.data.folders import BigTriple, scan_big
+from crm_jax.data import folders
 from crm_jax.io import InputError, read_image, read_mask, write_image
+from crm_jax.metrics import scale_key  # noqa: F401  (re-exported: the one formatting of scales)
 from crm_jax.preprocess import prob_to_uint8
 
 METRICS_FILE = "metrics.json"
+_ROLES = (("im", "image"), ("seg", "coarse mask"), ("gt", "ground truth"))
 
-
-def scale_key(scale: float) -> str:
-  """How a scale is written in file names and metrics.json (Python's str)."""
-  return str(float(scale))
+Log = Callable[[str], None]
 
 
 def mask_file(out_dir: str, name: str, scale: float) -> str:
-  return os.path.join(out_dir, f"{scale_key(scale)}_{name}_mask.png")
+  """``<out_dir>/<s>_<name>_mask.png``."""
+  return metrics.mask_path(out_dir, name, scale)
 
 
 def output_files(out_dir: str, name: str, scales: Sequence[float]) -> List[str]:
-  """Every file one object leaves in the output folder."""
+  """Every file one object leaves in the output folder, masks first (the order written)."""
   return [mask_file(out_dir, name, s) for s in scales] + [
       os.path.join(out_dir, f"{name}_{kind}.png") for kind in ("im", "seg", "gt")]
 
 
-def list_objects(data_dir: str) -> Tuple[List[BigTriple], List[str]]:
-  """Complete objects of a BIG-layout folder, and what was left out and why.
-
-  Raises ``InputError`` when the folder is missing or holds no object.
-  """
-  try:
-    objects, report = scan_big(data_dir)
-  except (OSError, ValueError) as e:
-    raise InputError(str(e)) from None
-  problems = [f"{f}: no matching _im/_seg/_gt files" for f in report.unmatched]
-  problems += [f"{f}: ambiguous (duplicate name)" for f in report.duplicates]
-  return objects, problems
+def is_complete(out_dir: str, name: str, scales: Sequence[float]) -> bool:
+  return all(os.path.isfile(p) for p in output_files(out_dir, name, scales))
 
 
-def _read_object(obj: BigTriple):
-  image = read_image(obj.image)
-  seg = read_mask(obj.seg)
-  gt = read_mask(obj.gt)
-  for path, m in ((obj.seg, seg), (obj.gt, gt)):
-    if m.shape != image.shape[:2]:
-      raise InputError(f"{path}: {m.shape[1]}x{m.shape[0]} but the image "
-                       f"{os.path.basename(obj.image)} is {image.shape[1]}x{image.shape[0]}")
+def check_scales(scales: Sequence[float]) -> Tuple[float, ...]:
+  """The scales as floats; ``InputError`` for none, a non-positive or repeated one."""
+  out = tuple(float(s) for s in scales)
+  if not out:
+    raise InputError("no scales given")
+  for s in out:
+    if not (math.isfinite(s) and s > 0):
+      raise InputError(f"scale {s}: scales must be positive")
+  if len({scale_key(s) for s in out}) != len(out):
+    raise InputError(f"scales {list(out)}: a scale is repeated")
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Objects to refine.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalObject:
+  """One object: its name and how to load ``(image RGB uint8 [H, W, 3], seg uint8 [H, W],
+  gt uint8 [H, W])``; ``load`` raises ``InputError`` naming the file and the problem."""
+  name: str
+  load: Callable[[], Tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _check_sizes(image: np.ndarray, seg: np.ndarray, gt: np.ndarray,
+                 names: Tuple[str, str, str]) -> None:
+  h, w = image.shape[:2]
+  for label, m in zip(names[1:], (seg, gt)):
+    if m.shape != (h, w):
+      raise InputError(f"{label}: {m.shape[1]}x{m.shape[0]} but the image {names[0]} is "
+                       f"{w}x{h} (width x height)")
+
+
+def _read_triple(triple: folders.BigTriple):
+  image = read_image(triple.image)
+  seg = read_mask(triple.seg)
+  gt = read_mask(triple.gt)
+  _check_sizes(image, seg, gt, (os.path.basename(triple.image), triple.seg, triple.gt))
   return image, seg, gt
 
 
+def _one_line(e: BaseException) -> str:
+  return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def _split_role(f: str) -> Optional[Tuple[str, str]]:
+  """(object name, role) of a BIG file name, or None."""
+  stem = os.path.splitext(os.path.basename(f))[0]
+  for role, _ in _ROLES:
+    if stem.endswith("_" + role) and len(stem) > len(role) + 1:
+      return stem[:-len(role) - 1], role
+  return None
+
+
+def _describe_unmatched(report: folders.ScanReport) -> List[str]:
+  """One line per object of a BIG scan that was left out: the files it lacks, or the files
+  that make it ambiguous."""
+  dups: Dict[str, List[str]] = {}
+  for f in report.duplicates:
+    parsed = _split_role(f)
+    dups.setdefault(parsed[0] if parsed else f, []).append(f)
+  have: Dict[str, List[str]] = {}
+  for f in report.unmatched:
+    parsed = _split_role(f)
+    if parsed and parsed[0] not in dups:
+      have.setdefault(parsed[0], []).append(parsed[1])
+  lines = []
+  for name, roles in sorted(have.items()):
+    lacking = [f"{name}_{role}.{'jpg' if role == 'im' else 'png'} ({what})"
+               for role, what in _ROLES if role not in roles]
+    lines.append(f"{name}: missing {', '.join(lacking)}")
+  for name, files in sorted(dups.items()):
+    lines.append(f"{name}: ambiguous, several files for one role: {', '.join(files)}")
+  return lines
+
+
+def list_objects(data_dir: str) -> Tuple[List[folders.BigTriple], List[str]]:
+  """The complete ``(image, seg, gt)`` file triples of a BIG-layout folder, and one line per
+  object left out (which files it lacks).
+
+  Raises ``InputError`` when the folder is missing, empty or holds no complete object.
+  """
+  try:
+    triples, report = folders.scan_big(data_dir)
+  except (OSError, ValueError) as e:
+    raise InputError(_one_line(e)) from None
+  return triples, _describe_unmatched(report)
+
+
+def folder_objects(data_dir: str) -> Tuple[List[EvalObject], List[str]]:
+  """``list_objects`` as ``EvalObject`` s (loading checks that the sizes agree)."""
+  triples, problems = list_objects(data_dir)
+  return [EvalObject(t.name, lambda t=t: _read_triple(t)) for t in triples], problems
+
+
+def _text(x) -> str:
+  if isinstance(x, np.ndarray):
+    x = x.item()
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def tfds_objects(name: str, data_dir: str,
+                 split: Optional[str] = None) -> Tuple[List[EvalObject], List[str]]:
+  """The objects of a prepared TFDS dataset with ``seg`` and ``gt`` features (``crm_big``).
+
+  ``split`` may be left out when the dataset has one split only. Raises ``InputError`` for an
+  unknown or unprepared dataset, one without seg/gt, or a missing split.
+  """
+  import tensorflow_datasets as tfds  # only on this path: importing TFDS takes seconds
+  from crm_jax.data import tfds_builders as tb
+
+  try:
+    tb.builder_class(name)
+  except ValueError as e:
+    raise InputError(f"--data {name}: {e}") from None
+  if not os.path.isdir(data_dir):
+    raise InputError(f"{data_dir}: no such TFDS data folder")
+  if not tb.is_prepared(name, data_dir):
+    raise InputError(f"{name} is not prepared in {data_dir} (no "
+                     f"{tb.prepared_path(name, data_dir)}); prepare it with "
+                     f"crm_jax.data.tfds_builders.prepare({name!r}, manual_dir, data_dir)")
+  builder = tb.get_builder(name, data_dir)
+  features = set(builder.info.features)
+  if not {"image", "seg", "gt"} <= features:
+    raise InputError(f"{name} has no seg/gt features ({', '.join(sorted(features))}); only "
+                     "BIG-style datasets (crm_big) can be evaluated")
+  splits = list(builder.info.splits)
+  if split is None:
+    if len(splits) != 1:
+      raise InputError(f"{name} in {data_dir} has splits {', '.join(splits)}; choose one "
+                       "with --split")
+    split = splits[0]
+  elif split not in splits:
+    raise InputError(f"{name} in {data_dir} has no split {split!r}; it has {', '.join(splits)}")
+  source = tb.load_source(name, data_dir, split)
+  # The names, without decoding any image (a resumed run skips complete objects cheaply).
+  raw = builder.as_data_source(split=split, decoders={
+      k: tfds.decode.SkipDecoding() for k in ("image", "seg", "gt")})
+
+  def load(i: int):
+    item = source[i]
+    image, seg, gt = item["image"], item["seg"], item["gt"]
+    where = f"{name}/{split}/{item['name']}"
+    _check_sizes(image, seg, gt, (f"{where} image", f"{where} seg", f"{where} gt"))
+    return image, seg, gt
+
+  objects = []
+  for i in range(len(raw)):
+    obj_name = _text(raw[i]["name"]).replace("/", "_").replace(os.sep, "_")
+    objects.append(EvalObject(obj_name, lambda i=i: load(i)))
+  return objects, []
+
+
+# ---------------------------------------------------------------------------------------------
+# Refining.
+
+
 def write_json(path: str, blob) -> None:
-  """Writes JSON atomically."""
+  """Writes JSON atomically (temporary file, then rename)."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-  with os.fdopen(fd, "w") as f:
-    json.dump(blob, f, indent=2)
-  os.replace(tmp, path)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(blob, f, indent=2, allow_nan=False)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 @dataclasses.dataclass
@@ -83,62 +242,147 @@ class RefineSummary:
   failed: List[str]  # "name: reason"
   seconds: float
 
+  @property
+  def seconds_per_object(self) -> Optional[float]:
+    return self.seconds / len(self.refined) if self.refined else None
 
-def refine_folder(refiner, data_dir: str, out_dir: str,
-                  scales: Sequence[float] = SCALES, progress: bool = True,
-                  log: Callable[[str], None] = print) -> RefineSummary:
-  """Refines every object of ``data_dir`` at every scale into ``out_dir``."""
-  objects, problems = list_objects(data_dir)
+
+_BAR_FORMAT = ("{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {remaining} "
+               "left, {rate_inv_fmt}{postfix}")
+
+
+def refine_objects(objects: Sequence[EvalObject], out_dir: str,
+                   scales: Sequence[float] = SCALES, *, refiner=None,
+                   checkpoint: Optional[str] = None, progress: bool = True,
+                   log: Log = print) -> RefineSummary:
+  """Refines every object that is not complete in ``out_dir`` at every scale.
+
+  ``refiner`` (anything with ``refine_all_scales(image, mask, scales) -> {s: prob [H, W]}``) or
+  else ``checkpoint`` gives the model; the checkpoint is loaded only when an object needs it.
+  Objects that fail (bad input) are reported through ``log`` and listed in ``failed``.
+  """
   os.makedirs(out_dir, exist_ok=True)
-  failed = list(problems)
-  for p in problems:
-    log(f"skipped {p}")
-  refined, complete = [], []
-  start = time.time()
-  bar = tqdm(objects, desc="refining", unit="object", disable=not progress)
-  for obj in bar:
-    if all(os.path.isfile(p) for p in output_files(out_dir, obj.name, scales)):
-      complete.append(obj.name)
-      continue
-    t0 = time.time()
-    try:
-      image, seg, gt = _read_object(obj)
-      probs = refiner.refine_all_scales(image, seg, scales)
-    except InputError as e:
-      failed.append(f"{obj.name}: {e}")
-      tqdm.write(f"skipped {obj.name}: {e}") if progress else log(f"skipped {obj.name}: {e}")
-      continue
-    for s in scales:
-      write_image(mask_file(out_dir, obj.name, s), prob_to_uint8(probs[s]))
-    write_image(os.path.join(out_dir, f"{obj.name}_im.png"), image)
-    write_image(os.path.join(out_dir, f"{obj.name}_seg.png"), seg)
-    write_image(os.path.join(out_dir, f"{obj.name}_gt.png"), gt)
-    refined.append(obj.name)
-    bar.set_postfix(last=f"{time.time() - t0:.1f}s")
+  complete = [o.name for o in objects if is_complete(out_dir, o.name, scales)]
+  done = set(complete)
+  todo = [o for o in objects if o.name not in done]
+  if complete:
+    log(f"{len(complete)} object(s) already complete in {out_dir}: skipped")
+  refined: List[str] = []
+  failed: List[str] = []
+  if todo and refiner is None:
+    from crm_jax.refine import Refiner  # JAX is imported only here.
+    refiner = Refiner.from_checkpoint(checkpoint)
+  start = time.time()  # compilation counts, loading the checkpoint does not
+  with tqdm(total=len(todo), desc="refining", unit="object", disable=not progress,
+            bar_format=_BAR_FORMAT, dynamic_ncols=True) as bar:
+    def say(msg: str) -> None:
+      with tqdm.external_write_mode():
+        log(msg)
+
+    for obj in todo:
+      t0 = time.time()
+      try:
+        image, seg, gt = obj.load()
+        probs = refiner.refine_all_scales(image, seg, scales)
+      except (InputError, MemoryError, RuntimeError) as e:
+        # RuntimeError: XLA errors such as running out of device memory on one huge image.
+        reason = _one_line(e)
+        if not isinstance(e, InputError):
+          reason = f"{type(e).__name__}: {reason}"
+        failed.append(f"{obj.name}: {reason}")
+        say(f"skipped {obj.name}: {reason}")
+        bar.update(1)
+        continue
+      for s in scales:
+        write_image(mask_file(out_dir, obj.name, s), prob_to_uint8(probs[s]))
+      write_image(os.path.join(out_dir, f"{obj.name}_im.png"), image)
+      write_image(os.path.join(out_dir, f"{obj.name}_seg.png"), seg)
+      write_image(os.path.join(out_dir, f"{obj.name}_gt.png"), gt)
+      refined.append(obj.name)
+      bar.set_postfix_str(f"last {time.time() - t0:.1f} s")
+      bar.update(1)
   return RefineSummary(refined, complete, failed, time.time() - start)
 
 
-def evaluate(data_dir: Optional[str], checkpoint: Optional[str], out_dir: str,
+def refine_folder(refiner, data_dir: str, out_dir: str, scales: Sequence[float] = SCALES,
+                  progress: bool = True, log: Log = print) -> RefineSummary:
+  """Refines every object of a BIG-layout folder into ``out_dir`` (see ``refine_objects``)."""
+  objects, problems = folder_objects(data_dir)
+  for p in problems:
+    log(f"skipped {p}")
+  summary = refine_objects(objects, out_dir, scales, refiner=refiner, progress=progress, log=log)
+  summary.failed[:0] = problems
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run.
+
+
+def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
              scales: Sequence[float] = SCALES, metrics_only: bool = False,
-             progress: bool = True, log: Callable[[str], None] = print) -> Dict:
-  """Refines ``data_dir`` into ``out_dir`` (unless ``metrics_only``), then
-  computes the metrics of ``out_dir``, prints the table and writes
-  ``metrics.json``. Raises ``InputError`` when nothing could be evaluated.
+             progress: bool = True, log: Log = print, *, tfds_data_dir: Optional[str] = None,
+             split: Optional[str] = None, refiner=None) -> Dict:
+  """Refines ``data`` into ``out_dir`` (unless ``metrics_only``), computes the metrics, prints
+  the table and writes ``out_dir/metrics.json``; returns what it wrote.
+
+  Args:
+    data: a BIG-layout folder, or with ``tfds_data_dir`` a TFDS name (``crm_big``).
+    checkpoint: a crm-jax model checkpoint directory (unless ``refiner`` is given).
+    out_dir: the output folder.
+    scales: the refinement scales, coarse to fine.
+    metrics_only: only recompute the metrics of every object already in ``out_dir``.
+    tfds_data_dir, split: where the TFDS dataset is prepared, and which split (may be left out
+      when there is one).
+    refiner: an already loaded ``crm_jax.refine.Refiner`` (instead of ``checkpoint``).
+
+  With refinement, the metrics cover the objects of ``data`` that are complete in ``out_dir``
+  (refined now or before); ``--metrics-only`` covers every ``<name>_gt.png`` in ``out_dir``.
+
+  Raises:
+    InputError: nothing could be evaluated (the message says why).
+    crm_jax.checkpoint.CheckpointError: a bad checkpoint.
   """
-  seconds = 0.0
-  failed: List[str] = []
-  if not metrics_only:
-    from crm_jax.refine import Refiner  # JAX is only needed here.
-    refiner = Refiner.from_checkpoint(checkpoint)
-    summary = refine_folder(refiner, data_dir, out_dir, scales, progress, log)
-    seconds, failed = summary.seconds, summary.failed
-    log(f"refined {len(summary.refined)} objects in {seconds:.1f} s, "
-        f"{len(summary.skipped_complete)} already complete, {len(failed)} skipped")
-  result = metrics.evaluate_folder(out_dir, scales)
+  start = time.time()
+  scales = check_scales(scales)
+  skipped: List[str] = []
+  names = None
+  extra: Dict = {}
+  if metrics_only:
+    if not os.path.isdir(out_dir):
+      raise InputError(f"{out_dir}: no such folder (nothing to evaluate)")
+  else:
+    if not data:
+      raise InputError("no data given")
+    if tfds_data_dir:
+      objects, problems = tfds_objects(data, tfds_data_dir, split)
+    else:
+      objects, problems = folder_objects(data)
+    for p in problems:
+      log(f"skipped {p}")
+    summary = refine_objects(objects, out_dir, scales, refiner=refiner, checkpoint=checkpoint,
+                             progress=progress, log=log)
+    skipped = problems + summary.failed
+    names = summary.skipped_complete + summary.refined
+    per = summary.seconds_per_object
+    log(f"refined {len(summary.refined)} object(s) in {summary.seconds:.1f} s"
+        + (f" ({per:.2f} s/object)" if per is not None else "")
+        + f", {len(summary.skipped_complete)} already complete, {len(skipped)} skipped")
+    extra = {"refined": len(summary.refined), "already_complete": len(summary.skipped_complete),
+             "refine_seconds": summary.seconds, "seconds_per_object": per}
+    if not names:
+      raise InputError(f"{data}: nothing could be evaluated: every object was skipped "
+                       f"({len(skipped)})")
+  result = metrics.evaluate_folder(out_dir, scales, names=names, progress=progress, log=log)
+  result["skipped"] = skipped + result["skipped"]
   if result["num_images"] == 0:
-    raise InputError(f"{out_dir}: nothing could be evaluated")
-  result["seconds"] = seconds
-  result["skipped"] = failed
+    why = (f"no <name>_gt.png in {out_dir}" if result["num_objects"] == 0 else
+           f"none of {result['num_objects']} object(s) has a usable gt, seg and mask")
+    raise InputError(f"{out_dir}: nothing could be evaluated ({why})")
+  result["seconds"] = time.time() - start
+  result.update(extra)
   write_json(os.path.join(out_dir, METRICS_FILE), result)
   log(metrics.format_table(result))
+  log(f"{result['num_images']} object(s) evaluated, {len(result['skipped'])} skipped; "
+      f"wrote {os.path.join(out_dir, METRICS_FILE)}")
   return result

@@ -1,0 +1,294 @@
+"""End-to-end tests of evaluate.py / crm_jax.evaluation on a tiny BIG-style folder (TINY model)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import jax
+import numpy as np
+import pytest
+
+import evaluate as evaluate_cli
+from crm_jax import evaluation, metrics
+from crm_jax.checkpoint import save_model
+from crm_jax.constants import SCALES
+from crm_jax.data.synthesis import lowres_segmenter_mask
+from crm_jax.data.synthetic import make_synthetic_pair
+from crm_jax.io import InputError, read_image, read_mask
+from crm_jax.models.crm import CRM, TINY, init_variables
+from crm_jax.preprocess import prob_to_uint8
+from crm_jax.refine import Refiner
+
+pytestmark = pytest.mark.slow  # one subprocess run and a few JAX compilations: about a minute
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = {"obj_a": (80, 100), "obj_b": (96, 120), "obj_c": (120, 140)}  # H, W
+KEYS = [metrics.scale_key(s) for s in SCALES]
+
+
+def _quiet(_msg):
+  pass
+
+
+def _make_object(folder, name, h, w, rng):
+  """Writes <name>_im.jpg, _seg.png, _gt.png; the seg is not small (the rule stays off)."""
+  while True:
+    image, gt = make_synthetic_pair(h, w, rng)
+    seg = lowres_segmenter_mask(gt, rng)
+    if seg.sum() >= 50 * 255 and 0 < (gt > 128).mean() < 1:
+      break
+  assert cv2.imwrite(os.path.join(folder, f"{name}_im.jpg"), image[:, :, ::-1])
+  assert cv2.imwrite(os.path.join(folder, f"{name}_seg.png"), seg)
+  assert cv2.imwrite(os.path.join(folder, f"{name}_gt.png"), gt)
+
+
+def _copy_object(src, dst, name, new_name=None):
+  new_name = new_name or name
+  for f in os.listdir(src):
+    if f.startswith(name + "_"):
+      shutil.copy(os.path.join(src, f), os.path.join(dst, new_name + f[len(name):]))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """The data folder, a TINY checkpoint, and one run of evaluate.py as a subprocess."""
+  root = tmp_path_factory.mktemp("evaluate")
+  data = root / "data"
+  data.mkdir()
+  rng = np.random.default_rng(0)
+  for name, (h, w) in SIZES.items():
+    _make_object(str(data), name, h, w, rng)
+  ckpt = save_model(str(root / "ckpt"), init_variables(CRM(TINY), jax.random.key(0)), TINY)
+  out = root / "out_cli"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "evaluate.py"), "--data", str(data), "--checkpoint",
+       ckpt, "--output", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=600)
+  return {"root": root, "data": str(data), "ckpt": ckpt, "out": str(out), "proc": proc}
+
+
+@pytest.fixture(scope="module")
+def refiner(world):
+  return Refiner.from_checkpoint(world["ckpt"])
+
+
+class CountingRefiner:
+  def __init__(self, inner):
+    self.inner = inner
+    self.calls = 0
+
+  def refine_all_scales(self, image, mask, scales):
+    self.calls += 1
+    return self.inner.refine_all_scales(image, mask, scales)
+
+
+def _copytree(src, dst):
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+def test_cli_run_writes_the_published_layout(world, refiner):
+  proc = world["proc"]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "new IoU" in proc.stdout and "refined 3 object(s)" in proc.stdout
+  assert "objects" in proc.stderr  # the progress bar
+  out = world["out"]
+  expected = {"metrics.json"}
+  for name in SIZES:
+    expected |= {f"{k}_{name}_mask.png" for k in KEYS}
+    expected |= {f"{name}_{kind}.png" for kind in ("im", "seg", "gt")}
+  assert set(os.listdir(out)) == expected
+  for name, (h, w) in SIZES.items():
+    image = read_image(os.path.join(world["data"], f"{name}_im.jpg"))
+    seg = read_mask(os.path.join(world["data"], f"{name}_seg.png"))
+    gt = read_mask(os.path.join(world["data"], f"{name}_gt.png"))
+    assert np.array_equal(read_image(os.path.join(out, f"{name}_im.png")), image)
+    assert np.array_equal(read_mask(os.path.join(out, f"{name}_seg.png")), seg)
+    assert np.array_equal(read_mask(os.path.join(out, f"{name}_gt.png")), gt)
+    probs = refiner.refine_all_scales(image, seg, SCALES)
+    for s, k in zip(SCALES, KEYS):
+      mask = read_mask(os.path.join(out, f"{k}_{name}_mask.png"))
+      assert mask.shape == (h, w)  # cropped back to the original size
+      diff = np.abs(mask.astype(int) - prob_to_uint8(probs[s]).astype(int))
+      assert diff.max() <= 1
+  blob = json.load(open(os.path.join(out, "metrics.json")))
+  assert list(blob["scales"]) == KEYS
+  assert blob["num_images"] == 3 and blob["skipped"] == []
+  assert blob["seconds"] > 0
+  for k in KEYS:
+    m = blob["scales"][k]
+    assert {"iou", "mba", "old_iou", "old_mba"} <= set(m)
+    assert all(0 <= m[x] <= 1 for x in ("iou", "mba", "old_iou", "old_mba"))
+
+
+def test_metrics_json_equals_metrics_only(world, tmp_path):
+  out = _copytree(world["out"], tmp_path / "out")
+  cli = json.load(open(os.path.join(out, "metrics.json")))
+  assert evaluate_cli.main(["--metrics-only", "--output", out, "--no-progress"]) == 0
+  again = json.load(open(os.path.join(out, "metrics.json")))
+  assert again["scales"] == cli["scales"]
+  assert again["num_images"] == cli["num_images"] == 3
+  # And the library function returns what it wrote.
+  res = evaluation.evaluate(None, None, out, metrics_only=True, progress=False, log=_quiet)
+  assert res["scales"] == cli["scales"]
+
+
+def test_resume_skips_complete_objects(world, refiner, tmp_path):
+  out = _copytree(world["out"], tmp_path / "out")
+  cli = json.load(open(os.path.join(out, "metrics.json")))
+  before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+  # An interrupted run: obj_b has only some of its files.
+  os.remove(os.path.join(out, "obj_b_gt.png"))
+  os.remove(os.path.join(out, "1.0_obj_b_mask.png"))
+  counting = CountingRefiner(refiner)
+  logged = []
+  res = evaluation.evaluate(world["data"], None, out, progress=False, log=logged.append,
+                            refiner=counting)
+  assert counting.calls == 1
+  assert res["refined"] == 1 and res["already_complete"] == 2
+  assert any("2 object(s) already complete" in m for m in logged)
+  assert res["scales"] == cli["scales"]
+  for f in before:
+    if f != "metrics.json":
+      assert open(os.path.join(out, f), "rb").read() == before[f], f
+  # Everything complete: no refinement, and the checkpoint is not even loaded.
+  res = evaluation.evaluate(world["data"], os.path.join(str(tmp_path), "no-such-ckpt"), out,
+                            progress=False, log=_quiet)
+  assert res["refined"] == 0 and res["already_complete"] == 3
+  assert res["scales"] == cli["scales"]
+  assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_bad_inputs_are_reported_and_skipped(world, tmp_path, capsys):
+  data = tmp_path / "data"
+  data.mkdir()
+  d = str(data)
+  _copy_object(world["data"], d, "obj_a")
+  _copy_object(world["data"], d, "obj_a", "no_gt")
+  os.remove(os.path.join(d, "no_gt_gt.png"))
+  _copy_object(world["data"], d, "obj_a", "no_seg")
+  os.remove(os.path.join(d, "no_seg_seg.png"))
+  _copy_object(world["data"], d, "obj_a", "mismatch")
+  cv2.imwrite(os.path.join(d, "mismatch_gt.png"), np.zeros((50, 60), np.uint8))
+  _copy_object(world["data"], d, "obj_a", "corrupt")
+  with open(os.path.join(d, "corrupt_im.jpg"), "wb") as f:
+    f.write(b"\xff\xd8\xff this is not a JPEG")
+  _copy_object(world["data"], d, "obj_a", "tiny")
+  for f in ("tiny_seg.png", "tiny_gt.png"):
+    cv2.imwrite(os.path.join(d, f), np.full((20, 30), 255, np.uint8))
+  cv2.imwrite(os.path.join(d, "tiny_im.jpg"), np.zeros((20, 30, 3), np.uint8))
+  _copy_object(world["data"], d, "obj_a", "twice")
+  shutil.copy(os.path.join(d, "twice_im.jpg"), os.path.join(d, "twice_im.png"))
+  out = str(tmp_path / "out")
+  code = evaluate_cli.main(["--data", d, "--checkpoint", world["ckpt"], "--output", out,
+                            "--no-progress"])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err
+  text = captured.out + captured.err
+  lines = text.splitlines()
+
+  def line_of(name):
+    hits = [l for l in lines if l.startswith(f"skipped {name}:")]
+    assert len(hits) == 1, (name, text)
+    return hits[0]
+
+  assert "no_gt_gt.png" in line_of("no_gt") and "missing" in line_of("no_gt")
+  assert "no_seg_seg.png" in line_of("no_seg")
+  assert "60x50" in line_of("mismatch") and "mismatch_gt.png" in line_of("mismatch")
+  assert "corrupt_im.jpg" in line_of("corrupt") and "unreadable" in line_of("corrupt")
+  assert "30x20" in line_of("tiny") and "32 pixels" in line_of("tiny")
+  assert "ambiguous" in line_of("twice") and "twice_im.png" in line_of("twice")
+  assert "Traceback" not in text
+  blob = json.load(open(os.path.join(out, "metrics.json")))
+  assert blob["num_images"] == 1
+  assert sorted(s.split(":")[0] for s in blob["skipped"]) == [
+      "corrupt", "mismatch", "no_gt", "no_seg", "tiny", "twice"]
+  assert "1 object(s) evaluated, 6 skipped" in text
+  assert sorted(f for f in os.listdir(out) if f.endswith("_gt.png")) == ["obj_a_gt.png"]
+
+
+def test_nothing_to_evaluate_exits_nonzero(world, tmp_path, capsys):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  out = str(tmp_path / "out")
+  ck = world["ckpt"]
+  cases = [
+      (["--data", str(empty), "--checkpoint", ck, "--output", out], "empty"),
+      (["--data", str(tmp_path / "nope"), "--checkpoint", ck, "--output", out], "does not exist"),
+      (["--metrics-only", "--output", str(empty)], "nothing could be evaluated"),
+      (["--metrics-only", "--output", str(tmp_path / "nope")], "no such folder"),
+  ]
+  lonely = tmp_path / "lonely"
+  lonely.mkdir()
+  _copy_object(world["data"], str(lonely), "obj_a")
+  os.remove(lonely / "obj_a_gt.png")
+  cases.append((["--data", str(lonely), "--checkpoint", ck, "--output", out], "obj_a_im.jpg"))
+  bad = tmp_path / "all_bad"
+  bad.mkdir()
+  _copy_object(world["data"], str(bad), "obj_a")
+  (bad / "obj_a_im.jpg").write_bytes(b"garbage")
+  cases.append((["--data", str(bad), "--checkpoint", ck, "--output", out],
+                "nothing could be evaluated"))
+  no_masks = tmp_path / "no_masks"
+  no_masks.mkdir()
+  for f in ("obj_a_gt.png", "obj_a_seg.png"):
+    shutil.copy(os.path.join(world["out"], f), no_masks / f)
+  cases.append((["--metrics-only", "--output", str(no_masks)],
+                "none of 1 object(s) has a usable gt, seg and mask"))
+  for argv, words in cases:
+    code = evaluate_cli.main(argv + ["--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0, argv
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and words in last, (argv, err)
+    assert "Traceback" not in err
+
+
+def test_tfds_dataset_by_name(world, refiner, tmp_path, capsys):
+  from crm_jax.data import tfds_builders as tb
+  manual = tmp_path / "BIG"
+  (manual / "val").mkdir(parents=True)
+  for name in SIZES:
+    _copy_object(world["data"], str(manual / "val"), name)
+  data_dir = str(tmp_path / "tfds")
+  tb.prepare("big", str(manual), data_dir)
+  out = str(tmp_path / "out")
+  res = evaluation.evaluate("crm_big", None, out, progress=False, log=_quiet,
+                            tfds_data_dir=data_dir, refiner=refiner)
+  cli_out = world["out"]
+  assert sorted(os.listdir(out)) == sorted(os.listdir(cli_out))
+  for f in os.listdir(out):
+    if f.endswith(".png"):
+      a, b = read_mask(os.path.join(out, f)), read_mask(os.path.join(cli_out, f))
+      assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1, f
+  cli = json.load(open(os.path.join(cli_out, "metrics.json")))
+  assert res["num_images"] == 3
+  for k in KEYS:
+    for x in ("iou", "mba", "old_iou", "old_mba"):
+      assert res["scales"][k][x] == pytest.approx(cli["scales"][k][x], abs=1e-3)
+  # Resumed by name: nothing left to do (and the checkpoint is not loaded).
+  code = evaluate_cli.main(["--data", "crm_big", "--tfds-data-dir", data_dir, "--split", "val",
+                            "--checkpoint", str(tmp_path / "none"), "--output", out,
+                            "--no-progress"])
+  assert code == 0
+  assert "3 already complete" in capsys.readouterr().out
+  for argv, words in (
+      (["--data", "crm_big", "--tfds-data-dir", data_dir, "--split", "test"], "no split 'test'"),
+      (["--data", "crm_nope", "--tfds-data-dir", data_dir], "unknown dataset"),
+      (["--data", "crm_ecssd", "--tfds-data-dir", data_dir], "not prepared"),
+  ):
+    code = evaluate_cli.main(argv + ["--checkpoint", world["ckpt"], "--output", out,
+                                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and words in err, (argv, err)
+
+
+def test_check_scales():
+  assert evaluation.check_scales([0.5, 1]) == (0.5, 1.0)
+  for bad in ([], [0.0], [-1.0], [0.5, 0.5], [float("nan")]):
+    with pytest.raises(InputError):
+      evaluation.check_scales(bad)
