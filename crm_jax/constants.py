@@ -28,6 +28,7 @@ EMPTY_SEG_SUM = 2.0  # seg in [-1, 1] is "empty" when sum(seg + 1) < 2.
 BINARY_THRESHOLD = 128  # grey > 128 is foreground.
 SMALL_SEG_GREY_SUM = 32 * 32  # input seg grey sum below this: refined := input seg.
 MBA_NUM_RADII = 5
+MBA_MIN_RADIUS = 1  # r_i = 1 + int((r_max - 1) / 5 * i), i = 0..4.
 MBA_RADIUS_DIVISOR = 300  # r_max = (W + H) / 300.
 
 # Section 7: training.

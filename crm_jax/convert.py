@@ -8,17 +8,20 @@ Two modes:
   input channel zero, the fusion and decoder freshly initialised.
 """
 
+import importlib.util
 import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from crm_jax import checkpoint as ckpt
 from crm_jax.models.crm import CRM, RESNET50, ModelConfig, init_variables
-from crm_jax.torch_mapping import (MappingError, infer_config, load_torch_state_dict,
-                                   strip_prefix, torch_to_flax)
+from crm_jax.ops import make_coord
+from crm_jax.torch_mapping import (MappingError, check_keys, infer_config,
+                                   load_torch_state_dict, strip_prefix, torch_to_flax)
 
 TORCHVISION_SKIPPED_PREFIXES = ("layer4.", "fc.")
 
@@ -26,6 +29,7 @@ TORCHVISION_SKIPPED_PREFIXES = ("layer4.", "fc.")
 def convert_state_dict(state: Dict[str, np.ndarray]) -> Tuple[ModelConfig, dict, List[str]]:
   """A CRM state dict -> ``(config, variables, skipped_keys)``, checked."""
   config = infer_config(state)
+  check_keys(state, config)
   variables, skipped = torch_to_flax(state)
   try:
     ckpt.check_tree(variables, config, "state dict")
@@ -108,3 +112,61 @@ def convert_imagenet(src: str, out_dir: str, seed: int = 0, overwrite: bool = Fa
                         "seed": seed}, overwrite=overwrite)
   log(f"wrote {out_dir}")
   return variables
+
+
+# The independent PyTorch reference that ``--verify`` compares against.
+REFERENCE_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "tests", "torch_reference.py")
+
+
+def _torch_reference():
+  """Imports ``tests/torch_reference.py`` by path (it needs torch)."""
+  try:
+    import torch  # noqa: F401  Only needed for --verify.
+  except ImportError:
+    raise MappingError("verifying a conversion needs torch "
+                       "(pip install torch==2.13.0)") from None
+  if not os.path.isfile(REFERENCE_FILE):
+    raise MappingError(f"{REFERENCE_FILE}: missing; verifying a conversion needs the "
+                       "PyTorch reference from the repository's tests/ directory")
+  spec = importlib.util.spec_from_file_location("crm_torch_reference", REFERENCE_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def verify_conversion(torch_ckpt_path: str, converted_dir: str, seed: int = 0,
+                      size: Tuple[int, int] = (61, 47)) -> float:
+  """Largest ``|logit difference|`` between the PyTorch and the converted model.
+
+  Builds the PyTorch reference (``tests/torch_reference.py``) with the config
+  of the converted checkpoint, loads the original state dict into it, and runs
+  both in eval mode on one random input ``[1, H, W, 4]`` (``size = (H, W)``),
+  queried at every pixel centre of ``(H, W)`` (about twice as fine as F) and
+  at 1000 random points.
+  """
+  reference = _torch_reference()
+  import torch
+  config, variables = ckpt.load_model(converted_dir)
+  state = strip_prefix(load_torch_state_dict(torch_ckpt_path))
+  kwargs = reference.config_from_state_dict(state)  # Sizes the unused layer4.
+  kwargs.update(config.to_dict())
+  net = reference.TorchCRM(**kwargs).eval()
+  try:
+    net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+  except RuntimeError as e:
+    msg = " ".join(str(e).split())
+    raise MappingError(f"{torch_ckpt_path}: does not load into the PyTorch "
+                       f"reference ({msg[:300]})") from None
+  rng = np.random.default_rng(seed)
+  h, w = size
+  x = rng.normal(size=(1, h, w, 4)).astype(np.float32)
+  grid = np.asarray(make_coord((h, w))).reshape(1, -1, 2)
+  extra = rng.uniform(-1, 1, size=(1, 1000, 2)).astype(np.float32)
+  coord = np.concatenate([grid, extra], axis=1)
+  cell = np.broadcast_to(np.asarray([2 / h, 2 / w], np.float32), coord.shape).copy()
+  with torch.no_grad():
+    want = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+               torch.from_numpy(coord), torch.from_numpy(cell)).numpy()
+  got = CRM(config).apply(variables, jnp.asarray(x), jnp.asarray(coord), jnp.asarray(cell))
+  return float(np.max(np.abs(np.asarray(got) - want)))

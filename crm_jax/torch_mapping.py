@@ -160,6 +160,74 @@ def infer_config(state: Mapping[str, np.ndarray]) -> ModelConfig:
                      decoder_hidden=tuple(hidden[:-1]))
 
 
+def expected_keys(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+  """The keys CRM uses and their PyTorch shapes, for ``config`` (spec 2-4).
+
+  Without the ``module.`` prefix, ``layer4`` and ``num_batches_tracked``.
+  """
+  keys: Dict[str, Tuple[int, ...]] = {}
+
+  def conv(name, out_ch, in_ch, k):
+    keys[f"{name}.weight"] = (out_ch, in_ch, k, k)
+
+  def bn(name, n):
+    for leaf in _BN_LEAVES:
+      keys[f"{name}.{leaf}"] = (n,)
+
+  c = config
+  conv("feats.conv1", c.stem_width, 4, 7)
+  bn("feats.bn1", c.stem_width)
+  in_ch = c.stem_width
+  for stage, (size, width) in enumerate(zip(c.stage_sizes, c.stage_widths), 1):
+    out_ch = width * c.expansion
+    for i in range(size):
+      block = f"feats.layer{stage}.{i}"
+      for j, (o, n_in, k) in enumerate(((width, in_ch, 1), (width, width, 3),
+                                        (out_ch, width, 1)), 1):
+        conv(f"{block}.conv{j}", o, n_in, k)
+        bn(f"{block}.bn{j}", o)
+      if i == 0:
+        conv(f"{block}.downsample.0", out_ch, in_ch, 1)
+        bn(f"{block}.downsample.1", out_ch)
+      in_ch = out_ch
+  fusion_in = (c.stem_width, c.stage_widths[0] * c.expansion,
+               c.stage_widths[-1] * c.expansion)
+  for name, post, n_in, n_out in zip(_FUSION, _FUSION_POST_BN, fusion_in,
+                                     c.fusion_widths):
+    conv(f"aspp_.{name}.atrous_conv", n_out, n_in, 1)
+    bn(f"aspp_.{name}.bn", n_out)
+    bn(f"aspp_.{post}", n_out)
+  conv("aspp_.last_conv.0", c.feature_dim, sum(c.fusion_widths), 3)
+  bn("aspp_.last_conv.1", c.feature_dim)
+  dims = (c.feature_dim + 6, *c.decoder_hidden, 1)
+  for i in range(len(dims) - 1):
+    keys[f"imnet.layers.{2 * i}.weight"] = (dims[i + 1], dims[i])
+    keys[f"imnet.layers.{2 * i}.bias"] = (dims[i + 1],)
+  return keys
+
+
+def check_keys(state: Mapping[str, np.ndarray], config: ModelConfig) -> None:
+  """Raises ``MappingError`` naming the PyTorch keys that are missing,
+  unexpected or of the wrong shape for ``config``."""
+  state = strip_prefix(state)
+  want = expected_keys(config)
+  have = {k: tuple(np.shape(v)) for k, v in state.items() if not is_skipped(k)}
+
+  def listed(keys):
+    return f"{keys[:5]}{' ...' if len(keys) > 5 else ''}"
+
+  missing = sorted(set(want) - set(have))
+  if missing:
+    raise MappingError(f"missing {len(missing)} key(s): {listed(missing)}")
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise MappingError(f"unexpected keys (not CRM): {listed(extra)}")
+  for key, shape in want.items():
+    if have[key] != shape:
+      raise MappingError(f"{key} has shape {list(have[key])}, expected {list(shape)} "
+                         "(the architecture read from the other keys)")
+
+
 def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads a ``.pth`` file: a state dict, or a dict holding one.
 

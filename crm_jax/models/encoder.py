@@ -15,6 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from crm_jax.constants import BN_EPSILON, BN_MOMENTUM
+from crm_jax.ops import mask_valid
+
+# Per stage: (stride of block 0, dilation of block 0, dilation of later blocks).
+STAGE_LAYOUT = ((1, 1, 1), (2, 1, 1), (1, 1, 2))
 
 # He-normal (fan_out, as torchvision initialises ResNet convs).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -72,10 +76,19 @@ class Bottleneck(nn.Module):
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               valid: Optional[jax.Array] = None) -> jax.Array:
+    """``x`` ``[B, H, W, in]`` -> ``[B, H', W', 4w]``.
+
+    ``valid`` (int32 ``[3]``, ``(row0, h, w)``, see ``ops.mask_valid``) marks
+    the valid region of ``x``; the 3x3 conv's input is zeroed outside it, so
+    the valid outputs equal those of the unpadded input. None: no masking.
+    """
     out_dim = self.width * self.expansion
     y = conv(self.width, 1, "conv1")(x)
     y = bn_relu("bn1", y, train, self.bn_axis_name)
+    if valid is not None:
+      y = mask_valid(y, valid)
     y = conv(self.width, 3, "conv2", stride=self.stride,
              dilation=self.dilation)(y)
     y = bn_relu("bn2", y, train, self.bn_axis_name)
@@ -114,11 +127,9 @@ class Encoder(nn.Module):
     x1 = bn_relu("bn1", x, train, self.bn_axis_name)
     y = max_pool_3x3_s2(x1)
     feats: Dict[str, Any] = {"x1": x1}
-    # (stride of block 0, dilation of block 0, dilation of later blocks)
-    layout = ((1, 1, 1), (2, 1, 1), (1, 1, 2))
     for stage, (size, width) in enumerate(zip(self.stage_sizes,
                                               self.stage_widths)):
-      stride, first_dilation, dilation = layout[stage]
+      stride, first_dilation, dilation = STAGE_LAYOUT[stage]
       for i in range(size):
         y = Bottleneck(
             width=width,

@@ -196,3 +196,40 @@ class ImplicitDecoder(nn.Module):
       rel_xs.append(jnp.broadcast_to(rel_x[None, :], (rows.shape[0], big_w)))
     logits = self._tail(jnp.stack(hs))  # [4, R, W]
     return local_ensemble(logits, jnp.stack(rel_ys), jnp.stack(rel_xs))
+
+  def decode_axes(self, projected: jax.Array, y_axis, x_axis,
+                  rel_cell: Tuple[jax.Array, jax.Array]) -> jax.Array:
+    """``decode_grid`` from precomputed per-axis alignment tables.
+
+    The same arithmetic as ``decode_grid``; the tables may come from traced
+    sizes (``crm_jax.refine`` builds them for bucketed shapes), so one
+    compilation serves many target and feature sizes.
+
+    Args:
+      projected: ``project(F)`` for ONE image, ``[h, w, D]``; only indices in
+        the tables are read. Its dtype is the MLP's compute dtype.
+      y_axis: ``(qy [R], iy [2, R], rel_y [2, R])``: query coordinates of the
+        R rows and, for the shifts -1 and +1, ``align_axis``'s outputs.
+      x_axis: the same for the W columns.
+      rel_cell: float32 scalars ``(2/H * h, 2/W * w)``.
+    Returns:
+      float32 logits ``[R, W]``.
+    """
+    qy, iys, rel_ys = y_axis
+    qx, ixs, rel_xs = x_axis
+    num_rows, num_cols = qy.shape[0], qx.shape[0]
+    geo = self.layers[0].kernel[self.feature_dim:].astype(jnp.float32)
+    bias = self.layers[0].bias.astype(jnp.float32)
+    cell_term = rel_cell[0] * geo[4] + rel_cell[1] * geo[5] + bias
+    hs, ry, rx = [], [], []
+    for vy, vx in DECODER_SHIFTS:
+      a, b = (vy + 1) // 2, (vx + 1) // 2
+      row_term = rel_ys[a][:, None] * geo[0] + qy[:, None] * geo[2]  # [R, D]
+      col_term = rel_xs[b][:, None] * geo[1] + qx[:, None] * geo[3] + cell_term
+      gathered = projected[iys[a]][:, ixs[b]].astype(jnp.float32)  # [R, W, D]
+      h = gathered + row_term[:, None, :] + col_term[None, :, :]
+      hs.append(h.astype(projected.dtype))
+      ry.append(jnp.broadcast_to(rel_ys[a][:, None], (num_rows, num_cols)))
+      rx.append(jnp.broadcast_to(rel_xs[b][None, :], (num_rows, num_cols)))
+    logits = self._tail(jnp.stack(hs)).astype(jnp.float32)  # [4, R, W]
+    return local_ensemble(logits, jnp.stack(ry), jnp.stack(rx))

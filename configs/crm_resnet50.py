@@ -1,0 +1,78 @@
+"""The published CRM training recipe (``shared/crm_spec.md`` sections 7 and 8).
+
+    python train.py --config configs/crm_resnet50.py --workdir runs/crm_resnet50 \
+        [--config.data_dir ~/tensorflow_datasets] [--config.init checkpoints/imagenet_init]
+
+45,000 steps of a global batch of 12 crops of 224x224 (upstream: two GPUs, about a day). The
+training sets must first be prepared with ``crm_jax.data.tfds_builders.prepare`` into ``data_dir``;
+``config.init`` is the ImageNet initialisation written by
+``python convert_torch_weights.py --imagenet resnet50-19c8e357.pth checkpoints/imagenet_init``.
+Any field can be overridden on the command line as ``--config.FIELD=VALUE``.
+"""
+
+import ml_collections
+
+from crm_jax.data import tfds_builders
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The published recipe; every field is explained next to it."""
+  c = ml_collections.ConfigDict()
+  # Architecture: a preset name ('resnet50', 'small', 'tiny'; crm_jax.models.crm) or a dict of
+  # crm_jax.models.crm.ModelConfig fields.
+  c.model = 'resnet50'
+
+  # Length of the run in optimiser steps. May be raised when a run is resumed.
+  c.num_steps = 45_000
+  # GLOBAL batch size over all hosts and devices; must be a multiple of jax.device_count().
+  c.batch_size = 12
+  # Side of the square training crops; every pixel centre of a crop is queried (cell 2/crop).
+  c.crop_size = 224
+
+  # Adam with L2 weight decay added to the gradient (torch.optim.Adam), crm_jax.optim.
+  c.learning_rate = 2.25e-4  # initial learning rate.
+  c.weight_decay = 1e-4  # L2 coefficient, added to the gradient of every parameter.
+  c.lr_milestones = (22_500, 37_500)  # 0-based steps from which the rate is multiplied ...
+  c.lr_gamma = 0.1  # ... by this factor (MultiStepLR).
+  c.adam_b1 = 0.9  # Adam beta1.
+  c.adam_b2 = 0.999  # Adam beta2.
+  c.adam_eps = 1e-8  # Adam epsilon.
+
+  # Loss weights (crm_jax.losses.crm_loss); the published command's values.
+  c.ce_weight = 1.0  # binary cross-entropy with logits against gt > 0.5.
+  c.l1_weight = 0.5  # mean |p - gt|.
+  c.l2_weight = 0.5  # mean (p - gt)^2.
+  c.grad_weight = 2.0  # mean |sobel(gt) - sobel(p)|.
+
+  # Data. 'tfds_mixture': the concatenation of the prepared TFDS sets named in tfds_sets
+  # (every one must be prepared in data_dir); 'synthetic': crm_jax.data.synthetic.SyntheticSource.
+  c.dataset = 'tfds_mixture'
+  # The sets of the training mixture (short names of crm_jax.data.tfds_builders); the README of
+  # the published code also names 'dut_omron', which may be added here when prepared.
+  c.tfds_sets = tuple(n for n in tfds_builders.TRAINING_SETS if n != 'dut_omron')
+  # Folder holding the prepared TFDS sets ('~' is expanded).
+  c.data_dir = '~/tensorflow_datasets'
+  # Synthetic source only: number of distinct pairs and their (square) side in pixels.
+  c.synthetic_num_examples = 100_000
+  c.synthetic_size = 320
+  # Data-loading worker processes per host (grain mp_prefetch); 0 loads in the main process.
+  c.num_workers = 8
+
+  # Seed of the initialisation, the dropout keys and the data order (example j of step t is a
+  # pure function of (seed, t, j)).
+  c.seed = 0
+
+  # Logging and checkpointing (workdir layout: see crm_jax/train_lib.py).
+  c.log_every = 100  # console line and TensorBoard scalars every this many steps.
+  c.checkpoint_every = 2_500  # training checkpoint every this many steps (and at the end).
+  c.keep_checkpoints = 3  # how many of the latest training checkpoints are kept.
+  c.image_every = 2_500  # TensorBoard / PNG prediction examples every this many steps.
+
+  # BatchNorm statistics synchronised over all devices (True) or per device (False: upstream's
+  # effective behaviour under DataParallel).
+  c.sync_batch_norm = True
+
+  # Initial weights: a crm_jax model checkpoint directory (convert_torch_weights.py), or None for
+  # a fresh initialisation. Ignored when the workdir already holds a training checkpoint.
+  c.init = ml_collections.config_dict.placeholder(str)
+  return c

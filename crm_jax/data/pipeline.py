@@ -1,0 +1,219 @@
+"""The seeded, deterministic, multi-process training loader (spec sections 7 and 8).
+
+Determinism. Example ``j`` (0 <= j < global batch B) of global step ``t`` is a pure function of
+``(seed, t, j)`` (and of the source and ``crop_size``):
+
+- its record is ``perm_e[g mod N]`` with ``g = t * B + j`` the global sample number, ``N`` the
+  source size, ``e = g // N`` the epoch and ``perm_e`` a permutation drawn from ``(seed, e)``:
+  every epoch visits every record once, in a new order, as upstream's shuffled DataLoader;
+- its augmentation (crop, flip, colour jitter, greyscale, the coarse seg with an IoU target in
+  [0.8, 1.0); ``crm_jax.data.augment.make_training_example``) draws from
+  ``np.random.default_rng([seed, 2, t, j])``.
+
+So the loader's position is just the step: resuming at step ``t`` reproduces the batches of an
+uninterrupted run exactly, whatever the number of worker processes, hosts or devices.
+
+Hosts. Process ``p`` of ``P`` (``jax.process_index()``, ``jax.process_count()``) builds only its
+own slice ``j in [p * B / P, (p + 1) * B / P)`` of every global batch.
+
+Output. One dict of numpy float32 arrays per step, for the host's ``b = B / P`` examples:
+``image`` ``[b, S, S, 3]`` normalised RGB, ``seg`` ``[b, S, S, 1]`` in [-1, 1] (the coarse mask),
+``gt`` ``[b, S, S, 1]`` in [0, 1] (soft), ``S = crop_size``.
+
+Workers. Batches are built by ``grain``: a ``MapDataset`` over the steps, mapped to batches, and
+``mp_prefetch`` over ``num_workers`` processes (0: a prefetch thread in this process).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+
+from crm_jax.data import augment
+from crm_jax.data import synthetic
+from crm_jax.data import tfds_builders
+
+# The dataset kinds of ``config.dataset``.
+SYNTHETIC = 'synthetic'
+TFDS_MIXTURE = 'tfds_mixture'
+DATASETS = (SYNTHETIC, TFDS_MIXTURE)
+
+# Stream keys of np.random.default_rng([seed, key, ...]), so the streams never overlap.
+_PERMUTATION_STREAM = 1
+_EXAMPLE_STREAM = 2
+
+
+class DatasetError(ValueError):
+  """A dataset that is unknown, missing or not prepared; the message says which and where."""
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+  if isinstance(config, dict):
+    return config.get(name, default)
+  return getattr(config, name, default) if name in config else default
+
+
+def make_source(config: Any):
+  """The random-access source of ``{'image': uint8 [H, W, 3], 'mask': uint8 [H, W]}`` items.
+
+  ``config.dataset`` is ``'synthetic'`` (``SyntheticSource(synthetic_num_examples,
+  synthetic_size, synthetic_size, seed)``) or ``'tfds_mixture'`` (every set of
+  ``config.tfds_sets``, prepared in ``config.data_dir``, concatenated).
+
+  Raises:
+    DatasetError: an unknown dataset kind, an empty source, or TFDS sets that are not prepared
+      (the message names them and ``data_dir``).
+  """
+  kind = _get(config, 'dataset')
+  if kind == SYNTHETIC:
+    size = int(_get(config, 'synthetic_size'))
+    n = int(_get(config, 'synthetic_num_examples'))
+    if n <= 0 or size <= 0:
+      raise DatasetError(f'synthetic dataset: synthetic_num_examples ({n}) and synthetic_size '
+                         f'({size}) must be positive')
+    return synthetic.SyntheticSource(n, size, size, seed=int(_get(config, 'seed', 0)))
+  if kind == TFDS_MIXTURE:
+    data_dir = os.path.expanduser(str(_get(config, 'data_dir', '')))
+    names = tuple(_get(config, 'tfds_sets', ()) or ())
+    if not names:
+      raise DatasetError('dataset tfds_mixture: config.tfds_sets names no dataset')
+    try:
+      missing = [n for n in names if not tfds_builders.is_prepared(n, data_dir)]
+    except ValueError as e:  # an unknown set name
+      raise DatasetError(f'dataset tfds_mixture: {e}') from None
+    if missing:
+      raise DatasetError(
+          f'{data_dir}: dataset(s) {", ".join(missing)} not prepared (looked for '
+          f'{tfds_builders.prepared_path(missing[0], data_dir)}); prepare them with '
+          'crm_jax.data.tfds_builders.prepare(name, manual_dir, data_dir) or set '
+          'config.data_dir / config.tfds_sets')
+    source = tfds_builders.MixtureSource(
+        {n: tfds_builders.load_source(n, data_dir) for n in names})
+    if len(source) == 0:
+      raise DatasetError(f'{data_dir}: the datasets {", ".join(names)} hold no example')
+    return source
+  raise DatasetError(f'unknown config.dataset {kind!r}; known: {", ".join(DATASETS)}')
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, _PERMUTATION_STREAM, epoch]).permutation(n)
+
+
+def record_index(seed: int, step: int, j: int, batch_size: int, num_records: int) -> int:
+  """The source record of example ``j`` of global step ``step`` (see the module docstring)."""
+  g = step * batch_size + j
+  epoch, pos = divmod(g, num_records)
+  return int(_epoch_permutation(seed, epoch, num_records)[pos])
+
+
+def make_example(source, seed: int, step: int, j: int, batch_size: int,
+                 crop_size: int) -> Dict[str, np.ndarray]:
+  """Example ``j`` of global step ``step``: ``{'image' [S,S,3], 'seg' [S,S,1], 'gt' [S,S,1]}``."""
+  item = source[record_index(seed, step, j, batch_size, len(source))]
+  rng = np.random.default_rng([seed, _EXAMPLE_STREAM, step, j])
+  return augment.make_training_example(item['image'], item['mask'], rng, crop_size)
+
+
+def host_slice(batch_size: int, process_index: int, process_count: int) -> range:
+  """The global example indices ``j`` that process ``process_index`` builds each step."""
+  if process_count <= 0 or not 0 <= process_index < process_count:
+    raise ValueError(f'bad process index {process_index} of {process_count}')
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f'batch_size {batch_size} is not a positive multiple of the number of '
+                     f'processes ({process_count})')
+  per_host = batch_size // process_count
+  return range(process_index * per_host, (process_index + 1) * per_host)
+
+
+class StepBatch:
+  """Picklable ``step -> host batch`` function (the grain map transform)."""
+
+  def __init__(self, source, seed: int, batch_size: int, crop_size: int, indices: Sequence[int]):
+    self.source = source
+    self.seed = int(seed)
+    self.batch_size = int(batch_size)
+    self.crop_size = int(crop_size)
+    self.indices = tuple(int(j) for j in indices)
+
+  def __call__(self, step: int) -> Dict[str, np.ndarray]:
+    examples = [make_example(self.source, self.seed, int(step), j, self.batch_size,
+                             self.crop_size) for j in self.indices]
+    return {k: np.stack([e[k] for e in examples]) for k in ('image', 'seg', 'gt')}
+
+
+def host_batch(config: Any, step: int, process_index: int = 0, process_count: int = 1,
+               source=None) -> Dict[str, np.ndarray]:
+  """One step's host batch, computed directly in this process (tests, benchmarks)."""
+  source = make_source(config) if source is None else source
+  indices = host_slice(int(config.batch_size), process_index, process_count)
+  return StepBatch(source, config.seed, config.batch_size, config.crop_size, indices)(step)
+
+
+class TrainLoader:
+  """Iterates over the host batches of steps ``start_step, ..., num_steps - 1``.
+
+  Example::
+
+      with TrainLoader(config, start_step=state_step) as loader:
+        for step, batch in loader:   # batch: dict of numpy arrays, see the module docstring
+          ...
+
+  Args:
+    config: the training config (``dataset`` and its fields, ``seed``, ``batch_size`` (global),
+      ``crop_size``, ``num_steps``, ``num_workers``).
+    start_step: the first step to produce.
+    process_index, process_count: this host and the number of hosts (default: from JAX).
+    num_workers: overrides ``config.num_workers``.
+    source: an already built source (default ``make_source(config)``).
+  """
+
+  def __init__(self, config: Any, start_step: int = 0, *, process_index: Optional[int] = None,
+               process_count: Optional[int] = None, num_workers: Optional[int] = None,
+               source=None, num_steps: Optional[int] = None):
+    if process_index is None or process_count is None:
+      import jax  # only when the caller did not say (keeps worker processes free of JAX)
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    self.source = make_source(config) if source is None else source
+    self.start_step = int(start_step)
+    self.num_steps = int(config.num_steps if num_steps is None else num_steps)
+    self.indices = host_slice(int(config.batch_size), process_index, process_count)
+    workers = int(config.num_workers if num_workers is None else num_workers)
+    fn = StepBatch(self.source, config.seed, config.batch_size, config.crop_size, self.indices)
+    ds = grain.MapDataset.range(self.start_step, max(self.start_step, self.num_steps)).map(fn)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    if workers > 0:
+      # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they
+      # are not parsed yet, so their defaults are taken.
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                             per_worker_buffer_size=2))
+    self._dataset = it_ds
+    self._iterator = None
+
+  def __iter__(self) -> Iterator:
+    self.close()
+    self._iterator = iter(self._dataset)
+    try:
+      for k, batch in enumerate(self._iterator):
+        yield self.start_step + k, batch
+    finally:
+      self.close()
+
+  def close(self) -> None:
+    it, self._iterator = self._iterator, None
+    if it is not None and hasattr(it, 'close'):
+      it.close()
+
+  def __enter__(self) -> 'TrainLoader':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,288 @@
+"""Training: the data pipeline, the pmapped step, resuming, multi-process runs and errors.
+
+Everything runs on 4 CPU devices (tests/conftest.py) with the TINY model on 32x32 crops; the
+tests share one compiled train step (tests/train_config.py), so the file takes a few minutes.
+"""
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+from crm_jax import checkpoint as ckpt
+from crm_jax import train_lib
+from crm_jax.data import pipeline
+from crm_jax.refine import Refiner
+from tests.train_config import small_test_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _assert_trees_close(a, b, rtol, atol):
+  fa, fb = _flat(a), _flat(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_allclose(fa[k], fb[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def test_conftest_gives_four_devices():
+  assert jax.device_count() == 4
+  assert jax.local_device_count() == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Data pipeline.
+
+
+def test_batches_are_a_pure_function_of_the_step():
+  config = small_test_config(num_steps=5)
+  with pipeline.TrainLoader(config, start_step=2, process_index=0, process_count=1) as loader:
+    got = list(loader)
+  assert [step for step, _ in got] == [2, 3, 4]
+  for step, batch in got:
+    want = pipeline.host_batch(config, step)
+    for k in ('image', 'seg', 'gt'):
+      np.testing.assert_array_equal(batch[k], want[k])
+  a, b = pipeline.host_batch(config, 2), pipeline.host_batch(config, 3)
+  assert not np.array_equal(a['gt'], b['gt'])
+  other_seed = pipeline.host_batch(small_test_config(seed=1), 2)
+  assert not np.array_equal(a['image'], other_seed['image'])
+
+
+def test_batch_layout_and_value_ranges():
+  config = small_test_config()
+  batch = pipeline.host_batch(config, 0)
+  assert batch['image'].shape == (4, 32, 32, 3)
+  assert batch['seg'].shape == batch['gt'].shape == (4, 32, 32, 1)
+  assert all(v.dtype == np.float32 for v in batch.values())
+  assert set(np.unique(batch['seg'])) <= {-1.0, 1.0}
+  assert batch['gt'].min() >= 0 and batch['gt'].max() <= 1
+  assert abs(float(batch['image'].mean())) < 1.5  # normalised, not 0-255
+
+
+def test_each_host_builds_its_own_slice():
+  config = small_test_config()
+  whole = pipeline.host_batch(config, 3)
+  halves = [pipeline.host_batch(config, 3, process_index=p, process_count=2) for p in (0, 1)]
+  for k in whole:
+    np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), whole[k])
+  with pytest.raises(ValueError, match='multiple of the number of processes'):
+    pipeline.host_slice(4, 0, 3)
+
+
+def test_worker_processes_give_the_same_batches():
+  config = small_test_config(num_steps=3)
+  with pipeline.TrainLoader(config, 1, process_index=0, process_count=1,
+                            num_workers=2) as loader:
+    got = list(loader)
+  assert [s for s, _ in got] == [1, 2]
+  for step, batch in got:
+    np.testing.assert_array_equal(batch['seg'], pipeline.host_batch(config, step)['seg'])
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+  config = small_test_config(dataset='tfds_mixture', data_dir=str(tmp_path),
+                             tfds_sets=('duts_tr', 'ecssd'))
+  with pytest.raises(pipeline.DatasetError, match=r'duts_tr, ecssd not prepared') as e:
+    train_lib.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert str(tmp_path) in str(e.value)
+  with pytest.raises(pipeline.DatasetError, match='unknown config.dataset'):
+    pipeline.make_source(small_test_config(dataset='imagenet'))
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step.
+
+
+def _no_dropout(next_fun, args, kwargs, context):
+  """Flax interceptor: Dropout returns its input (so that per-device and whole-batch dropout
+  masks cannot differ; BatchNorm still runs in training mode)."""
+  if isinstance(context.module, nn.Dropout) and context.method_name == '__call__':
+    return args[0]
+  return next_fun(*args, **kwargs)
+
+
+def test_pmapped_step_equals_one_device_with_the_whole_batch():
+  config = small_test_config()
+  model, _, schedule, _, _ = train_lib.build(config)
+  # SGD with rate 1: the update is minus the gradient, compared without Adam's normalisation.
+  tx = optax.sgd(1.0)
+  state = train_lib.create_train_state(config, jax.random.PRNGKey(3))
+  state = state.replace(opt_state=tx.init(state.params))
+  batch = pipeline.host_batch(config, 0)
+  step = functools.partial(train_lib.train_step, model=model, tx=tx, schedule=schedule,
+                           weights=train_lib.loss_weights(config))
+  rng = jax.random.PRNGKey(0)
+  with nn.intercept_methods(_no_dropout):
+    four = jax.pmap(step, axis_name='batch', in_axes=(0, 0, None))
+    s4, m4 = four(train_lib.replicate(state), train_lib.shard(batch, 4), rng)
+    one_dev = [jax.local_devices()[0]]
+    one = jax.pmap(step, axis_name='batch', in_axes=(0, 0, None), devices=one_dev)
+    s1, m1 = one(train_lib.replicate(state, one_dev), train_lib.shard(batch, 1), rng)
+  s4, s1 = train_lib.unreplicate(s4), train_lib.unreplicate(s1)
+  m4, m1 = train_lib.unreplicate(m4), train_lib.unreplicate(m1)
+  grad4 = jax.tree_util.tree_map(lambda new, old: old - new, s4.params, state.params)
+  grad1 = jax.tree_util.tree_map(lambda new, old: old - new, s1.params, state.params)
+  scale = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grad1))
+  assert scale > 0
+  _assert_trees_close(grad4, grad1, rtol=1e-3, atol=1e-4 * scale)
+  # Synchronised BatchNorm: the running statistics are those of the whole batch.
+  _assert_trees_close(s4.batch_stats, s1.batch_stats, rtol=1e-4, atol=1e-5)
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(s1.batch_stats),
+                                                  jax.tree_util.tree_leaves(state.batch_stats))]
+  assert all(moved)
+  np.testing.assert_allclose(m4['total'], m1['total'], rtol=1e-5)
+  for k in ('seg_intersection', 'seg_union', 'pred_intersection', 'pred_union'):
+    assert m4[k] == m1[k]
+  assert m4['seg_union'] > 0
+
+
+def test_loss_falls_on_a_fixed_batch():
+  config = small_test_config()
+  _, _, _, p_step, _ = train_lib.build(config)
+  state = train_lib.replicate(train_lib.create_train_state(config, jax.random.PRNGKey(0)))
+  batch = train_lib.shard(pipeline.host_batch(config, 0), 4)
+  losses = []
+  for _ in range(30):
+    state, metrics = p_step(state, batch, jax.random.PRNGKey(1))
+    losses.append(float(metrics['total'][0]))
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
+  assert int(train_lib.unreplicate(state).step) == 30
+
+
+# ---------------------------------------------------------------------------------------------
+# train_and_evaluate.
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  straight = train_lib.train_and_evaluate(small_test_config(num_steps=6, image_every=3),
+                                          str(tmp_path / 'a'))
+  first = train_lib.train_and_evaluate(small_test_config(num_steps=3), str(tmp_path / 'b'))
+  assert int(first.step) == 3
+  resumed = train_lib.train_and_evaluate(small_test_config(num_steps=6), str(tmp_path / 'b'))
+  assert int(straight.step) == int(resumed.step) == 6
+  for part in ('params', 'batch_stats', 'opt_state'):
+    a, b = _flat(getattr(straight, part)), _flat(getattr(resumed, part))
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f'{part}{k}')
+  assert not np.array_equal(_flat(first.params)[next(iter(_flat(first.params)))],
+                            _flat(straight.params)[next(iter(_flat(first.params)))])
+  # The workdir: config, the last checkpoints, TensorBoard events, example images, the model.
+  work = tmp_path / 'a'
+  assert json.loads((work / 'train_config.json').read_text())['num_steps'] == 6
+  assert sorted(os.listdir(work / 'checkpoints')) == ['4', '6']  # keep_checkpoints 2
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(work / 'tensorboard'))
+  assert sorted(os.listdir(work / 'images')) == ['step_0000003.png', 'step_0000006.png']
+  refiner = Refiner.from_checkpoint(str(work / 'model'))
+  assert refiner.config == train_lib.model_config(small_test_config())
+  _, variables = ckpt.load_model(str(work / 'model'))
+  _assert_trees_close(variables['params'], straight.params, rtol=0, atol=0)
+
+
+def test_init_checkpoint_is_loaded(tmp_path):
+  config = small_test_config()
+  init = train_lib.create_train_state(config, jax.random.PRNGKey(42))
+  ckpt.save_model(str(tmp_path / 'init'), init.variables(), train_lib.model_config(config))
+  config.init = str(tmp_path / 'init')
+  state = train_lib.create_train_state(config, jax.random.PRNGKey(0))
+  loaded = train_lib.load_init(config, state)
+  _assert_trees_close(loaded.params, init.params, rtol=0, atol=0)
+  config.model = 'small'
+  with pytest.raises(train_lib.TrainingError, match='another architecture'):
+    train_lib.load_init(config, state)
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path, monkeypatch):
+  original = pipeline.StepBatch.__call__
+
+  def poisoned(self, step):
+    batch = original(self, step)
+    if step == 2:
+      batch['image'][0, 0, 0, 0] = np.inf
+    return batch
+
+  monkeypatch.setattr(pipeline.StepBatch, '__call__', poisoned)
+  with pytest.raises(train_lib.TrainingError, match=r'non-finite loss at step 2\b'):
+    train_lib.train_and_evaluate(small_test_config(num_steps=5, checkpoint_every=100),
+                                 str(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints') == ['2']  # the last good state
+  assert not (tmp_path / 'model').exists()
+
+
+def test_batch_size_must_divide_the_devices(tmp_path):
+  with pytest.raises(train_lib.TrainingError, match=r'batch_size 6 .* devices \(4'):
+    train_lib.train_and_evaluate(small_test_config(batch_size=6), str(tmp_path))
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  train_lib.check_workdir_config(str(tmp_path), small_test_config())
+  # num_steps and bookkeeping fields may change ...
+  train_lib.check_workdir_config(str(tmp_path), small_test_config(num_steps=60, log_every=7))
+  # ... the recipe may not.
+  changed = small_test_config(learning_rate=0.5, crop_size=48)
+  with pytest.raises(train_lib.TrainingError, match='crop_size: 32 -> 48; learning_rate'):
+    train_lib.train_and_evaluate(changed, str(tmp_path))
+
+
+def test_cli_error_is_one_line(tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
+         '--config', os.path.join(ROOT, 'configs', 'synthetic_small.py'),
+         '--config.dataset=tfds_mixture', f'--config.data_dir={tmp_path}',
+         '--workdir', str(tmp_path / 'work')]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert out.returncode == 1
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: ') and 'not prepared' in lines[0], \
+      out.stderr
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_hold_identical_parameters(tmp_path):
+  port = _free_port()
+  procs = []
+  for pid in (0, 1):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS='cpu')
+    cmd = [sys.executable, os.path.join(ROOT, 'tests', 'train_worker.py'),
+           str(tmp_path / 'work'), str(tmp_path / f'p{pid}.npz'), '2', 'checkpoint_every=100']
+    procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outputs = []
+  for p in procs:
+    try:
+      outputs.append(p.communicate(timeout=400)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert '2 process(es)' in outputs[0]
+  a, b = np.load(tmp_path / 'p0.npz'), np.load(tmp_path / 'p1.npz')
+  assert int(a['step']) == int(b['step']) == 2
+  assert a.files == b.files
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert (tmp_path / 'work' / 'model' / 'config.json').exists()

@@ -1,0 +1,414 @@
+"""An independent PyTorch (CPU, float32) CRM, written from ``shared/crm_spec.md``.
+
+This is the yardstick of the parity tests and of ``convert_torch_weights.py
+--verify``; it does not import crm_jax. It follows the published code's
+structure and state-dict key names (``feats.*`` a ResNet with a 4-channel stem
+and a dilated ``layer3``; ``feats.layer4`` is built and computed, as upstream,
+though its output is unused; ``aspp_.*`` the fusion; ``imnet.layers.*`` the MLP),
+and queries the feature map the published way, with
+``F.grid_sample(mode='nearest', align_corners=False)`` on F and on F's
+coordinate grid. Layouts are NCHW; query coordinates are ``(y, x)``.
+
+Main entry points:
+  ``TorchCRM``: ``features(x)``, ``query(F, coord, cell)``, ``forward``.
+  ``make_coord``, ``refine_reference`` (spec section 5, with
+  ``prepare_inputs`` and ``grid_queries``), ``sobel`` and
+  ``crm_loss_reference`` (section 7), ``randomize_``,
+  ``save_like_dataparallel``, ``config_from_state_dict``.
+"""
+
+import math
+import re
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Spec section 1.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# Spec section 5.
+PAD = 32
+SCALES = (0.125, 0.25, 0.5, 1.0)
+CHUNK = 802816
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+  return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
+
+
+class Bottleneck(nn.Module):
+  """``conv1`` 1x1, ``conv2`` 3x3 (stride, dilation, padding = dilation),
+  ``conv3`` 1x1 to ``expansion * width``; optional ``downsample.0/1``."""
+
+  def __init__(self, in_ch: int, width: int, expansion: int, stride: int,
+               dilation: int, downsample: bool):
+    super().__init__()
+    out_ch = width * expansion
+    self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+    self.bn1 = _bn(width)
+    self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=dilation,
+                           dilation=dilation, bias=False)
+    self.bn2 = _bn(width)
+    self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+    self.bn3 = _bn(out_ch)
+    self.relu = nn.ReLU()
+    self.downsample = None
+    if downsample:
+      self.downsample = nn.Sequential(
+          nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), _bn(out_ch))
+
+  def forward(self, x):
+    y = self.relu(self.bn1(self.conv1(x)))
+    y = self.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    shortcut = x if self.downsample is None else self.downsample(x)
+    return self.relu(y + shortcut)
+
+
+class ResNetFeatures(nn.Module):
+  """``feats``: returns (x1, x2, x3) and computes ``layer4`` (unused)."""
+
+  def __init__(self, stem_width, stage_sizes, stage_widths, expansion,
+               layer4_blocks, layer4_width):
+    super().__init__()
+    self.conv1 = nn.Conv2d(4, stem_width, 7, stride=2, padding=3, bias=False)
+    self.bn1 = _bn(stem_width)
+    self.relu = nn.ReLU()
+    self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+    in_ch = stem_width
+    # (stride, dilation of block 0, dilation of the later blocks) per layer.
+    plan = [(1, 1, 1), (2, 1, 1), (1, 1, 2)]
+    sizes = list(stage_sizes)
+    widths = list(stage_widths)
+    if layer4_blocks:
+      plan.append((1, 1, 4))
+      sizes.append(layer4_blocks)
+      widths.append(layer4_width)
+    for n, ((stride, d0, d), size, width) in enumerate(zip(plan, sizes, widths)):
+      blocks = []
+      for i in range(size):
+        blocks.append(Bottleneck(in_ch, width, expansion,
+                                 stride if i == 0 else 1, d0 if i == 0 else d,
+                                 downsample=(i == 0)))
+        in_ch = width * expansion
+      setattr(self, f"layer{n + 1}", nn.Sequential(*blocks))
+    self.has_layer4 = bool(layer4_blocks)
+
+  def forward(self, x):
+    x1 = self.relu(self.bn1(self.conv1(x)))
+    x2 = self.layer1(self.maxpool(x1))
+    x3 = self.layer3(self.layer2(x2))
+    if self.has_layer4:
+      self.layer4(x3)  # Computed as published; the result is never used.
+    return x1, x2, x3
+
+
+class _ConvBN(nn.Module):
+  """``atrous_conv`` (1x1) + ``bn`` + ReLU, one ASPP_no4level branch."""
+
+  def __init__(self, in_ch: int, out_ch: int):
+    super().__init__()
+    self.atrous_conv = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+    self.bn = _bn(out_ch)
+
+  def forward(self, x):
+    return F.relu(self.bn(self.atrous_conv(x)))
+
+
+class Fusion(nn.Module):
+  """``aspp_`` (ASPP_no4level): three branches resized to x1, then last_conv."""
+
+  def __init__(self, in_widths: Sequence[int], widths: Sequence[int],
+               feature_dim: int):
+    super().__init__()
+    self.aspp1_128 = _ConvBN(in_widths[0], widths[0])
+    self.bn1_128 = _bn(widths[0])
+    self.aspp1_256 = _ConvBN(in_widths[1], widths[1])
+    self.bn1_256 = _bn(widths[1])
+    self.aspp1_1024 = _ConvBN(in_widths[2], widths[2])
+    self.bn1_1024 = _bn(widths[2])
+    self.dropout = nn.Dropout(0.5)
+    self.last_conv = nn.Sequential(
+        nn.Conv2d(sum(widths), feature_dim, 3, padding=1, bias=False),
+        _bn(feature_dim), nn.ReLU(), nn.Dropout(0.5))
+
+  def forward(self, x1, x2, x3):
+    a = self.dropout(F.relu(self.bn1_128(self.aspp1_128(x1))))
+    b = self.dropout(F.relu(self.bn1_256(self.aspp1_256(x2))))
+    c = self.dropout(F.relu(self.bn1_1024(self.aspp1_1024(x3))))
+    size = a.shape[-2:]
+    b = F.interpolate(b, size=size, mode="bilinear", align_corners=True)
+    c = F.interpolate(c, size=size, mode="bilinear", align_corners=True)
+    return self.last_conv(torch.cat([a, b, c], dim=1))
+
+
+class MLP(nn.Module):
+  """``imnet``: Linear/ReLU stack in a Sequential named ``layers``."""
+
+  def __init__(self, in_dim: int, hidden: Sequence[int]):
+    super().__init__()
+    mods, d = [], in_dim
+    for hdim in hidden:
+      mods += [nn.Linear(d, hdim), nn.ReLU()]
+      d = hdim
+    mods.append(nn.Linear(d, 1))
+    self.layers = nn.Sequential(*mods)
+
+  def forward(self, x):
+    return self.layers(x)
+
+
+def make_coord(shape: Sequence[int], flatten: bool = True) -> torch.Tensor:
+  """Pixel-centre coordinates: cell i of n at ``-1 + 1/n + 2i/n``.
+
+  Returns ``[n0*n1, 2]`` (flatten) or ``[n0, n1, 2]`` float32, ``(y, x)``.
+  """
+  seqs = []
+  for n in shape:
+    r = 1.0 / n
+    seqs.append(-1 + r + (2 * r) * torch.arange(n).float())
+  grid = torch.stack(torch.meshgrid(*seqs, indexing="ij"), dim=-1)
+  return grid.reshape(-1, 2) if flatten else grid
+
+
+SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))  # (vy, vx), first sign outer.
+
+
+class TorchCRM(nn.Module):
+  """CRM with the published module names; eval-mode parity reference.
+
+  The arguments mirror ``crm_jax.models.crm.ModelConfig``; ``layer4_blocks``
+  and ``layer4_width`` (default ``2 * stage_widths[-1]``) size the unused
+  ``layer4`` (0 blocks: none).
+  """
+
+  def __init__(self, stem_width=64, stage_sizes=(3, 4, 6), stage_widths=(64, 128, 256),
+               expansion=4, fusion_widths=(64, 64, 128), feature_dim=256,
+               decoder_hidden=(32, 32, 32, 32), layer4_blocks=3,
+               layer4_width: Optional[int] = None):
+    super().__init__()
+    if layer4_width is None:
+      layer4_width = 2 * stage_widths[-1]
+    self.feature_dim = feature_dim
+    self.feats = ResNetFeatures(stem_width, stage_sizes, stage_widths, expansion,
+                                layer4_blocks, layer4_width)
+    in_widths = (stem_width, stage_widths[0] * expansion, stage_widths[2] * expansion)
+    self.aspp_ = Fusion(in_widths, fusion_widths, feature_dim)
+    self.imnet = MLP(feature_dim + 6, decoder_hidden)
+
+  def features(self, x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, 4, H, W]`` -> F ``[B, feature_dim, h, w]``."""
+    return self.aspp_(*self.feats(x))
+
+  def query(self, feat: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor,
+            return_indices: bool = False):
+    """Logits ``[B, Q]`` at ``coord`` ``[B, Q, 2]`` (y, x) with ``cell`` ``[B, Q, 2]``.
+
+    With ``return_indices`` also the nearest feature indices ``[B, Q, 4, 2]``
+    as (iy, ix) per shift, read by sampling an index grid the same way.
+    """
+    b, _, h, w = feat.shape
+    feat_coord = make_coord((h, w), flatten=False).permute(2, 0, 1)[None]
+    feat_coord = feat_coord.expand(b, 2, h, w)
+    iy, ix = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(),
+                            indexing="ij")
+    index_grid = torch.stack([iy, ix])[None].expand(b, 2, h, w)
+    ry, rx = 2 / h / 2, 2 / w / 2
+    rel_cell = cell.clone()
+    rel_cell[:, :, 0] *= h
+    rel_cell[:, :, 1] *= w
+
+    def sample(src, grid):  # grid_sample wants (x, y); returns [B, Q, C].
+      out = F.grid_sample(src, grid.flip(-1).unsqueeze(1), mode="nearest",
+                          align_corners=False)
+      return out[:, :, 0, :].permute(0, 2, 1)
+
+    preds, areas, indices = [], [], []
+    for vy, vx in SHIFTS:
+      c = coord.clone()
+      c[:, :, 0] += vy * ry + 1e-6
+      c[:, :, 1] += vx * rx + 1e-6
+      c.clamp_(-1 + 1e-6, 1 - 1e-6)
+      q_feat = sample(feat, c)
+      q_coord = sample(feat_coord, c)
+      rel = coord - q_coord
+      rel[:, :, 0] *= h
+      rel[:, :, 1] *= w
+      inp = torch.cat([q_feat, rel, coord, rel_cell], dim=-1)
+      preds.append(self.imnet(inp)[..., 0])
+      areas.append(torch.abs(rel[:, :, 0] * rel[:, :, 1]) + 1e-9)
+      if return_indices:
+        indices.append(sample(index_grid, c).round().long())
+    total = torch.stack(areas).sum(dim=0)
+    out = 0
+    for k in range(4):
+      out = out + preds[k] * (areas[3 - k] / total)
+    if return_indices:
+      return out, torch.stack(indices, dim=2)
+    return out
+
+  def forward(self, x, coord, cell):
+    return self.query(self.features(x), coord, cell)
+
+
+# ----------------------------------------------------------------------------
+# Helpers for tests: configs, random weights, DataParallel-style saving.
+# ----------------------------------------------------------------------------
+
+def config_from_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, object]:
+  """``TorchCRM`` keyword arguments read off a state dict's shapes."""
+  state = {k[len("module."):] if k.startswith("module.") else k: v
+           for k, v in state.items()}
+
+  def blocks(n):
+    return 1 + max([int(m.group(1)) for k in state
+                    for m in [re.match(rf"feats\.layer{n}\.(\d+)\.", k)] if m],
+                   default=-1)
+
+  widths = [state[f"feats.layer{n}.0.conv1.weight"].shape[0] for n in (1, 2, 3)]
+  hidden, i = [], 0
+  while f"imnet.layers.{i}.weight" in state:
+    hidden.append(state[f"imnet.layers.{i}.weight"].shape[0])
+    i += 2
+  l4 = blocks(4)
+  return dict(
+      stem_width=state["feats.conv1.weight"].shape[0],
+      stage_sizes=tuple(blocks(n) for n in (1, 2, 3)),
+      stage_widths=tuple(widths),
+      expansion=state["feats.layer1.0.conv3.weight"].shape[0] // widths[0],
+      fusion_widths=tuple(state[f"aspp_.aspp1_{n}.atrous_conv.weight"].shape[0]
+                          for n in (128, 256, 1024)),
+      feature_dim=state["aspp_.last_conv.0.weight"].shape[0],
+      decoder_hidden=tuple(hidden[:-1]),
+      layer4_blocks=l4,
+      layer4_width=state["feats.layer4.0.conv1.weight"].shape[0] if l4 else None)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int) -> nn.Module:
+  """Random weights and non-trivial BatchNorm parameters/statistics, in place.
+
+  Convs are He-normal (fan_in); BN scale in [0.5, 1.5] (the last BN of a
+  bottleneck in [0.1, 0.4], so residual sums stay moderate), bias ~N(0, 0.2),
+  running mean ~N(0, 0.2), running var in [0.5, 2]; linear weights
+  He-uniform U(+-sqrt(6/fan_in)) (x4 for the output layer, so logits spread
+  over several units), biases U(-0.5, 0.5). ``num_batches_tracked`` gets a non-zero count.
+  """
+  g = torch.Generator().manual_seed(seed)
+
+  def uniform(shape, lo, hi):
+    return lo + (hi - lo) * torch.rand(shape, generator=g)
+
+  for name, m in model.named_modules():
+    if isinstance(m, nn.Conv2d):
+      fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+      m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
+    elif isinstance(m, nn.BatchNorm2d):
+      n = m.num_features
+      last = name.endswith("bn3") or name.endswith("downsample.1")
+      m.weight.copy_(uniform(n, 0.1, 0.4) if last else uniform(n, 0.5, 1.5))
+      m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+      m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+      m.running_var.copy_(uniform(n, 0.5, 2.0))
+      m.num_batches_tracked.fill_(int(torch.randint(1, 50000, (1,), generator=g)))
+    elif isinstance(m, nn.Linear):
+      bound = math.sqrt(6.0 / m.in_features) * (4.0 if m.out_features == 1 else 1.0)
+      m.weight.copy_(uniform(m.weight.shape, -bound, bound))
+      m.bias.copy_(uniform(m.bias.shape, -0.5, 0.5))
+  return model
+
+
+def save_like_dataparallel(model: nn.Module, path: str) -> Dict[str, torch.Tensor]:
+  """Saves ``{'module.' + key: tensor}`` (as ``nn.DataParallel`` would); returns it."""
+  state = {"module." + k: v.detach().clone() for k, v in model.state_dict().items()}
+  torch.save(state, path)
+  return state
+
+
+# ----------------------------------------------------------------------------
+# Spec section 5: the multi-scale test loop.
+# ----------------------------------------------------------------------------
+
+def prepare_inputs(image: np.ndarray, mask: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+  """Normalised, reflect-padded ``[1, 3, H, W]`` image and ``[1, 1, H, W]`` seg."""
+  img = torch.from_numpy(np.ascontiguousarray(image)).float().permute(2, 0, 1) / 255
+  img = (img - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+  seg = torch.from_numpy(np.ascontiguousarray(mask)).float()[None] / 255
+  seg = (seg - 0.5) / 0.5
+  img = F.pad(img[None], (PAD, PAD, PAD, PAD), mode="reflect")
+  seg = F.pad(seg[None], (PAD, PAD, PAD, PAD), mode="reflect")
+  return img, seg
+
+
+def grid_queries(big_h: int, big_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+  """Every pixel centre of ``(H, W)``: coord and cell ``[1, H*W, 2]``."""
+  coord = make_coord((big_h, big_w))[None]
+  cell = torch.ones_like(coord)
+  cell[:, :, 0] *= 2 / big_h
+  cell[:, :, 1] *= 2 / big_w
+  return coord, cell
+
+
+@torch.no_grad()
+def refine_reference(model: TorchCRM, image: np.ndarray, mask: np.ndarray,
+                     scales: Sequence[float] = SCALES,
+                     chunk: int = CHUNK) -> Dict[float, np.ndarray]:
+  """The published multi-scale refinement of one image.
+
+  Args:
+    image: RGB uint8 ``[H, W, 3]``; mask: grey uint8 ``[H, W]``.
+  Returns:
+    ``{s: prob [H, W] float32}`` after each scale, cropped back to the input.
+  """
+  model.eval()
+  img, seg = prepare_inputs(image, mask)
+  big_h, big_w = img.shape[-2:]
+  coord, cell = grid_queries(big_h, big_w)
+  out = {}
+  for s in scales:
+    size = (round(big_h * s), round(big_w * s))
+    im_s = F.interpolate(img, size=size, mode="bilinear", align_corners=True)
+    seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+    if torch.sum(seg_s + 1) < 2:
+      prob = torch.zeros(big_h * big_w)
+    else:
+      feat = model.features(torch.cat([im_s, seg_s], dim=1))
+      parts = [model.query(feat, coord[:, i:i + chunk], cell[:, i:i + chunk])
+               for i in range(0, coord.shape[1], chunk)]
+      prob = torch.sigmoid(torch.cat(parts, dim=1))[0]
+    prob = prob.view(big_h, big_w)
+    out[s] = prob[PAD:-PAD, PAD:-PAD].numpy().astype(np.float32).copy()
+    seg = ((prob - 0.5) * 2)[None, None]
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Spec section 7: the training loss.
+# ----------------------------------------------------------------------------
+
+def sobel(x: torch.Tensor) -> torch.Tensor:
+  """Smoothed Sobel magnitude of ``x`` ``[B, 1, H, W]``, same shape."""
+  x = F.avg_pool2d(x, 3, stride=1, padding=1)  # Padding counted (default).
+  kx = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]]) / 4
+  ky = torch.tensor([[1., 2., 1.], [0., 0., 0.], [-1., -2., -1.]]) / 4
+  gx = F.conv2d(x, kx.view(1, 1, 3, 3), padding=1)
+  gy = F.conv2d(x, ky.view(1, 1, 3, 3), padding=1)
+  return torch.sqrt(gx * gx + gy * gy + 1e-4)
+
+
+def crm_loss_reference(logit: torch.Tensor, gt: torch.Tensor, ce_w=1.0, l1_w=0.5,
+                       l2_w=0.5, grad_w=2.0) -> Tuple[torch.Tensor, Dict[str, float]]:
+  """The CRM loss on ``logit`` and ``gt`` ``[B, 1, H, W]``; returns (total, parts)."""
+  p = torch.sigmoid(logit)
+  parts = {
+      "ce": F.binary_cross_entropy_with_logits(logit, (gt > 0.5).float()),
+      "l1": F.l1_loss(p, gt),
+      "l2": F.mse_loss(p, gt),
+      "grad": F.l1_loss(sobel(p), sobel(gt)),
+  }
+  total = (ce_w * parts["ce"] + l1_w * parts["l1"] + l2_w * parts["l2"]
+           + grad_w * parts["grad"])
+  return total, {k: float(v) for k, v in parts.items()}
