@@ -30,6 +30,9 @@ def main(argv=None) -> int:
   parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
   parser.add_argument("--metrics-only", action="store_true",
                       help="recompute the metrics of the masks already in --output")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype of the network (bfloat16: for accelerators; see "
+                           "the README for its accuracy change)")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   if not args.metrics_only and not (args.data and args.checkpoint):
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
   try:
     evaluate(args.data, args.checkpoint, args.output, args.scales,
              metrics_only=args.metrics_only, progress=not args.no_progress,
-             tfds_data_dir=args.tfds_data_dir, split=args.split)
+             tfds_data_dir=args.tfds_data_dir, split=args.split, dtype=args.dtype)
   except (InputError, CheckpointError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

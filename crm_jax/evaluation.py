@@ -254,7 +254,7 @@ _BAR_FORMAT = ("{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {
 def refine_objects(objects: Sequence[EvalObject], out_dir: str,
                    scales: Sequence[float] = SCALES, *, refiner=None,
                    checkpoint: Optional[str] = None, progress: bool = True,
-                   log: Log = print) -> RefineSummary:
+                   log: Log = print, dtype: str = "float32") -> RefineSummary:
   """Refines every object that is not complete in ``out_dir`` at every scale.
 
   ``refiner`` (anything with ``refine_all_scales(image, mask, scales) -> {s: prob [H, W]}``) or
@@ -271,7 +271,7 @@ def refine_objects(objects: Sequence[EvalObject], out_dir: str,
   failed: List[str] = []
   if todo and refiner is None:
     from crm_jax.refine import Refiner  # JAX is imported only here.
-    refiner = Refiner.from_checkpoint(checkpoint)
+    refiner = Refiner.from_checkpoint(checkpoint, dtype=dtype)
   start = time.time()  # compilation counts, loading the checkpoint does not
   with tqdm(total=len(todo), desc="refining", unit="object", disable=not progress,
             bar_format=_BAR_FORMAT, dynamic_ncols=True) as bar:
@@ -322,7 +322,7 @@ def refine_folder(refiner, data_dir: str, out_dir: str, scales: Sequence[float] 
 def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
              scales: Sequence[float] = SCALES, metrics_only: bool = False,
              progress: bool = True, log: Log = print, *, tfds_data_dir: Optional[str] = None,
-             split: Optional[str] = None, refiner=None) -> Dict:
+             split: Optional[str] = None, refiner=None, dtype: str = "float32") -> Dict:
   """Refines ``data`` into ``out_dir`` (unless ``metrics_only``), computes the metrics, prints
   the table and writes ``out_dir/metrics.json``; returns what it wrote.
 
@@ -335,6 +335,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     tfds_data_dir, split: where the TFDS dataset is prepared, and which split (may be left out
       when there is one).
     refiner: an already loaded ``crm_jax.refine.Refiner`` (instead of ``checkpoint``).
+    dtype: the network's compute dtype, ``float32`` (exact) or ``bfloat16`` (accelerators).
 
   With refinement, the metrics cover the objects of ``data`` that are complete in ``out_dir``
   (refined now or before); ``--metrics-only`` covers every ``<name>_gt.png`` in ``out_dir``.
@@ -361,7 +362,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     for p in problems:
       log(f"skipped {p}")
     summary = refine_objects(objects, out_dir, scales, refiner=refiner, checkpoint=checkpoint,
-                             progress=progress, log=log)
+                             progress=progress, log=log, dtype=dtype)
     skipped = problems + summary.failed
     names = summary.skipped_complete + summary.refined
     per = summary.seconds_per_object
