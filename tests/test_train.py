@@ -7,9 +7,12 @@ tests share one compiled train step (tests/train_config.py), so the file takes a
 import functools
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import flax.linen as nn
 import jax
@@ -286,3 +289,77 @@ def test_two_processes_hold_identical_parameters(tmp_path):
   for k in a.files:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert (tmp_path / 'work' / 'model' / 'config.json').exists()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_and_the_run_resumes_exactly(tmp_path):
+  work, total, steps = tmp_path / 'work', 2000, 8
+  # The worker: no periodic checkpoints (the only one is SIGTERM's), a line after every step.
+  cmd = [sys.executable, os.path.join(ROOT, 'tests', 'train_worker.py'), str(work),
+         str(tmp_path / 'out.npz'), str(total), 'log_every=1', 'checkpoint_every=100000']
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  lines, signalled = [], threading.Event()
+  with open(tmp_path / 'stderr.txt', 'w') as err:
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
+                            text=True)
+
+  def read():  # SIGTERM on the first step line: the handler is installed, training under way.
+    for line in proc.stdout:
+      lines.append(line)
+      if not signalled.is_set() and re.match(rf'step \d+/{total}:', line):
+        proc.send_signal(signal.SIGTERM)
+        signalled.set()
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  try:
+    # Meanwhile (sharing no files with the worker) an uninterrupted run of `steps` steps.
+    config = small_test_config(num_steps=steps)
+    straight = train_lib.train_and_evaluate(config, str(tmp_path / 'straight'))
+    proc.wait(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  reader.join(timeout=30)
+  out = ''.join(lines)
+  log = out[-3000:] + (tmp_path / 'stderr.txt').read_text()[-3000:]
+  assert signalled.is_set(), log
+  assert proc.returncode == 0, log
+  stops = re.findall(r'^SIGTERM: stopped after step (\d+); checkpoint saved in (\S+);', out,
+                     re.M)
+  assert len(stops) == 1, log
+  k = int(stops[0][0])
+  assert 0 < k < total, log
+  assert stops[0][1] == str(work / 'checkpoints')
+  # It stopped at a step boundary: steps 1..k were logged, nothing after; no export.
+  assert [int(n) for n in re.findall(rf'^step (\d+)/{total}:', out, re.M)] == \
+      list(range(1, k + 1))
+  assert 'done:' not in out
+  assert not (work / 'model').exists()
+  assert os.listdir(work / 'checkpoints') == [str(k)]
+  # The checkpoint holds the state that the worker returned at step k.
+  manager = train_lib.checkpoint_manager(str(work), 2)
+  try:
+    saved = train_lib.restore_checkpoint(
+        manager, train_lib.create_train_state(config, jax.random.PRNGKey(0)))
+  finally:
+    manager.close()
+  returned = np.load(tmp_path / 'out.npz')
+  assert int(saved.step) == int(returned['step']) == k
+  flat = _flat(saved.params)
+  assert sorted(flat) == sorted(f for f in returned.files if f != 'step')
+  for key, v in flat.items():
+    np.testing.assert_array_equal(v, returned[key], err_msg=key)
+  if k + 2 > steps:  # a late signal: a longer uninterrupted run (compiled by now, so quick).
+    steps = k + 2
+    config = small_test_config(num_steps=steps)
+    straight = train_lib.train_and_evaluate(config, str(tmp_path / 'straight_long'))
+  # Resuming (num_steps and the bookkeeping fields may change) equals the uninterrupted run.
+  resumed = train_lib.train_and_evaluate(config, str(work))
+  assert int(resumed.step) == int(straight.step) == steps
+  for part in ('params', 'batch_stats', 'opt_state'):
+    a, b = _flat(getattr(straight, part)), _flat(getattr(resumed, part))
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f'{part}{key}')
