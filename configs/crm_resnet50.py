@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Synthetic source only: number of distinct pairs and their (square) side in pixels.
   c.synthetic_num_examples = 100_000
   c.synthetic_size = 320
+  # Share of examples whose coarse seg is a low-resolution segmenter's mask
+  # (crm_jax.data.synthesis.lowres_segmenter_mask of the whole image's gt, factor 8 or 16) instead
+  # of the published synthesis; 0 is the published recipe.
+  c.lowres_mask_fraction = 0.0
   # Data-loading worker processes per host (grain mp_prefetch); 0 loads in the main process.
   c.num_workers = 8
 

@@ -196,3 +196,22 @@ def test_make_training_example_determinism_and_grey_input():
     np.testing.assert_allclose(f[key], a[key], atol=1e-6)
   with pytest.raises(ValueError):
     augment.make_training_example(image, gt.astype(np.int32), np.random.default_rng(0))
+
+
+def test_lowres_fraction_option():
+  """lowres_fraction=0 is the published synthesis (same draws); 1 always gives the
+  low-resolution segmenter's mask, cropped and flipped with the gt."""
+  from crm_jax.data.synthetic import make_synthetic_pair
+  image, gt = make_synthetic_pair(256, 256, np.random.default_rng(5))
+  plain = augment.make_training_example(image, gt, np.random.default_rng(1), 96)
+  zero = augment.make_training_example(image, gt, np.random.default_rng(1), 96, 0.0)
+  for k in plain:
+    np.testing.assert_array_equal(plain[k], zero[k])
+  lowres = augment.make_training_example(image, gt, np.random.default_rng(1), 96, 1.0)
+  seg, g = lowres["seg"][..., 0], lowres["gt"][..., 0]
+  assert set(np.unique(seg)) <= {-1.0, 1.0}
+  assert not np.array_equal(seg, plain["seg"][..., 0])
+  inter = ((seg > 0) & (g > 0.5)).sum()
+  union = ((seg > 0) | (g > 0.5)).sum()
+  if union:  # the crop may hold no object
+    assert inter / union > 0.5  # the mask is aligned with the crop of gt, not another place

@@ -28,6 +28,8 @@ JITTER_BRIGHTNESS = 0.2
 JITTER_CONTRAST = 0.05
 JITTER_SATURATION = 0.05  # hue jitter is 0 upstream, so it is not implemented.
 GRAYSCALE_PROB = 0.1
+# Downsampling factors of the optional low-resolution-segmenter coarse masks (lowres_fraction).
+LOWRES_TRAIN_FACTORS = (8, 16)
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L").
 
 
@@ -159,7 +161,8 @@ def _gt_to_unit(gt: np.ndarray) -> np.ndarray:
 
 
 def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
-                          crop_size: int = CROP_SIZE) -> Dict[str, np.ndarray]:
+                          crop_size: int = CROP_SIZE,
+                          lowres_fraction: float = 0.0) -> Dict[str, np.ndarray]:
   """One training example from an (image, gt) pair, as spec section 8 makes it.
 
   Args:
@@ -167,6 +170,11 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
     gt: grey mask [H, W] (or [H, W, 1]), uint8 in [0, 255] or floating in [0, 1]; may be soft.
     rng: the source of randomness.
     crop_size: S.
+    lowres_fraction: not in the published recipe (0, the default, is upstream's behaviour and
+      draws nothing from ``rng``). With this probability the coarse seg is instead
+      ``synthesis.lowres_segmenter_mask`` of the whole pair's gt (factor drawn from
+      ``LOWRES_TRAIN_FACTORS``, with its random error field), cropped and flipped with it: the
+      errors of a low-resolution segmenter rather than the training perturbation.
 
   Returns:
     dict with ``image`` float32 [S, S, 3] normalised, ``seg`` float32 [S, S, 1] in [-1, 1] (the
@@ -176,11 +184,20 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
   gt = synthesis.as_mask_2d(gt)
   if gt.dtype != np.uint8 and not np.issubdtype(gt.dtype, np.floating):
     raise ValueError(f"gt must be uint8 in [0, 255] or floating in [0, 1], got {gt.dtype}")
-  image, gt = random_crop(image, gt, rng, crop_size)
-  image, gt = random_hflip(image, gt, rng)
+  lowres_seg = None
+  if lowres_fraction > 0 and rng.random() < lowres_fraction:
+    factor = int(rng.choice(LOWRES_TRAIN_FACTORS))
+    lowres_seg = synthesis.lowres_segmenter_mask(gt, rng, factor)
+    both = np.stack([gt.astype(np.float32), lowres_seg.astype(np.float32)], axis=-1)
+    image, both = random_crop(image, both, rng, crop_size)
+    image, both = random_hflip(image, both, rng)
+    gt, lowres_seg = both[..., 0].astype(gt.dtype), both[..., 1].astype(np.uint8)
+  else:
+    image, gt = random_crop(image, gt, rng, crop_size)
+    image, gt = random_hflip(image, gt, rng)
   image = color_jitter(image, rng)
   image = random_grayscale(image, rng)
-  seg = synthesis.synthesize_coarse_mask(gt, rng)
+  seg = synthesis.synthesize_coarse_mask(gt, rng) if lowres_seg is None else lowres_seg
   return {
       "image": normalize_image(image),
       "seg": normalize_seg(seg)[..., None],

@@ -1,0 +1,44 @@
+"""The bundled demo set and checkpoint are what their committed commands make."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from crm_jax import bundled
+from crm_jax.data import make_demo_set
+from crm_jax.data.synthesis import lowres_segmenter_mask
+from crm_jax.data.synthetic import make_synthetic_pair
+from crm_jax.evaluation import list_objects
+
+
+def test_demo_set_is_complete():
+  objects, problems = list_objects(bundled.DEMO_DATA)
+  assert problems == []
+  assert [o.name for o in objects] == [f"synthetic_{i:02d}"
+                                       for i in range(len(make_demo_set.DEFAULT_SIZES))]
+  for obj, (h, w) in zip(objects, make_demo_set.DEFAULT_SIZES):
+    for path in (obj.image, obj.seg, obj.gt):
+      assert cv2.imread(path).shape[:2] == (h, w), path
+
+
+def test_generation_command_reproduces_the_last_object():
+  """``python -m crm_jax.data.make_demo_set`` makes the committed files (checked on the
+  smallest object: gt and seg bit for bit, the JPEG up to re-encoding)."""
+  i = len(make_demo_set.DEFAULT_SIZES) - 1
+  h, w = make_demo_set.DEFAULT_SIZES[i]
+  image, gt = make_synthetic_pair(h, w, np.random.default_rng([make_demo_set.DEFAULT_SEED, i]))
+  seg = lowres_segmenter_mask(gt)
+  stem = os.path.join(bundled.DEMO_DATA, f"synthetic_{i:02d}")
+  np.testing.assert_array_equal(cv2.imread(stem + "_gt.png", cv2.IMREAD_GRAYSCALE), gt)
+  np.testing.assert_array_equal(cv2.imread(stem + "_seg.png", cv2.IMREAD_GRAYSCALE), seg)
+  ok, buf = cv2.imencode(".jpg", image[:, :, ::-1],
+                         [cv2.IMWRITE_JPEG_QUALITY, make_demo_set.JPEG_QUALITY])
+  assert ok
+  again = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+  committed = cv2.imread(stem + "_im.jpg", cv2.IMREAD_COLOR)
+  assert np.abs(again.astype(int) - committed.astype(int)).mean() < 0.5
+  # The coarse mask is a low-resolution segmenter's, not a copy of gt.
+  assert 0.7 < ((seg > 128) & (gt > 128)).sum() / ((seg > 128) | (gt > 128)).sum() < 0.99
