@@ -17,11 +17,11 @@ def get_config() -> ml_collections.ConfigDict:
   """The published recipe with the fields below overridden (see crm_resnet50.py for each)."""
   c = crm_resnet50.get_config()
   c.model = 'small'  # crm_jax.models.crm.SMALL.
-  c.num_steps = 1_500
+  c.num_steps = 2_500
   c.batch_size = 8  # global.
   c.crop_size = 96
   c.learning_rate = 2e-3  # the SMALL model learns slowly at the published 2.25e-4.
-  c.lr_milestones = (1_000, 1_300)
+  c.lr_milestones = (2_000, 2_300)
   c.dataset = 'synthetic'
   c.synthetic_num_examples = 100_000  # no pair is seen twice.
   c.synthetic_size = 384  # pairs of 384x384: the crops see boundaries at the scale of the
