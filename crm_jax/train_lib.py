@@ -63,7 +63,7 @@ CONFIG_FILE = 'train_config.json'
 CHECKPOINT_DIR = 'checkpoints'
 TENSORBOARD_DIR = 'tensorboard'
 IMAGES_DIR = 'images'
-MODEL_DIR = 'model'  # crm_jax.checkpoint.load_model also accepts the workdir itself.
+MODEL_DIR = model_ckpt.EXPORT_DIR  # load_model also accepts the workdir itself.
 
 # Fields that may differ when a run is resumed: they change neither the model nor the data nor
 # the optimisation (num_steps may only extend a run; the others are bookkeeping).
