@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Architecture: a preset name ('resnet50', 'small', 'tiny'; crm_jax.models.crm) or a dict of
   # crm_jax.models.crm.ModelConfig fields.
   c.model = 'resnet50'
+  # Dropout of the fusion branches and head in training (the published 0.5).
+  c.dropout_rate = 0.5
 
   # Length of the run in optimiser steps. May be raised when a run is resumed.
   c.num_steps = 45_000
@@ -59,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (crm_jax.data.synthesis.lowres_segmenter_mask of the whole image's gt, factor 8 or 16) instead
   # of the published synthesis; 0 is the published recipe.
   c.lowres_mask_fraction = 0.0
+  # Share of examples whose coarse seg is blurred into a continuous mask (Gaussian, sigma 0.5-4
+  # px; crm_jax.data.augment.SOFT_SEG_SIGMA_RANGE), like the seg of every scale after the first
+  # in the multi-scale loop; 0 is the published recipe (binary segs only).
+  c.soft_seg_fraction = 0.0
   # Data-loading worker processes per host (grain mp_prefetch); 0 loads in the main process.
   c.num_workers = 8
 

@@ -28,6 +28,7 @@ Workdir layout (only process 0 writes files other than checkpoints)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -99,17 +100,27 @@ class TrainState:
 
 
 def model_config(config) -> ModelConfig:
-  """``config.model``: a preset name ('resnet50', 'small', 'tiny') or a dict of fields."""
+  """``config.model``: a preset name ('resnet50', 'small', 'tiny') or a dict of fields.
+
+  ``config.dropout_rate``, where the config has it, replaces the model's dropout rate.
+  """
   m = config.model
   if isinstance(m, str):
     if m not in MODEL_PRESETS:
       raise TrainingError(f"config.model {m!r} is not a preset ({', '.join(MODEL_PRESETS)}) "
                           'nor a dict of ModelConfig fields')
-    return MODEL_PRESETS[m]
-  try:
-    return ModelConfig.from_dict(dict(m))
-  except (TypeError, ValueError) as e:
-    raise TrainingError(f'config.model: {e}') from None
+    cfg = MODEL_PRESETS[m]
+  else:
+    try:
+      cfg = ModelConfig.from_dict(dict(m))
+    except (TypeError, ValueError) as e:
+      raise TrainingError(f'config.model: {e}') from None
+  rate = config.get('dropout_rate') if hasattr(config, 'get') else None
+  if rate is not None:
+    if not 0.0 <= float(rate) < 1.0:
+      raise TrainingError(f'config.dropout_rate must be in [0, 1), got {rate}')
+    cfg = dataclasses.replace(cfg, dropout_rate=float(rate))
+  return cfg
 
 
 def loss_weights(config) -> Dict[str, float]:

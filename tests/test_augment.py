@@ -215,3 +215,28 @@ def test_lowres_fraction_option():
   union = ((seg > 0) | (g > 0.5)).sum()
   if union:  # the crop may hold no object
     assert inter / union > 0.5  # the mask is aligned with the crop of gt, not another place
+
+
+def test_soft_seg_fraction_option():
+  """soft_seg_fraction=0 draws nothing (the published stream); 1 blurs the very seg that the
+  same draws would give into a continuous mask with the same 0.5 level set, near enough."""
+  from crm_jax.data.synthetic import make_synthetic_pair
+  image, gt = make_synthetic_pair(256, 256, np.random.default_rng(5))
+  plain = augment.make_training_example(image, gt, np.random.default_rng(3), 96)
+  zero = augment.make_training_example(image, gt, np.random.default_rng(3), 96, 0.0, 0.0)
+  for k in plain:
+    np.testing.assert_array_equal(plain[k], zero[k])
+  soft = augment.make_training_example(image, gt, np.random.default_rng(3), 96, 0.0, 1.0)
+  np.testing.assert_array_equal(soft["image"], plain["image"])
+  np.testing.assert_array_equal(soft["gt"], plain["gt"])
+  binary, blurred = plain["seg"][..., 0], soft["seg"][..., 0]
+  assert set(np.unique(binary)) <= {-1.0, 1.0}
+  assert blurred.min() >= -1.0 and blurred.max() <= 1.0
+  edge = (binary[1:, :] != binary[:-1, :]).any()
+  if edge:  # a crop that crosses a boundary gets values strictly between -1 and 1
+    assert ((blurred > -0.99) & (blurred < 0.99)).any()
+  # Far from any boundary (more than 4 sigma), the blurred seg keeps the binary value.
+  dist = cv2.distanceTransform((binary > 0).astype(np.uint8), cv2.DIST_L2, 5)
+  dist_out = cv2.distanceTransform((binary <= 0).astype(np.uint8), cv2.DIST_L2, 5)
+  far = np.maximum(dist, dist_out) > 4 * augment.SOFT_SEG_SIGMA_RANGE[1] + 1
+  np.testing.assert_allclose(blurred[far], binary[far], atol=1e-3)

@@ -106,3 +106,26 @@ def test_refiner_grey_rgba_and_empty_mask(tiny):
   # An empty mask gives an all-zero prediction, as the published loop does.
   out = refiner.refine(rgb, np.zeros_like(mask), scales)
   assert out.shape == mask.shape and out.dtype == np.float32 and not out.any()
+
+
+def test_dropout_rate_option(tiny):
+  """ModelConfig.dropout_rate: 0 makes training-mode outputs independent of the dropout key;
+  the published 0.5 does not. The rate does not change the parameters' tree."""
+  import dataclasses
+  model, variables = tiny
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 24, 24, 4))
+  coord = make_coord((24, 24)).reshape(1, -1, 2).repeat(2, 0)
+  cell = jnp.full_like(coord, 2.0 / 24)
+
+  def run(m, key):
+    out, _ = m.apply(variables, x, coord, cell, train=True, rngs={"dropout": key},
+                     mutable=["batch_stats"])
+    return np.asarray(out)
+
+  assert TINY.dropout_rate == 0.5
+  assert not np.allclose(run(model, jax.random.PRNGKey(2)), run(model, jax.random.PRNGKey(3)))
+  no_drop = CRM(dataclasses.replace(TINY, dropout_rate=0.0))
+  a, b = run(no_drop, jax.random.PRNGKey(2)), run(no_drop, jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(a, b)
+  shapes = jax.tree_util.tree_map(jnp.shape, init_variables(no_drop, jax.random.PRNGKey(0)))
+  assert shapes == jax.tree_util.tree_map(jnp.shape, variables)

@@ -71,7 +71,9 @@ def test_batch_layout_and_value_ranges():
   assert batch['image'].shape == (4, 32, 32, 3)
   assert batch['seg'].shape == batch['gt'].shape == (4, 32, 32, 1)
   assert all(v.dtype == np.float32 for v in batch.values())
-  assert set(np.unique(batch['seg'])) <= {-1.0, 1.0}
+  assert batch['seg'].min() >= -1 and batch['seg'].max() <= 1
+  binary = pipeline.host_batch(small_test_config(soft_seg_fraction=0.0), 0)
+  assert set(np.unique(binary['seg'])) <= {-1.0, 1.0}  # the published recipe's segs
   assert batch['gt'].min() >= 0 and batch['gt'].max() <= 1
   assert abs(float(batch['image'].mean())) < 1.5  # normalised, not 0-255
 
@@ -195,6 +197,17 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert refiner.config == train_lib.model_config(small_test_config())
   _, variables = ckpt.load_model(str(work / 'model'))
   _assert_trees_close(variables['params'], straight.params, rtol=0, atol=0)
+
+
+def test_config_dropout_rate_reaches_the_model():
+  config = small_test_config()
+  config.dropout_rate = None  # the preset's rate: the published one
+  assert train_lib.model_config(config).dropout_rate == 0.5
+  config.dropout_rate = 0.0
+  assert train_lib.model_config(config).dropout_rate == 0.0
+  config.dropout_rate = 1.5
+  with pytest.raises(train_lib.TrainingError, match='dropout_rate'):
+    train_lib.model_config(config)
 
 
 def test_init_checkpoint_is_loaded(tmp_path):

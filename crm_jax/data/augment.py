@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+import cv2
 import numpy as np
 
 from crm_jax.preprocess import normalize_image, normalize_seg  # re-exported
@@ -30,6 +31,8 @@ JITTER_SATURATION = 0.05  # hue jitter is 0 upstream, so it is not implemented.
 GRAYSCALE_PROB = 0.1
 # Downsampling factors of the optional low-resolution-segmenter coarse masks (lowres_fraction).
 LOWRES_TRAIN_FACTORS = (8, 16)
+# Gaussian sigma range, in pixels, of the optional soft coarse masks (soft_seg_fraction).
+SOFT_SEG_SIGMA_RANGE = (0.5, 4.0)
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L").
 
 
@@ -162,7 +165,8 @@ def _gt_to_unit(gt: np.ndarray) -> np.ndarray:
 
 def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
                           crop_size: int = CROP_SIZE,
-                          lowres_fraction: float = 0.0) -> Dict[str, np.ndarray]:
+                          lowres_fraction: float = 0.0,
+                          soft_seg_fraction: float = 0.0) -> Dict[str, np.ndarray]:
   """One training example from an (image, gt) pair, as spec section 8 makes it.
 
   Args:
@@ -175,6 +179,11 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
       ``synthesis.lowres_segmenter_mask`` of the whole pair's gt (factor drawn from
       ``LOWRES_TRAIN_FACTORS``, with its random error field), cropped and flipped with it: the
       errors of a low-resolution segmenter rather than the training perturbation.
+    soft_seg_fraction: not in the published recipe either (0, the default, draws nothing).
+      With this probability the coarse seg is blurred (Gaussian, sigma uniform in
+      ``SOFT_SEG_SIGMA_RANGE`` pixels) into a continuous mask, like the ``(prob - 0.5) * 2``
+      seg that every scale after the first receives in the multi-scale loop (upstream trains
+      on binary segs only).
 
   Returns:
     dict with ``image`` float32 [S, S, 3] normalised, ``seg`` float32 [S, S, 1] in [-1, 1] (the
@@ -198,6 +207,11 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
   image = color_jitter(image, rng)
   image = random_grayscale(image, rng)
   seg = synthesis.synthesize_coarse_mask(gt, rng) if lowres_seg is None else lowres_seg
+  if soft_seg_fraction > 0 and rng.random() < soft_seg_fraction:
+    sigma = float(rng.uniform(*SOFT_SEG_SIGMA_RANGE))
+    seg = cv2.GaussianBlur(seg.astype(np.float32), (0, 0), sigma,
+                           borderType=cv2.BORDER_REPLICATE).reshape(seg.shape)
+    seg = np.clip(seg, 0.0, 255.0)  # the blur's rounding may step just outside
   return {
       "image": normalize_image(image),
       "seg": normalize_seg(seg)[..., None],

@@ -113,15 +113,17 @@ def record_index(seed: int, step: int, j: int, batch_size: int, num_records: int
 
 
 def make_example(source, seed: int, step: int, j: int, batch_size: int,
-                 crop_size: int, lowres_fraction: float = 0.0) -> Dict[str, np.ndarray]:
+                 crop_size: int, lowres_fraction: float = 0.0,
+                 soft_seg_fraction: float = 0.0) -> Dict[str, np.ndarray]:
   """Example ``j`` of global step ``step``: ``{'image' [S,S,3], 'seg' [S,S,1], 'gt' [S,S,1]}``.
 
-  ``lowres_fraction``: see ``augment.make_training_example`` (0: the published synthesis).
+  ``lowres_fraction``, ``soft_seg_fraction``: see ``augment.make_training_example`` (0: the
+  published synthesis).
   """
   item = source[record_index(seed, step, j, batch_size, len(source))]
   rng = np.random.default_rng([seed, _EXAMPLE_STREAM, step, j])
   return augment.make_training_example(item['image'], item['mask'], rng, crop_size,
-                                       lowres_fraction)
+                                       lowres_fraction, soft_seg_fraction)
 
 
 def host_slice(batch_size: int, process_index: int, process_count: int) -> range:
@@ -139,9 +141,10 @@ class StepBatch:
   """Picklable ``step -> host batch`` function (the grain map transform)."""
 
   def __init__(self, source, seed: int, batch_size: int, crop_size: int, indices: Sequence[int],
-               lowres_fraction: float = 0.0):
+               lowres_fraction: float = 0.0, soft_seg_fraction: float = 0.0):
     self.source = source
     self.lowres_fraction = float(lowres_fraction)
+    self.soft_seg_fraction = float(soft_seg_fraction)
     self.seed = int(seed)
     self.batch_size = int(batch_size)
     self.crop_size = int(crop_size)
@@ -149,7 +152,8 @@ class StepBatch:
 
   def __call__(self, step: int) -> Dict[str, np.ndarray]:
     examples = [make_example(self.source, self.seed, int(step), j, self.batch_size,
-                             self.crop_size, self.lowres_fraction) for j in self.indices]
+                             self.crop_size, self.lowres_fraction, self.soft_seg_fraction)
+                for j in self.indices]
     return {k: np.stack([e[k] for e in examples]) for k in ('image', 'seg', 'gt')}
 
 
@@ -158,8 +162,14 @@ def host_batch(config: Any, step: int, process_index: int = 0, process_count: in
   """One step's host batch, computed directly in this process (tests, benchmarks)."""
   source = make_source(config) if source is None else source
   indices = host_slice(int(config.batch_size), process_index, process_count)
+  return step_batch_fn(config, source, indices)(step)
+
+
+def step_batch_fn(config: Any, source, indices: Sequence[int]) -> StepBatch:
+  """The ``step -> host batch`` function of a config, for the examples ``indices``."""
   return StepBatch(source, config.seed, config.batch_size, config.crop_size, indices,
-                   _get(config, 'lowres_mask_fraction', 0.0))(step)
+                   _get(config, 'lowres_mask_fraction', 0.0),
+                   _get(config, 'soft_seg_fraction', 0.0))
 
 
 class TrainLoader:
@@ -192,8 +202,7 @@ class TrainLoader:
     self.num_steps = int(config.num_steps if num_steps is None else num_steps)
     self.indices = host_slice(int(config.batch_size), process_index, process_count)
     workers = int(config.num_workers if num_workers is None else num_workers)
-    fn = StepBatch(self.source, config.seed, config.batch_size, config.crop_size, self.indices,
-                   _get(config, 'lowres_mask_fraction', 0.0))
+    fn = step_batch_fn(config, self.source, self.indices)
     ds = grain.MapDataset.range(self.start_step, max(self.start_step, self.num_steps)).map(fn)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if workers > 0:

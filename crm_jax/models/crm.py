@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from crm_jax.models.encoder import Encoder
-from crm_jax.models.fusion import Fusion
+from crm_jax.models.fusion import DROPOUT_RATE, Fusion
 from crm_jax.models.implicit_decoder import ImplicitDecoder
 
 
@@ -27,6 +27,8 @@ class ModelConfig:
   fusion_widths: Tuple[int, ...] = (64, 64, 128)
   feature_dim: int = 256
   decoder_hidden: Tuple[int, ...] = (32, 32, 32, 32)
+  # Dropout of the fusion branches and head in training (the published 0.5 by default).
+  dropout_rate: float = DROPOUT_RATE
 
   def to_dict(self) -> Dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v)
@@ -66,7 +68,8 @@ class CRM(nn.Module):
     c = self.config
     self.encoder = Encoder(c.stem_width, tuple(c.stage_sizes), tuple(c.stage_widths),
                            c.expansion, self.bn_axis_name)
-    self.fusion = Fusion(tuple(c.fusion_widths), c.feature_dim, self.bn_axis_name)
+    self.fusion = Fusion(tuple(c.fusion_widths), c.feature_dim, self.bn_axis_name,
+                         c.dropout_rate)
     self.implicit_decoder = ImplicitDecoder(c.feature_dim, tuple(c.decoder_hidden))
 
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:

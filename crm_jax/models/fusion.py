@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from crm_jax.models.encoder import batch_norm, conv
 from crm_jax.ops import resize_bilinear_align_corners
 
-DROPOUT_RATE = 0.5
+DROPOUT_RATE = 0.5  # the published rate (every branch and the head).
 FUSION_INPUTS = ("x1", "x2", "x3")
 
 
@@ -22,12 +22,13 @@ class Branch(nn.Module):
 
   features: int
   bn_axis_name: Optional[str] = None
+  dropout_rate: float = DROPOUT_RATE
 
   def setup(self):
     self.conv = conv(self.features, 1, None)
     self.bn = batch_norm(None, self.bn_axis_name)
     self.post_bn = batch_norm(None, self.bn_axis_name)
-    self.dropout = nn.Dropout(DROPOUT_RATE)
+    self.dropout = nn.Dropout(self.dropout_rate)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = nn.relu(self.bn(self.conv(x), use_running_average=not train))
@@ -41,22 +42,24 @@ class Fusion(nn.Module):
   ``(h, w)`` is the spatial size of ``x1`` (stride 2 of the network input);
   the ``x2`` and ``x3`` branches are resized to it, bilinear with
   align_corners=True, and concatenated in that order before a 3x3 conv.
+  ``dropout_rate`` acts on every branch and on the head, in training only.
   """
 
   branch_widths: Sequence[int] = (64, 64, 128)
   feature_dim: int = 256
   bn_axis_name: Optional[str] = None
+  dropout_rate: float = DROPOUT_RATE
 
   def setup(self):
     if len(self.branch_widths) != len(FUSION_INPUTS):
       raise ValueError(f"branch_widths needs {len(FUSION_INPUTS)} entries")
     widths = dict(zip(FUSION_INPUTS, self.branch_widths))
-    self.branch_x1 = Branch(widths["x1"], self.bn_axis_name)
-    self.branch_x2 = Branch(widths["x2"], self.bn_axis_name)
-    self.branch_x3 = Branch(widths["x3"], self.bn_axis_name)
+    self.branch_x1 = Branch(widths["x1"], self.bn_axis_name, self.dropout_rate)
+    self.branch_x2 = Branch(widths["x2"], self.bn_axis_name, self.dropout_rate)
+    self.branch_x3 = Branch(widths["x3"], self.bn_axis_name, self.dropout_rate)
     self.last_conv = conv(self.feature_dim, 3, None)
     self.last_bn = batch_norm(None, self.bn_axis_name)
-    self.dropout = nn.Dropout(DROPOUT_RATE)
+    self.dropout = nn.Dropout(self.dropout_rate)
 
   def __call__(self, feats: Dict[str, jax.Array], train: bool = False) -> jax.Array:
     return self.head(self.concat_branches(feats, train), train)
