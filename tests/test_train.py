@@ -218,6 +218,9 @@ def test_init_checkpoint_is_loaded(tmp_path):
   state = train_lib.create_train_state(config, jax.random.PRNGKey(0))
   loaded = train_lib.load_init(config, state)
   _assert_trees_close(loaded.params, init.params, rtol=0, atol=0)
+  config.dropout_rate = 0.0  # a training-only setting, not another architecture
+  loaded = train_lib.load_init(config, state)
+  _assert_trees_close(loaded.params, init.params, rtol=0, atol=0)
   config.model = 'small'
   with pytest.raises(train_lib.TrainingError, match='another architecture'):
     train_lib.load_init(config, state)
