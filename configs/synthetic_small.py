@@ -4,8 +4,10 @@
 
 The published recipe (configs/crm_resnet50.py) with a smaller model, smaller crops, a smaller
 batch, fewer steps and a higher learning rate; the data are crm_jax.data.synthetic pairs with
-coarse masks synthesised as in training upstream. This config made the bundled checkpoint
-crm_jax/assets/crm_small (the README gives the time and the machine).
+coarse masks synthesised as in training upstream, by a low-resolution segmenter, and blurred into
+continuous masks (the two fields below). This config made the bundled checkpoint
+crm_jax/assets/crm_small in about an hour on 2 CPU cores (the README gives the time, the machine
+and what the checkpoint does on the bundled set).
 """
 
 import ml_collections
@@ -31,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lowres_mask_fraction = 0.5
   # Half the coarse masks blurred into continuous ones, like the seg of every scale after the
   # first in the multi-scale loop (a 600-step fine-tune with it: demo IoU / mBA at scale 1.0
-  # 0.946 / 0.811, without it 0.935 / 0.735; docs in the README).
+  # 0.946 / 0.811, without it 0.935 / 0.735; see the README).
   c.soft_seg_fraction = 0.5
   c.num_workers = 1
   c.log_every = 100
