@@ -67,7 +67,7 @@ def main() -> int:
     import torch_reference as tr
     from crm_jax.convert import convert_crm
     config = {"resnet50": crm.RESNET50, "small": crm.SMALL, "tiny": crm.TINY}[args.config]
-    model = tr.randomize_(tr.TorchCRM(**config.to_dict()), 0)
+    model = tr.randomize_(tr.TorchCRM(**config.architecture()), 0)
     with tempfile.TemporaryDirectory() as tmp:
       tr.save_like_dataparallel(model, os.path.join(tmp, "model.pth"))
       convert_crm(os.path.join(tmp, "model.pth"), os.path.join(tmp, "jax"), log=lambda m: None)

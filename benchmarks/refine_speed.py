@@ -67,7 +67,7 @@ def main() -> int:
   cores = os.cpu_count()
   torch.set_num_threads(cores)
   config = {"resnet50": crm.RESNET50, "small": crm.SMALL, "tiny": crm.TINY}[args.config]
-  model = tr.TorchCRM(**config.to_dict())
+  model = tr.TorchCRM(**config.architecture())
   tr.randomize_(model, 0)
   model.eval()
   with tempfile.TemporaryDirectory() as tmp:

@@ -150,7 +150,7 @@ def verify_conversion(torch_ckpt_path: str, converted_dir: str, seed: int = 0,
   config, variables = ckpt.load_model(converted_dir)
   state = strip_prefix(load_torch_state_dict(torch_ckpt_path))
   kwargs = reference.config_from_state_dict(state)  # Sizes the unused layer4.
-  kwargs.update(config.to_dict())
+  kwargs.update(config.architecture())
   net = reference.TorchCRM(**kwargs).eval()
   try:
     net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})

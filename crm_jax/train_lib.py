@@ -368,8 +368,8 @@ def load_init(config, target: TrainState) -> TrainState:
   path = os.path.expanduser(str(config.init))
   init_cfg, variables = model_ckpt.load_model(path)
   want = model_config(config)
-  # The dropout rate acts in training only: it is the config's, whatever the checkpoint says.
-  if dataclasses.replace(init_cfg, dropout_rate=want.dropout_rate) != want:
+  # Training-only fields (the dropout rate) are the config's, whatever the checkpoint says.
+  if init_cfg.architecture() != want.architecture():
     raise TrainingError(f'{path}: config.init holds another architecture ({init_cfg}) than '
                         f'config.model ({want})')
   _, tx, _, _, _ = build(config)

@@ -129,3 +129,7 @@ def test_dropout_rate_option(tiny):
   np.testing.assert_array_equal(a, b)
   shapes = jax.tree_util.tree_map(jnp.shape, init_variables(no_drop, jax.random.PRNGKey(0)))
   assert shapes == jax.tree_util.tree_map(jnp.shape, variables)
+  # architecture(): the fields that fix parameters and outputs, without the dropout rate.
+  assert "dropout_rate" not in TINY.architecture()
+  assert no_drop.config.architecture() == TINY.architecture()
+  assert no_drop.config.to_dict() != TINY.to_dict()

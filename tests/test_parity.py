@@ -49,7 +49,7 @@ FULL_GRID_LIMIT = 60_000  # Larger query grids are checked on a covering sample.
 # ----------------------------------------------------------------------------
 
 def _reference(config, seed):
-  return ref.randomize_(ref.TorchCRM(**config.to_dict()), seed).eval()
+  return ref.randomize_(ref.TorchCRM(**config.architecture()), seed).eval()
 
 
 def _layer4_and_counters(keys):
@@ -200,7 +200,7 @@ def _check_network(net, config, variables, size, seed):
 @requires_torch
 @pytest.mark.parametrize("config", [RESNET50, SMALL, TINY], ids=["resnet50", "small", "tiny"])
 def test_converter_keys_are_the_reference_keys(config):
-  state = ref.TorchCRM(**config.to_dict()).state_dict()
+  state = ref.TorchCRM(**config.architecture()).state_dict()
   used = {k: tuple(v.shape) for k, v in state.items()
           if not k.startswith("feats.layer4.") and not k.endswith("num_batches_tracked")}
   assert expected_keys(config) == used

@@ -16,6 +16,10 @@ from crm_jax.models.fusion import DROPOUT_RATE, Fusion
 from crm_jax.models.implicit_decoder import ImplicitDecoder
 
 
+# ModelConfig fields that act in training only (no parameter, no inference output depends on them).
+TRAINING_ONLY_FIELDS = ("dropout_rate",)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a CRM network (the published one by default)."""
@@ -33,6 +37,10 @@ class ModelConfig:
   def to_dict(self) -> Dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v)
             for k, v in dataclasses.asdict(self).items()}
+
+  def architecture(self) -> Dict[str, Any]:
+    """``to_dict()`` without the training-only fields: what fixes the parameters and outputs."""
+    return {k: v for k, v in self.to_dict().items() if k not in TRAINING_ONLY_FIELDS}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
