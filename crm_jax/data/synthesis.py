@@ -221,7 +221,8 @@ def lowres_segmenter_mask(gt: np.ndarray, rng: np.random.Generator | None = None
   """The coarse mask a low-resolution segmenter would give: fine detail lost, blobby boundary.
 
   gt (binarised) is area-downsampled by ``factor``, blurred a little, bilinearly upsampled back
-  and thresholded at 0.5. For the bundled demo set, not for training.
+  and thresholded at 0.5. For the bundled demo set and the optional lowres_mask_fraction of
+  training (not the published synthesis).
 
   Args:
     gt: [H, W] (or [H, W, 1]) gt, as for ``synthesize_coarse_mask``.
