@@ -13,6 +13,7 @@ Any field can be overridden on the command line as ``--config.FIELD=VALUE``.
 import ml_collections
 
 from crm_jax.data import tfds_builders
+from crm_jax.models import fusion
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -22,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   # crm_jax.models.crm.ModelConfig fields.
   c.model = 'resnet50'
   # Dropout of the fusion branches and head in training (the published 0.5).
-  c.dropout_rate = 0.5
+  c.dropout_rate = fusion.DROPOUT_RATE
 
   # Length of the run in optimiser steps. May be raised when a run is resumed.
   c.num_steps = 45_000
