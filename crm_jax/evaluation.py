@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +36,8 @@ from tqdm import tqdm
 from crm_jax import metrics
 from crm_jax.constants import SCALES
 from crm_jax.data import folders
-from crm_jax.io import InputError, read_image, read_mask, write_image
+from crm_jax.io import InputError, read_image, read_mask, write_image, write_text
+from crm_jax.scales import check_scales  # noqa: F401  (re-exported)
 from crm_jax.metrics import scale_key  # noqa: F401  (re-exported: the one formatting of scales)
 from crm_jax.preprocess import prob_to_uint8
 
@@ -60,19 +60,6 @@ def output_files(out_dir: str, name: str, scales: Sequence[float]) -> List[str]:
 
 def is_complete(out_dir: str, name: str, scales: Sequence[float]) -> bool:
   return all(os.path.isfile(p) for p in output_files(out_dir, name, scales))
-
-
-def check_scales(scales: Sequence[float]) -> Tuple[float, ...]:
-  """The scales as floats; ``InputError`` for none, a non-positive or repeated one."""
-  out = tuple(float(s) for s in scales)
-  if not out:
-    raise InputError("no scales given")
-  for s in out:
-    if not (math.isfinite(s) and s > 0):
-      raise InputError(f"scale {s}: scales must be positive")
-  if len({scale_key(s) for s in out}) != len(out):
-    raise InputError(f"scales {list(out)}: a scale is repeated")
-  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,18 +208,8 @@ def tfds_objects(name: str, data_dir: str,
 
 
 def write_json(path: str, blob) -> None:
-  """Writes JSON atomically (temporary file, then rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(blob, f, indent=2, allow_nan=False)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes JSON atomically (``crm_jax.io.write_text``)."""
+  write_text(path, json.dumps(blob, indent=2, allow_nan=False) + "\n")
 
 
 @dataclasses.dataclass

@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -79,22 +80,41 @@ def _umask() -> int:
   return mask
 
 
-def write_image(path: str, img: np.ndarray) -> None:
-  """Writes a PNG/JPG atomically (temporary file, then rename). RGB in."""
-  img = np.asarray(img)
-  if img.ndim == 3 and img.shape[2] == 3:
-    img = img[:, :, ::-1]
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+  """Creates ``path`` atomically: ``write(tmp)`` fills a temporary file beside it, then a rename.
+
+  The file gets the permissions a plain ``open(path, "w")`` would give (0o666 less the umask);
+  a failure leaves no temporary file behind and ``path`` untouched.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  ext = os.path.splitext(path)[1] or ".png"
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
   os.close(fd)
   try:
-    if not cv2.imwrite(tmp, np.ascontiguousarray(img)):
-      raise OSError(f"{path}: could not be written")
+    write(tmp)
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically (``atomic_write``)."""
+  def write(tmp):
+    with open(tmp, "w") as f:
+      f.write(text)
+  atomic_write(path, write)
+
+
+def write_image(path: str, img: np.ndarray) -> None:
+  """Writes a PNG/JPG atomically (``atomic_write``). RGB in."""
+  img = np.asarray(img)
+  if img.ndim == 3 and img.shape[2] == 3:
+    img = img[:, :, ::-1]
+
+  def write(tmp):
+    if not cv2.imwrite(tmp, np.ascontiguousarray(img)):
+      raise OSError(f"{path}: could not be written")
+  atomic_write(path, write)

@@ -52,7 +52,7 @@ from crm_jax import checkpoint as model_ckpt
 from crm_jax import losses
 from crm_jax import optim
 from crm_jax.data import pipeline
-from crm_jax.io import write_image
+from crm_jax.io import write_image, write_text
 from crm_jax.models.crm import CRM, RESNET50, SMALL, TINY, ModelConfig, init_variables
 from crm_jax.ops import make_coord
 from crm_jax.constants import IMAGE_MEAN, IMAGE_STD
@@ -327,10 +327,7 @@ def check_workdir_config(workdir: str, config) -> None:
           f'{"; ..." if len(diffs) > 6 else ""}); use the same config or another --workdir')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(new, indent=2, sort_keys=True))
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
