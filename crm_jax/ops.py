@@ -10,22 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _align_corners_axis(in_size: int, out_size: int):
-  """Source indices and weights along one axis (PyTorch's float32 rule).
-
-  Returns ``(i0, i1, lam)`` with ``out[j] = (1 - lam[j]) * in[i0[j]] +
-  lam[j] * in[i1[j]]``.
-  """
-  if out_size > 1:
-    scale = np.float32((in_size - 1) / (out_size - 1))
-  else:
-    scale = np.float32(0.0)
-  src = scale * np.arange(out_size, dtype=np.float32)
-  i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
-  i1 = np.minimum(i0 + 1, in_size - 1)
-  lam = (src - i0.astype(np.float32)).astype(np.float32)
-  return i0, i1, lam
+from crm_jax.geometry import align_corners_table, coord_axis
 
 
 def resize_bilinear_align_corners(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
@@ -38,12 +23,8 @@ def resize_bilinear_align_corners(x: jax.Array, size: Tuple[int, int]) -> jax.Ar
   _, in_h, in_w, _ = x.shape
   if (in_h, in_w) == (out_h, out_w):
     return x
-  y0, y1, ly = _align_corners_axis(in_h, out_h)
-  x0, x1, lx = _align_corners_axis(in_w, out_w)
-  ly = jnp.asarray(ly, x.dtype)[None, :, None, None]
-  lx = jnp.asarray(lx, x.dtype)[None, None, :, None]
-  rows = x[:, y0] * (1 - ly) + x[:, y1] * ly
-  return rows[:, :, x0] * (1 - lx) + rows[:, :, x1] * lx
+  return resize_cols(resize_rows(x, align_corners_table(in_h, out_h)),
+                     align_corners_table(in_w, out_w))
 
 
 def make_coord_axis(n: int) -> jax.Array:
@@ -56,9 +37,7 @@ def make_coord_axis(n: int) -> jax.Array:
   ensemble is discontinuous where a query sits on a border feature centre
   (all four areas ~0): there one ulp changes the logit by whole units.
   """
-  start = np.float32(-1.0 + 1.0 / n)
-  step = np.float32(2.0 / n)
-  return jnp.asarray(start + step * np.arange(n, dtype=np.float32))
+  return jnp.asarray(coord_axis(n))
 
 
 def make_coord(shape: Tuple[int, int]) -> jax.Array:
@@ -94,12 +73,12 @@ def resize_rows(x: jax.Array, table) -> jax.Array:
   ``table`` is ``(i0, i1, lam)`` for the R output rows wanted.
   """
   i0, i1, lam = table
-  lam = lam.astype(x.dtype)[None, :, None, None]
+  lam = jnp.asarray(lam).astype(x.dtype)[None, :, None, None]
   return x[:, i0] * (1 - lam) + x[:, i1] * lam
 
 
 def resize_cols(x: jax.Array, table) -> jax.Array:
   """Columns of an align_corners resize: ``[B, R, W, C]`` -> ``[B, R, Q, C]``."""
   i0, i1, lam = table
-  lam = lam.astype(x.dtype)[None, None, :, None]
+  lam = jnp.asarray(lam).astype(x.dtype)[None, None, :, None]
   return x[:, :, i0] * (1 - lam) + x[:, :, i1] * lam

@@ -1,6 +1,6 @@
 """The mapping between published PyTorch CRM keys and the Flax variables.
 
-One auditable rename (spec section 2-4 key names; ``module.`` prefixes of
+One auditable rename (key names: docs/model.md and docs/decoder.md; ``module.`` prefixes of
 ``nn.DataParallel`` are dropped): conv ``OIHW -> HWIO``, linear ``.T``, BN
 ``weight/bias -> scale/bias``, running statistics -> ``batch_stats``
 ``mean/var``. ``layer4`` (never used by CRM) and ``num_batches_tracked`` are
@@ -161,7 +161,7 @@ def infer_config(state: Mapping[str, np.ndarray]) -> ModelConfig:
 
 
 def expected_keys(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
-  """The keys CRM uses and their PyTorch shapes, for ``config`` (spec 2-4).
+  """The keys CRM uses and their PyTorch shapes, for ``config`` (docs/model.md, docs/decoder.md).
 
   Without the ``module.`` prefix, ``layer4`` and ``num_batches_tracked``.
   """
@@ -178,18 +178,17 @@ def expected_keys(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
   conv("feats.conv1", c.stem_width, 4, 7)
   bn("feats.bn1", c.stem_width)
   in_ch = c.stem_width
-  for stage, (size, width) in enumerate(zip(c.stage_sizes, c.stage_widths), 1):
-    out_ch = width * c.expansion
-    for i in range(size):
-      block = f"feats.layer{stage}.{i}"
-      for j, (o, n_in, k) in enumerate(((width, in_ch, 1), (width, width, 3),
-                                        (out_ch, width, 1)), 1):
-        conv(f"{block}.conv{j}", o, n_in, k)
-        bn(f"{block}.bn{j}", o)
-      if i == 0:
-        conv(f"{block}.downsample.0", out_ch, in_ch, 1)
-        bn(f"{block}.downsample.1", out_ch)
-      in_ch = out_ch
+  for spec in c.encoder_blocks():
+    width, out_ch = spec.width, spec.width * spec.expansion
+    block = f"feats.layer{spec.stage}.{spec.index}"
+    for j, (o, n_in, k) in enumerate(((width, in_ch, 1), (width, width, 3),
+                                      (out_ch, width, 1)), 1):
+      conv(f"{block}.conv{j}", o, n_in, k)
+      bn(f"{block}.bn{j}", o)
+    if spec.downsample:
+      conv(f"{block}.downsample.0", out_ch, in_ch, 1)
+      bn(f"{block}.downsample.1", out_ch)
+    in_ch = out_ch
   fusion_in = (c.stem_width, c.stage_widths[0] * c.expansion,
                c.stage_widths[-1] * c.expansion)
   for name, post, n_in, n_out in zip(_FUSION, _FUSION_POST_BN, fusion_in,

@@ -9,7 +9,8 @@ from crm_jax import checkpoint as ckpt
 from crm_jax.io import InputError
 from crm_jax.models import CRM, TINY, init_variables
 from crm_jax.ops import make_coord, resize_bilinear_align_corners
-from crm_jax.refine import Refiner, scaled_size
+from crm_jax.geometry import scaled_size
+from crm_jax.refine import Refiner
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def tiny():
 def test_feature_map_size_follows_pytorch_rule(tiny, h, w):
   model, variables = tiny
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, h, w, 4)), jnp.float32)
-  feats = model.apply(variables, x, method=CRM.encoder_features)
+  feats = model.apply(variables, x, method=lambda m, x: m.encoder(x))
   down = lambda n: (n - 1) // 2 + 1
   assert feats["x1"].shape[1:3] == (down(h), down(w))
   assert feats["x2"].shape[1:3] == (down(down(h)), down(down(w)))

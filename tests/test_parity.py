@@ -28,6 +28,7 @@ from crm_jax.io import InputError
 from crm_jax.models.crm import CRM, RESNET50, SMALL, TINY
 from crm_jax.ops import make_coord as jax_make_coord
 from crm_jax.preprocess import prob_to_uint8
+from crm_jax.plans import PLANS
 from crm_jax.refine import Refiner
 from crm_jax.torch_mapping import MappingError, expected_keys
 
@@ -104,7 +105,7 @@ def _jitted(config):
     return model.apply(v, projected, rows, size, method=CRM.decode_grid)
 
   def network(v, x, coord, cell, rows, size):
-    feats = model.apply(v, x, method=CRM.encoder_features)
+    feats = model.apply(v, x, method=lambda m, x: m.encoder(x))
     feature_map = model.apply(v, x, method=CRM.features)
     full = model.apply(v, x, coord, cell, return_indices=True)
     return feats, feature_map, full, fused(v, feature_map, rows, size)
@@ -325,10 +326,11 @@ def refine_pair():
 
 @pytest.mark.torch
 @requires_torch
-def test_refiner_parity(refine_pair):
+@pytest.mark.parametrize("plan", PLANS)
+def test_refiner_parity(refine_pair, plan):
   net, config, variables = refine_pair
   image, mask = _scene()
-  got = Refiner(config, variables).refine_all_scales(image, mask)
+  got = Refiner(config, variables, plan=plan).refine_all_scales(image, mask)
   want = ref.refine_reference(net, image, mask)
   assert list(got) == list(want) == [0.125, 0.25, 0.5, 1.0]
   for s in want:
@@ -342,11 +344,12 @@ def test_refiner_parity(refine_pair):
 
 @pytest.mark.torch
 @requires_torch
-def test_refiner_empty_mask_gives_zeros(refine_pair):
+@pytest.mark.parametrize("plan", PLANS)
+def test_refiner_empty_mask_gives_zeros(refine_pair, plan):
   net, config, variables = refine_pair
   image, mask = _scene()
   empty = np.zeros_like(mask)
-  got = Refiner(config, variables).refine_all_scales(image, empty)
+  got = Refiner(config, variables, plan=plan).refine_all_scales(image, empty)
   want = ref.refine_reference(net, image, empty)
   for s in (0.125, 0.25, 0.5, 1.0):
     assert not got[s].any() and not want[s].any()

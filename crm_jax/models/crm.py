@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from crm_jax.models.encoder import Encoder
+from crm_jax.models.encoder import LEVEL_X1, BlockSpec, Encoder, block_layout
 from crm_jax.models.fusion import DROPOUT_RATE, Fusion
 from crm_jax.models.implicit_decoder import ImplicitDecoder
 
@@ -33,6 +33,10 @@ class ModelConfig:
   decoder_hidden: Tuple[int, ...] = (32, 32, 32, 32)
   # Dropout of the fusion branches and head in training (the published 0.5 by default).
   dropout_rate: float = DROPOUT_RATE
+
+  def encoder_blocks(self) -> Tuple[BlockSpec, ...]:
+    """The encoder's bottlenecks in order (``encoder.block_layout``)."""
+    return block_layout(self.stage_sizes, self.stage_widths, self.expansion)
 
   def to_dict(self) -> Dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v)
@@ -74,31 +78,26 @@ class CRM(nn.Module):
 
   def setup(self):
     c = self.config
-    self.encoder = Encoder(c.stem_width, tuple(c.stage_sizes), tuple(c.stage_widths),
-                           c.expansion, self.bn_axis_name)
+    self.encoder = Encoder(c.stem_width, c.encoder_blocks(), self.bn_axis_name)
     self.fusion = Fusion(tuple(c.fusion_widths), c.feature_dim, self.bn_axis_name,
                          c.dropout_rate)
     self.implicit_decoder = ImplicitDecoder(c.feature_dim, tuple(c.decoder_hidden))
 
-  def features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """Feature map F ``[B, h, w, feature_dim]`` of the input ``[B, H, W, 4]``."""
-    return self.fusion(self.encoder(x, train), train)
+  def features(self, x: jax.Array, train: bool = False, valid=None,
+               tables=None) -> jax.Array:
+    """Feature map F ``[B, h, w, feature_dim]`` of the input ``[B, H, W, 4]``.
+
+    ``valid`` and ``tables``: the bucketed plans' valid regions per level and
+    fusion resize tables (``Encoder``, ``Fusion.fuse``); None for true shapes.
+    """
+    feats = self.encoder(x, train, valid)
+    return self.fusion(feats, train, tables, None if valid is None else valid[LEVEL_X1])
 
   def __call__(self, x: jax.Array, coord: jax.Array, cell: jax.Array,
                train: bool = False, return_indices: bool = False):
     """Logits ``[B, Q]`` at queries ``coord`` ``[B, Q, 2]`` with ``cell``."""
     return self.implicit_decoder(self.features(x, train), coord, cell,
                                  return_indices=return_indices)
-
-  def encoder_features(self, x: jax.Array, train: bool = False):
-    """The encoder's named features (``x1``, ``x2``, ``x3``)."""
-    return self.encoder(x, train)
-
-  def fusion_branches(self, feats, train: bool = False) -> jax.Array:
-    return self.fusion.concat_branches(feats, train)
-
-  def fusion_head(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return self.fusion.head(x, train)
 
   def project(self, feature_map: jax.Array) -> jax.Array:
     """First decoder layer's feature part on F: ``[B, h, w, hidden[0]]``."""

@@ -1,6 +1,6 @@
 """The encoder: a ResNet-50 with a 4-channel stem and a dilated third stage.
 
-Spec section 2. Layouts are NHWC. Every padding is explicit and symmetric, as
+See docs/model.md. Layouts are NHWC. Every padding is explicit and symmetric, as
 PyTorch pads (XLA's 'SAME' pads a stride-2 conv asymmetrically). ``layer4`` of
 the published network is never used by CRM, so it is not built here.
 
@@ -8,7 +8,8 @@ Flax submodule names mirror the PyTorch keys (``feats.layer1.0.conv1`` ->
 ``encoder/layer1_0/conv1``) so that ``crm_jax.torch_mapping`` stays mechanical.
 """
 
-from typing import Any, Dict, Optional, Sequence
+import dataclasses
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -17,8 +18,70 @@ import jax.numpy as jnp
 from crm_jax.constants import BN_EPSILON, BN_MOMENTUM
 from crm_jax.ops import mask_valid
 
-# Per stage: (stride of block 0, dilation of block 0, dilation of later blocks).
+# Per stage: (stride of block 0, dilation of block 0, dilation of later blocks);
+# layer3 is dilated instead of strided (torchvision's replace_stride_with_dilation).
 STAGE_LAYOUT = ((1, 1, 1), (2, 1, 1), (1, 1, 2))
+# Spatial levels of the network, index into ``crm_jax.geometry`` size vectors:
+# the encoder input, x1 (conv1, stride 2), x2 (max-pool and layer1, stride 4),
+# x3 (layer2 and layer3, stride 8).
+LEVEL_INPUT, LEVEL_X1, LEVEL_X2, LEVEL_X3 = 1, 2, 3, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """One bottleneck of the encoder, as ``block_layout`` lays it out.
+
+  ``name`` is the Flax submodule name (``layer{stage}_{index}``, the PyTorch
+  key ``feats.layer{stage}.{index}``); ``in_level``/``out_level`` are the
+  spatial levels of its input and output; ``last_of_stage`` marks the block
+  whose output is the stage's output.
+  """
+
+  name: str
+  stage: int  # 1-based, as in the PyTorch names.
+  index: int
+  width: int
+  stride: int
+  dilation: int
+  expansion: int
+  downsample: bool
+  in_level: int
+  out_level: int
+  last_of_stage: bool
+
+  def kind(self) -> tuple:
+    """The fields that fix the block's computation (blocks of one kind share a compilation)."""
+    return (self.width, self.stride, self.dilation, self.expansion, self.downsample)
+
+  def bottleneck(self, bn_axis_name: Optional[str] = None) -> "Bottleneck":
+    """The Flax module of this block (apply it on the block's sub-tree of the variables)."""
+    return Bottleneck(*self.kind(), bn_axis_name=bn_axis_name)
+
+
+def block_layout(stage_sizes: Sequence[int], stage_widths: Sequence[int],
+                 expansion: int) -> Tuple[BlockSpec, ...]:
+  """The encoder's bottlenecks in order: the one definition of the stage layout.
+
+  ``ModelConfig.encoder_blocks()`` calls it; the encoder, every refinement
+  plan, the compilation bound and the PyTorch mapping read its result.
+  """
+  if len(stage_sizes) != len(STAGE_LAYOUT) or len(stage_widths) != len(STAGE_LAYOUT):
+    raise ValueError("the CRM encoder has exactly three stages (layer1-3)")
+  blocks = []
+  level = LEVEL_X2
+  for stage, (size, width) in enumerate(zip(stage_sizes, stage_widths), 1):
+    stride, first_dilation, dilation = STAGE_LAYOUT[stage - 1]
+    for i in range(size):
+      block_stride = stride if i == 0 else 1
+      out_level = level + (block_stride == 2)
+      blocks.append(BlockSpec(
+          name=f"layer{stage}_{i}", stage=stage, index=i, width=width,
+          stride=block_stride, dilation=first_dilation if i == 0 else dilation,
+          expansion=expansion, downsample=(i == 0),  # block 0 of every layer, as published
+          in_level=level, out_level=out_level, last_of_stage=(i == size - 1)))
+      level = out_level
+  return tuple(blocks)
+
 
 # He-normal (fan_out, as torchvision initialises ResNet convs).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -111,36 +174,53 @@ class Encoder(nn.Module):
     ``x2``: ``[B, H2, W2, 4*w1]`` after layer1 (stride 4),
     ``x3``: ``[B, H3, W3, 4*w3]`` after layer3 (stride 8, layer3 dilated).
   With ``Hk = floor((H_{k-1} - 1) / 2) + 1`` for every stride-2 step.
+
+  ``blocks`` comes from ``ModelConfig.encoder_blocks()``. ``stem`` and
+  ``block`` are the pieces ``__call__`` is made of; the banded refinement plan
+  applies them one at a time (``crm_jax.plans``).
+
+  Valid regions (bucketed refinement): ``valid`` maps a level
+  (``LEVEL_X1``...) to int32 ``[3]`` ``(row0, h, w)`` (``ops.mask_valid``);
+  each spatial op then sees its input zeroed outside the valid region, so the
+  valid outputs equal those of the unpadded input. None: no masking.
   """
 
-  stem_width: int = 64
-  stage_sizes: Sequence[int] = (3, 4, 6)
-  stage_widths: Sequence[int] = (64, 128, 256)
-  expansion: int = 4
+  stem_width: int
+  blocks: Tuple[BlockSpec, ...]
   bn_axis_name: Optional[str] = None
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
-    if len(self.stage_sizes) != 3 or len(self.stage_widths) != 3:
-      raise ValueError("the CRM encoder has exactly three stages (layer1-3)")
-    x = conv(self.stem_width, 7, "conv1", stride=2, padding=3)(x)
-    x1 = bn_relu("bn1", x, train, self.bn_axis_name)
-    y = max_pool_3x3_s2(x1)
+  def setup(self):
+    self.conv1 = conv(self.stem_width, 7, None, stride=2, padding=3)
+    self.bn1 = batch_norm(None, self.bn_axis_name)
+    for spec in self.blocks:
+      setattr(self, spec.name, spec.bottleneck(self.bn_axis_name))
+
+  def stem(self, x: jax.Array, train: bool = False,
+           valid: Optional[Dict[int, jax.Array]] = None):
+    """conv1, bn1, ReLU, then the 3x3/2 max-pool: ``(x1, pooled)``.
+
+    ``x`` ``[B, H, W, 4]`` -> x1 ``[B, H1, W1, stem]``, pooled ``[B, H2, W2, stem]``.
+    """
+    x1 = nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+    if valid is not None:
+      x1 = mask_valid(x1, valid[LEVEL_X1])
+    pooled = max_pool_3x3_s2(x1)
+    if valid is not None:
+      pooled = mask_valid(pooled, valid[LEVEL_X2])
+    return x1, pooled
+
+  def block(self, spec: BlockSpec, y: jax.Array, train: bool = False,
+            valid: Optional[jax.Array] = None) -> jax.Array:
+    """The bottleneck ``spec`` on ``y``; ``valid``: its input's region."""
+    return getattr(self, spec.name)(y, train, valid)
+
+  def __call__(self, x: jax.Array, train: bool = False,
+               valid: Optional[Dict[int, jax.Array]] = None) -> Dict[str, jax.Array]:
+    x1, y = self.stem(x, train, valid)
     feats: Dict[str, Any] = {"x1": x1}
-    for stage, (size, width) in enumerate(zip(self.stage_sizes,
-                                              self.stage_widths)):
-      stride, first_dilation, dilation = STAGE_LAYOUT[stage]
-      for i in range(size):
-        y = Bottleneck(
-            width=width,
-            stride=stride if i == 0 else 1,
-            dilation=first_dilation if i == 0 else dilation,
-            expansion=self.expansion,
-            downsample=(i == 0),  # block 0 of every layer, as published
-            bn_axis_name=self.bn_axis_name,
-            name=f"layer{stage + 1}_{i}",
-        )(y, train)
-      if stage == 0:
+    for spec in self.blocks:
+      y = self.block(spec, y, train, None if valid is None else valid[spec.in_level])
+      if spec.stage == 1 and spec.last_of_stage:
         feats["x2"] = y
     feats["x3"] = y
     return feats

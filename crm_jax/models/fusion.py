@@ -1,6 +1,6 @@
 """Multi-level fusion of the encoder features into the feature map F.
 
-Spec section 3 (``module.aspp_`` upstream, "ASPP_no4level"; no atrous rates are
+See docs/model.md (``module.aspp_`` upstream, "ASPP_no4level"; no atrous rates are
 in effect). Layouts are NHWC.
 """
 
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from crm_jax.models.encoder import batch_norm, conv
-from crm_jax.ops import resize_bilinear_align_corners
+from crm_jax.ops import mask_valid, resize_bilinear_align_corners, resize_cols, resize_rows
 
 DROPOUT_RATE = 0.5  # the published rate (every branch and the head).
 FUSION_INPUTS = ("x1", "x2", "x3")
@@ -61,19 +61,44 @@ class Fusion(nn.Module):
     self.last_bn = batch_norm(None, self.bn_axis_name)
     self.dropout = nn.Dropout(self.dropout_rate)
 
-  def __call__(self, feats: Dict[str, jax.Array], train: bool = False) -> jax.Array:
-    return self.head(self.concat_branches(feats, train), train)
+  def branch(self, key: str, x: jax.Array, train: bool = False) -> jax.Array:
+    """The branch of input ``key`` (``x1``, ``x2`` or ``x3``) at the input's size."""
+    return getattr(self, f"branch_{key}")(x, train)
 
-  def concat_branches(self, feats: Dict[str, jax.Array],
-                      train: bool = False) -> jax.Array:
-    """The three branches at x1's size, concatenated: ``[B, h, w, sum(widths)]``."""
-    size = feats["x1"].shape[1:3]
-    branches = (self.branch_x1, self.branch_x2, self.branch_x3)
-    outs = [
-        resize_bilinear_align_corners(branch(feats[key], train), size)
-        for key, branch in zip(FUSION_INPUTS, branches)
-    ]
-    return jnp.concatenate(outs, axis=-1)
+  def fuse(self, parts: Sequence[jax.Array], train: bool = False, tables=None,
+           valid: Optional[jax.Array] = None) -> jax.Array:
+    """F from the three branch outputs.
+
+    Args:
+      parts: the x1, x2 and x3 branches at their own sizes; the first
+        ``[B, h, w, c1]`` fixes the output size.
+      tables: None (resize x2's and x3's branches to ``(h, w)`` from their
+        static shapes) or ``((rows, cols), (rows, cols))``, the
+        align_corners tables (``ops.resize_rows``/``resize_cols``) of x2 and
+        x3, for bucketed shapes and bands of rows.
+      valid: int32 ``[3]``, x1's valid region (``ops.mask_valid``); the
+        concatenation is zeroed outside it before the 3x3 conv.
+    Returns:
+      F ``[B, h, w, feature_dim]``.
+    """
+    size = parts[0].shape[1:3]
+    resized = [parts[0]]
+    for k, part in enumerate(parts[1:]):
+      if tables is None:
+        resized.append(resize_bilinear_align_corners(part, size))
+      else:
+        rows, cols = tables[k]
+        resized.append(resize_cols(resize_rows(part, rows), cols))
+    x = jnp.concatenate(resized, axis=-1)
+    if valid is not None:
+      x = mask_valid(x, valid)
+    return self.head(x, train)
+
+  def __call__(self, feats: Dict[str, jax.Array], train: bool = False, tables=None,
+               valid: Optional[jax.Array] = None) -> jax.Array:
+    """F ``[B, h, w, feature_dim]`` from the encoder's named features."""
+    parts = [self.branch(key, feats[key], train) for key in FUSION_INPUTS]
+    return self.fuse(parts, train, tables, valid)
 
   def head(self, x: jax.Array, train: bool = False) -> jax.Array:
     """3x3 conv (padding 1), BN, ReLU, dropout on the concatenated branches."""

@@ -1,0 +1,534 @@
+"""Execution plans of the multi-scale loop: ``plain``, ``banded`` and ``fused``.
+
+See docs/refinement.md. Each plan runs the same Flax modules (``crm_jax.models``)
+on the same host-made index tables (``crm_jax.geometry``); they differ only in
+how the work is cut into compiled programs:
+
+* ``plain``: per distinct padded size, one program for the features and one
+  for the queries of each scale, on the true shapes (no masking, no
+  buckets). The exactness reference; ``2 x len(scales)`` compilations per
+  distinct size.
+* ``banded``: bucketed shapes (valid region at the top-left, true sizes as
+  traced values), the network driven piece by piece from Python (the stem,
+  each bottleneck kind, the two deep branches, the fusion head), the
+  stride-1 bottlenecks and the full-resolution fusion head in bands of rows
+  with a halo (exact), written in place into donated buffers: the
+  256-channel F is never held whole. Made for CPU memory.
+  ``compilations_per_bucket(config, n, "banded")`` compilations a bucket.
+* ``fused``: bucketed shapes, and per bucket and scale ONE compiled program
+  from the padded inputs to the probability map and the next scale's seg
+  (encoder, fusion and every query chunk inside, the chunks in a
+  ``fori_loop``); the seg stays on the device between scales and pairs of
+  one bucket run as one batch (``vmap``), the batch padded to a rung of
+  ``BATCH_LADDER``. ``len(scales)`` compilations per bucket and batch rung.
+  Made for accelerators.
+
+All plans agree to float rounding; the discrete choices (resize tables,
+nearest feature indices) are bit-identical since the host makes them.
+"""
+
+import functools
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crm_jax.constants import EMPTY_SEG_SUM
+from crm_jax.geometry import (NUM_LEVELS, ScaleGeometry, bands, batch_size_rung, bucket_shape,
+                              scale_geometry, scaled_size)
+from crm_jax.models.crm import CRM, ModelConfig
+from crm_jax.models.encoder import LEVEL_INPUT, LEVEL_X1, Bottleneck, Encoder
+from crm_jax.models.fusion import FUSION_INPUTS, Fusion
+from crm_jax.models.implicit_decoder import ImplicitDecoder
+from crm_jax.ops import mask_valid, resize_bilinear_align_corners, resize_cols, resize_rows
+from crm_jax.preprocess import prob_to_seg
+
+PLANS = ("plain", "banded", "fused")
+# Batch sizes the fused plan compiles for; a group is padded to the next rung.
+BATCH_LADDER = (1, 2, 4, 8)
+# Queries (pixels) per decoder chunk: small enough that a chunk's MLP
+# activations stay in the CPU's caches, large enough to fill an accelerator.
+QUERIES_PER_CHUNK = {"cpu": 1 << 13, "default": 1 << 20}
+# Elements of the widest tensor of one band (banded plan: bottlenecks, fusion head).
+BAND_ELEMENTS = 1 << 25
+
+
+def queries_per_chunk(platform: str) -> int:
+  return QUERIES_PER_CHUNK.get(platform, QUERIES_PER_CHUNK["default"])
+
+
+def rows_per_chunk(shape: Tuple[int, int], queries: int) -> int:
+  """Whole rows of a ``(rows, cols)`` query grid per chunk of about ``queries``."""
+  return max(1, min(shape[0], queries // shape[1]))
+
+
+def compilations_per_bucket(config: ModelConfig, num_scales: int, plan: str = "banded") -> int:
+  """The most compilations one bucket costs (per batch rung for ``fused``).
+
+  ``banded``, per scale: the stem, one per bottleneck kind (``BlockSpec.kind``:
+  the first block of a stage and its later ones), the x2 and x3 branches and
+  the fusion head; plus one query function for all scales (10 per scale + 1
+  for RESNET50). ``fused``: one program per scale. ``plain`` has no buckets.
+  """
+  if plan == "fused":
+    return num_scales
+  if plan != "banded":
+    raise ValueError(f"plan {plan!r} has no buckets")
+  kinds = {spec.kind() for spec in config.encoder_blocks()}
+  return num_scales * (1 + len(kinds) + 2 + 1) + 1
+
+
+# ----------------------------------------------------------------------------
+# Shared pieces.
+# ----------------------------------------------------------------------------
+
+def sub_variables(variables, *path):
+  """``{'params': ..., 'batch_stats': ...}`` of one submodule."""
+  out = {}
+  for collection in ("params", "batch_stats"):
+    node = variables.get(collection)
+    for key in path:
+      node = None if node is None else node.get(key)
+    if node is not None:
+      out[collection] = node
+  return out
+
+
+def _encoder(config: ModelConfig) -> Encoder:
+  return Encoder(config.stem_width, config.encoder_blocks())
+
+
+def _fusion(config: ModelConfig) -> Fusion:
+  return Fusion(tuple(config.fusion_widths), config.feature_dim)
+
+
+def _decoder(config: ModelConfig) -> ImplicitDecoder:
+  return ImplicitDecoder(config.feature_dim, tuple(config.decoder_hidden))
+
+
+def _valid(row0, size):
+  """``ops.mask_valid``'s ``(row0, h, w)`` for a band starting at ``row0``."""
+  return jnp.stack([jnp.asarray(row0, jnp.int32), jnp.asarray(size[0], jnp.int32),
+                    jnp.asarray(size[1], jnp.int32)])
+
+
+def _level_valid(sizes) -> Dict[int, jax.Array]:
+  """Valid regions of every level from the int32 ``[NUM_LEVELS, 2]`` sizes."""
+  return {level: _valid(0, sizes[level]) for level in range(LEVEL_INPUT, NUM_LEVELS)}
+
+
+def _network_input(image, seg, sizes, input_tables, dtype):
+  """The scale's network input and whether its seg is empty.
+
+  ``image`` ``[Hb, Wb, 3]`` and ``seg`` ``[Hb, Wb]`` (valid part at the
+  top-left) are resized (align_corners tables) to the scale's input, zeroed
+  outside ``sizes[LEVEL_INPUT]``. Returns ``([1, hb_s, wb_s, 4] in dtype,
+  empty: bool[])``; empty is the published rule ``sum(seg + 1) < 2`` over the
+  true input.
+  """
+  x = jnp.concatenate([image, seg[:, :, None]], axis=-1)[None]
+  x = resize_cols(resize_rows(x, input_tables[0]), input_tables[1])
+  x = mask_valid(x, _valid(0, sizes[LEVEL_INPUT]))
+  inside = ((jnp.arange(x.shape[1]) < sizes[LEVEL_INPUT][0])[:, None]
+            & (jnp.arange(x.shape[2]) < sizes[LEVEL_INPUT][1])[None, :])
+  empty = jnp.sum(jnp.where(inside, x[0, :, :, 3] + 1, 0)) < EMPTY_SEG_SUM
+  return x.astype(dtype), empty
+
+
+def _query_rows(config: ModelConfig, dec_vars, projected, geo, rows_per_chunk: int):
+  """Probabilities at the true target grid's pixel centres, bucketed.
+
+  Args:
+    projected: ``[h, w, D]`` with the true projected F at the top-left.
+    geo: ``ScaleGeometry.query_arrays()``; rows past the true height are not
+      queried (left 0); columns past the true width hold meaningless values.
+    rows_per_chunk: static rows per ``fori_loop`` step.
+  Returns:
+    prob ``[Hb, Wb]`` float32.
+  """
+  qy, iy, rel_y = geo["y_axis"]
+  big_hb, big_wb = qy.shape[0], geo["x_axis"][0].shape[0]
+  num_rows = geo["sizes"][0][0]
+  decoder = _decoder(config)
+  n_static = -(-big_hb // rows_per_chunk)
+  out = jnp.zeros((n_static * rows_per_chunk, big_wb), jnp.float32)
+
+  def body(i, out):
+    rows = jnp.minimum(i * rows_per_chunk + jnp.arange(rows_per_chunk, dtype=jnp.int32),
+                       num_rows - 1)
+    logits = decoder.apply(dec_vars, projected, (qy[rows], iy[:, rows], rel_y[:, rows]),
+                           geo["x_axis"], (geo["rel_cell"][0], geo["rel_cell"][1]),
+                           method=ImplicitDecoder.decode_axes)
+    return jax.lax.dynamic_update_slice(out, jax.nn.sigmoid(logits), (i * rows_per_chunk, 0))
+
+  n_chunks = (num_rows + rows_per_chunk - 1) // rows_per_chunk
+  return jax.lax.fori_loop(0, n_chunks, body, out)[:big_hb]
+
+
+# ----------------------------------------------------------------------------
+# plain: the per-shape loop on true shapes.
+# ----------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("model", "size"))
+def _plain_features(model: CRM, variables, image, seg, size):
+  """Projected F ``[h, w, D]`` of one scale and whether the resized seg is empty."""
+  img = resize_bilinear_align_corners(image[None], size)
+  s = resize_bilinear_align_corners(seg[None, :, :, None], size)
+  x = jnp.concatenate([img, s], axis=-1)
+  feature_map = model.apply(variables, x, method=CRM.features)
+  projected = model.apply(variables, feature_map, method=CRM.project)
+  return projected[0], jnp.sum(s + 1) < EMPTY_SEG_SUM
+
+
+@functools.partial(jax.jit, static_argnames=("model", "target_size", "rows_per_chunk"))
+def _plain_queries(model: CRM, variables, projected, target_size, rows_per_chunk):
+  """Probabilities at every pixel centre of ``target_size``: ``[H, W]``."""
+  big_h, big_w = target_size
+  n_chunks = -(-big_h // rows_per_chunk)
+  rows = jnp.minimum(jnp.arange(n_chunks * rows_per_chunk, dtype=jnp.int32),
+                     big_h - 1).reshape(n_chunks, rows_per_chunk)
+  decode = lambda r: model.apply(variables, projected, r, target_size, method=CRM.decode_grid)
+  logits = jax.lax.map(decode, rows).reshape(-1, big_w)[:big_h]
+  return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+
+def refine_plain(config: ModelConfig, variables, image_p: np.ndarray, seg_p: np.ndarray,
+                 scales: Sequence[float], queries: int) -> Dict[float, np.ndarray]:
+  """The plain loop on one padded pair; ``{s: prob [H, W]}`` on the padded grid.
+
+  ``image_p`` ``[H, W, 3]`` and ``seg_p`` ``[H, W]``: the reflect-padded,
+  normalised inputs (float32).
+  """
+  model = CRM(config)
+  seg = jnp.asarray(seg_p)
+  image = jnp.asarray(image_p)
+  target = image_p.shape[:2]
+  chunk_rows = rows_per_chunk(target, queries)
+  probs = {}
+  for s in scales:
+    projected, empty = _plain_features(model, variables, image, seg, scaled_size(target, s))
+    if bool(empty):
+      prob = jnp.zeros(target, jnp.float32)
+    else:
+      prob = _plain_queries(model, variables, projected, target, chunk_rows)
+    probs[s] = prob
+    seg = prob_to_seg(prob)
+  return {s: np.asarray(p) for s, p in probs.items()}
+
+
+# ----------------------------------------------------------------------------
+# banded: bucketed pieces driven from Python, bands of rows.
+# ----------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _banded_stem(config: ModelConfig, stem_vars, image, seg, geo):
+  """Input resize, conv1/bn1/ReLU and the max-pool: ``(x1, pooled, empty)``."""
+  dtype = stem_vars["params"]["conv1"]["kernel"].dtype
+  x, empty = _network_input(image, seg, geo["sizes"], geo["input_tables"], dtype)
+  x1, pooled = _encoder(config).apply(stem_vars, x, valid=_level_valid(geo["sizes"]),
+                                      method=Encoder.stem)
+  return x1, pooled, empty
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "slab", "band"), donate_argnames=("out",))
+def _block_band(kind, block_vars, out, x, start, r0, size, slab, band):
+  """One band of rows of a stride-1 bottleneck, written into ``out`` in place.
+
+  ``kind``: ``BlockSpec.kind()``; ``x`` ``[1, rows, cols, in]`` with true size ``size``.
+  """
+  module = Bottleneck(*kind)
+  y = module.apply(block_vars, jax.lax.dynamic_slice_in_dim(x, start, slab, axis=1),
+                   valid=_valid(start, size))
+  y = jax.lax.dynamic_slice_in_dim(y, r0 - start, band, axis=1)
+  return jax.lax.dynamic_update_slice_in_dim(out, y, r0, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def _block_whole(kind, block_vars, x, size):
+  """A (stride-2) bottleneck on the whole map, input true size ``size``."""
+  return Bottleneck(*kind).apply(block_vars, x, valid=_valid(0, size))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "key"))
+def _branch(config: ModelConfig, key: str, fusion_vars, x):
+  """A fusion branch (pointwise) on the whole map."""
+  return _fusion(config).apply(fusion_vars, key, x, method=Fusion.branch)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "slab", "band"),
+                   donate_argnames=("out",))
+def _head_band(config: ModelConfig, fusion_vars, dec_vars, out, x1, b, c, tables, start, r0,
+               x1_size, slab, band):
+  """One band of ``project(F)`` rows, written into ``out`` in place.
+
+  ``Fusion.fuse`` on the slab ``[start, start + slab)`` of x1's rows (its
+  branch computed there, x2's and x3's branches ``b`` and ``c`` resized with
+  the row tables cut to the slab), rows ``[r0, r0 + band)`` kept, then the
+  decoder's first-layer projection.
+  """
+  fusion = _fusion(config)
+  a = fusion.apply(fusion_vars, "x1", jax.lax.dynamic_slice_in_dim(x1, start, slab, axis=1),
+                   method=Fusion.branch)
+  cut = lambda t: jax.lax.dynamic_slice_in_dim(jnp.asarray(t), start, slab)
+  slab_tables = tuple((tuple(cut(t) for t in rows), cols) for rows, cols in tables)
+  f = fusion.apply(fusion_vars, [a, b, c], tables=slab_tables, valid=_valid(start, x1_size),
+                   method=Fusion.fuse)
+  f = jax.lax.dynamic_slice_in_dim(f, r0 - start, band, axis=1)
+  y = _decoder(config).apply(dec_vars, f, method=ImplicitDecoder.project)
+  return jax.lax.dynamic_update_slice(out, y, (0, r0, 0, 0))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rows_per_chunk"))
+def _banded_queries(config: ModelConfig, dec_vars, projected, geo, rows_per_chunk):
+  """``(prob [Hb, Wb], next seg [Hb, Wb])`` from the projected F buffer ``[1, hq, wq, D]``."""
+  prob = _query_rows(config, dec_vars, projected[0], geo, rows_per_chunk)
+  return prob, prob_to_seg(prob)
+
+
+def _device_zeros(shape, dtype):
+  """A zero device array made without a compilation."""
+  return jax.device_put(np.zeros(shape, dtype))
+
+
+class _Timer:
+  """Seconds per stage of the banded plan (``profile``); waits for each piece."""
+
+  def __init__(self, profile: Optional[Dict[str, float]]):
+    self.profile = profile
+    self.start = time.perf_counter()
+
+  def __call__(self, stage: str, value):
+    if self.profile is None:
+      return value
+    value = jax.block_until_ready(value)
+    now = time.perf_counter()
+    self.profile[stage] = self.profile.get(stage, 0.0) + now - self.start
+    self.start = now
+    return value
+
+
+def _banded_projected(config: ModelConfig, variables, image, seg, g: ScaleGeometry,
+                      band_elements: int, timer: _Timer):
+  """Projected F buffer ``[1, hq, wq, D]`` of one scale, and whether the seg is empty.
+
+  Each piece is a small compiled program over bucket shapes; the stride-1
+  bottlenecks and the fusion head run band by band into preallocated
+  outputs (donated, updated in place), and every full-size intermediate is
+  dropped as soon as it is used, so the peak is about three x1-sized maps.
+  """
+  geo = g.arrays()
+  sizes = g.sizes
+  enc = sub_variables(variables, "encoder")
+  fusion_vars = sub_variables(variables, "fusion")
+  stem_vars = {c: {k: enc[c][k] for k in ("conv1", "bn1") if k in enc[c]} for c in enc}
+  x1, y, empty = timer("stem", _banded_stem(config, stem_vars, image, seg, geo))
+  dtype = x1.dtype
+  b = None
+  for spec in config.encoder_blocks():
+    block_vars = sub_variables(enc, spec.name)
+    size = sizes[spec.in_level]
+    if spec.stride != 1:
+      y = jax.block_until_ready(_block_whole(spec.kind(), block_vars, y, size))
+    else:
+      rows, cols = y.shape[1:3]
+      out_dim = spec.width * spec.expansion
+      slab, band, spans = bands(rows, int(size[0]), spec.dilation,
+                                max(1, band_elements // (cols * out_dim)))
+      out = _device_zeros((1, rows, cols, out_dim), dtype)
+      for start, r0 in spans:
+        out = _block_band(spec.kind(), block_vars, out, y, np.int32(start), np.int32(r0), size,
+                          slab=slab, band=band)
+      # Wait before the next block allocates its output: with asynchronous
+      # dispatch, Python would otherwise allocate every stage's maps at once.
+      y = jax.block_until_ready(out)
+      del out
+    timer(f"layer{spec.stage}", y)
+    if spec.stage == 1 and spec.last_of_stage:
+      b = _branch(config, "x2", fusion_vars, y)
+  c = timer("branches", _branch(config, "x3", fusion_vars, y))
+  del y
+  rows, cols = x1.shape[1:3]
+  slab, band, spans = bands(rows, int(sizes[LEVEL_X1][0]), 1,
+                            max(1, band_elements // (cols * config.feature_dim)))
+  dec_vars = sub_variables(variables, "implicit_decoder")
+  projected = _device_zeros((1, *g.query_shape, config.decoder_hidden[0]), dtype)
+  for start, r0 in spans:
+    projected = _head_band(config, fusion_vars, dec_vars, projected, x1, b, c,
+                           geo["fusion_tables"], np.int32(start), np.int32(r0),
+                           sizes[LEVEL_X1], slab=slab, band=band)
+  return timer("fusion head", projected), empty
+
+
+def refine_banded(config: ModelConfig, variables, image_p: np.ndarray, seg_p: np.ndarray,
+                  scales: Sequence[float], queries: int, bucket_steps: int,
+                  band_elements: int = BAND_ELEMENTS,
+                  profile: Optional[Dict[str, float]] = None) -> Dict[float, np.ndarray]:
+  """The banded plan on one padded pair; ``{s: prob [H, W]}`` on the padded grid.
+
+  ``variables`` in the compute dtype. ``profile``: a dict that receives the
+  seconds of each stage (``stem``, ``layer1``..., ``branches``, ``fusion
+  head``, ``queries``), waiting for every piece (slower; for
+  ``benchmarks/profile_stages.py``).
+  """
+  timer = _Timer(profile)
+  target = image_p.shape[:2]
+  bucket = bucket_shape(target, bucket_steps)
+  image, seg = _bucketed(image_p, seg_p, bucket)
+  chunk_rows = rows_per_chunk(bucket, queries)
+  dec_vars = sub_variables(variables, "implicit_decoder")
+  out = {}
+  for s in scales:
+    g = scale_geometry(target, s, max(scales), bucket=bucket)
+    projected, empty = _banded_projected(config, variables, image, seg, g, band_elements, timer)
+    if bool(empty):
+      prob = np.zeros(bucket, np.float32)
+      seg = jax.device_put(prob_to_seg(prob))
+    else:
+      prob, seg = _banded_queries(config, dec_vars, projected, g.query_arrays(), chunk_rows)
+    del projected
+    prob = timer("queries", jax.block_until_ready(prob))
+    out[s] = np.array(np.asarray(prob)[:target[0], :target[1]])
+  return out
+
+
+def _bucketed(image_p: np.ndarray, seg_p: np.ndarray, bucket) -> Tuple[np.ndarray, np.ndarray]:
+  """The padded pair at the top-left of zero bucket-shaped arrays."""
+  h, w = image_p.shape[:2]
+  image = np.zeros((*bucket, 3), np.float32)
+  image[:h, :w] = image_p
+  seg = np.zeros(bucket, np.float32)
+  seg[:h, :w] = seg_p
+  return image, seg
+
+
+# ----------------------------------------------------------------------------
+# fused: one program per bucket and scale, batched.
+# ----------------------------------------------------------------------------
+
+def _fused_one(config: ModelConfig, variables, image, seg, geo, rows_per_chunk: int):
+  """One image at one scale, inside the fused program: ``(prob, next seg)``.
+
+  ``image`` ``[Hb, Wb, 3]``, ``seg`` ``[Hb, Wb]`` float32; ``geo``:
+  ``ScaleGeometry.arrays()``. An empty seg gives a zero probability, as the
+  published loop does.
+  """
+  dtype = variables["params"]["encoder"]["conv1"]["kernel"].dtype
+  x, empty = _network_input(image, seg, geo["sizes"], geo["input_tables"], dtype)
+  model = CRM(config)
+  f = model.apply(variables, x, valid=_level_valid(geo["sizes"]), tables=geo["fusion_tables"],
+                  method=CRM.features)
+  projected = model.apply(variables, f, method=CRM.project)[0]
+  prob = _query_rows(config, sub_variables(variables, "implicit_decoder"), projected, geo,
+                     rows_per_chunk)
+  prob = jnp.where(empty, jnp.zeros_like(prob), prob)
+  return prob, prob_to_seg(prob)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rows_per_chunk"),
+                   donate_argnames=("seg",))
+def _fused_scale(config: ModelConfig, variables, image, seg, geo, rows_per_chunk):
+  """A batch ``[N, Hb, Wb, 3]``/``[N, Hb, Wb]`` at one scale: ``(prob, next seg)``, ``[N, Hb, Wb]``."""
+  one = functools.partial(_fused_one, config, variables, rows_per_chunk=rows_per_chunk)
+  return jax.vmap(one)(image, seg, geo)
+
+
+def refine_fused(config: ModelConfig, variables, images_p: Sequence[np.ndarray],
+                 segs_p: Sequence[np.ndarray], scales: Sequence[float], queries: int,
+                 bucket_steps: int,
+                 batch_ladder: Sequence[int] = BATCH_LADDER) -> List[Dict[float, np.ndarray]]:
+  """The fused plan on padded pairs of ONE bucket; one ``{s: prob [H, W]}`` per pair.
+
+  The pairs run as batches of at most ``max(batch_ladder)``, each padded to
+  a rung of the ladder (with copies of its first pair, whose results are
+  dropped). Per scale one program; no host round trip inside a scale, the
+  seg stays on the device, and the probabilities are copied to the host
+  once every scale is dispatched.
+  """
+  targets = [im.shape[:2] for im in images_p]
+  bucket = bucket_shape(targets[0], bucket_steps)
+  if any(bucket_shape(t, bucket_steps) != bucket for t in targets):
+    raise ValueError("refine_fused takes pairs of one bucket")
+  chunk_rows = rows_per_chunk(bucket, queries)
+  results: List[Dict[float, np.ndarray]] = []
+  step = max(batch_ladder)
+  for first in range(0, len(images_p), step):
+    idx = list(range(first, min(first + step, len(images_p))))
+    n = batch_size_rung(len(idx), batch_ladder)
+    idx_padded = idx + [idx[0]] * (n - len(idx))
+    pairs = [_bucketed(images_p[i], segs_p[i], bucket) for i in idx_padded]
+    image = jax.device_put(np.stack([p[0] for p in pairs]))
+    seg = jax.device_put(np.stack([p[1] for p in pairs]))
+    probs = {}
+    for s in scales:
+      geos = [scale_geometry(targets[i], s, max(scales), bucket=bucket).arrays()
+              for i in idx_padded]
+      geo = jax.tree_util.tree_map(lambda *a: np.stack(a), *geos)
+      probs[s], seg = _fused_scale(config, variables, image, seg, geo, chunk_rows)
+    host = {s: np.asarray(p) for s, p in probs.items()}
+    for k, i in enumerate(idx):
+      h, w = targets[i]
+      results.append({s: np.array(host[s][k, :h, :w]) for s in scales})
+  return results
+
+
+# ----------------------------------------------------------------------------
+# Choosing a plan.
+# ----------------------------------------------------------------------------
+
+def fused_peak_bytes(config: ModelConfig, bucket: Tuple[int, int], max_scale: float,
+                     batch: int, dtype_bytes: int, queries: int) -> int:
+  """An upper estimate of the fused plan's peak device memory for one batch.
+
+  Counts, per pair, the bucketed inputs and outputs of every scale, the
+  largest-level activations the encoder and fusion hold at once (x1 with its
+  branch, the concatenation, F and its projection; a block's input, middle
+  and output at x2 and x3) and one query chunk's MLP activations, then
+  doubles it for XLA's temporaries.
+  """
+  hb, wb = bucket
+  h_in, w_in = scaled_size(bucket, max_scale)
+  a1 = -(-h_in // 2) * -(-w_in // 2)
+  a2, a3 = -(-a1 // 4), -(-a1 // 16)
+  blocks = config.encoder_blocks()
+  widest = max(spec.width * spec.expansion for spec in blocks)
+  x1_channels = (2 * config.stem_width + sum(config.fusion_widths) + 2 * config.feature_dim
+                 + config.decoder_hidden[0])
+  network = (a1 * x1_channels + a2 * (3 * widest + sum(config.fusion_widths))
+             + a3 * 3 * widest) * dtype_bytes
+  query_chunk = rows_per_chunk(bucket, queries) * wb * 4 * max(config.decoder_hidden) * 4 * 3
+  io = hb * wb * (3 + 1 + 2 * 4) * 4
+  return 2 * batch * (network + query_chunk + io)
+
+
+def device_memory(device=None) -> Optional[int]:
+  """Free bytes of ``device`` (default: the first), None where JAX cannot tell (CPU)."""
+  device = device or jax.devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # Backends without memory statistics.
+    return None
+  if not stats or "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def choose_plan(plan: str, config: ModelConfig, bucket: Tuple[int, int], max_scale: float,
+                dtype_bytes: int, queries: int, memory_budget: Optional[int] = None,
+                batch: int = 1, platform: Optional[str] = None) -> str:
+  """The plan to run: ``plan`` itself unless it is ``auto``.
+
+  ``auto``: ``banded`` on the CPU; on an accelerator ``fused`` when its
+  memory (``memory_budget`` bytes, else ``device_memory()``) holds
+  ``fused_peak_bytes``, else ``banded``.
+  """
+  if plan != "auto":
+    return plan
+  if (platform or jax.default_backend()) == "cpu":
+    return "banded"
+  budget = memory_budget if memory_budget is not None else device_memory()
+  if budget is None:
+    return "fused"
+  peak = fused_peak_bytes(config, bucket, max_scale, batch, dtype_bytes, queries)
+  return "fused" if peak <= budget else "banded"
