@@ -212,10 +212,10 @@ class TorchCRM(nn.Module):
     """
     b, _, h, w = feat.shape
     feat_coord = make_coord((h, w), flatten=False).permute(2, 0, 1)[None]
-    feat_coord = feat_coord.expand(b, 2, h, w)
+    feat_coord = feat_coord.expand(b, 2, h, w).to(feat.device)
     iy, ix = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(),
                             indexing="ij")
-    index_grid = torch.stack([iy, ix])[None].expand(b, 2, h, w)
+    index_grid = torch.stack([iy, ix])[None].expand(b, 2, h, w).to(feat.device)
     ry, rx = 2 / h / 2, 2 / w / 2
     rel_cell = cell.clone()
     rel_cell[:, :, 0] *= h
@@ -364,23 +364,24 @@ def refine_reference(model: TorchCRM, image: np.ndarray, mask: np.ndarray,
     ``{s: prob [H, W] float32}`` after each scale, cropped back to the input.
   """
   model.eval()
-  img, seg = prepare_inputs(image, mask)
+  device = next(model.parameters()).device  # The model's device (a GPU for benchmarks).
+  img, seg = (t.to(device) for t in prepare_inputs(image, mask))
   big_h, big_w = img.shape[-2:]
-  coord, cell = grid_queries(big_h, big_w)
+  coord, cell = (t.to(device) for t in grid_queries(big_h, big_w))
   out = {}
   for s in scales:
     size = (round(big_h * s), round(big_w * s))
     im_s = F.interpolate(img, size=size, mode="bilinear", align_corners=True)
     seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
     if torch.sum(seg_s + 1) < 2:
-      prob = torch.zeros(big_h * big_w)
+      prob = torch.zeros(big_h * big_w, device=device)
     else:
       feat = model.features(torch.cat([im_s, seg_s], dim=1))
       parts = [model.query(feat, coord[:, i:i + chunk], cell[:, i:i + chunk])
                for i in range(0, coord.shape[1], chunk)]
       prob = torch.sigmoid(torch.cat(parts, dim=1))[0]
     prob = prob.view(big_h, big_w)
-    out[s] = prob[PAD:-PAD, PAD:-PAD].numpy().astype(np.float32).copy()
+    out[s] = prob[PAD:-PAD, PAD:-PAD].cpu().numpy().astype(np.float32).copy()
     seg = ((prob - 0.5) * 2)[None, None]
   return out
 
