@@ -627,30 +627,51 @@ class Refiner:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """``python -m crm_jax.refine``: one image. Bad arguments, files and checkpoints, and OS errors,
+  end in one ``error:`` line naming the path (exit status 2); the output is checked before the
+  checkpoint is loaded, and is never one of the inputs."""
+  from crm_jax import io
+  from crm_jax.bundled import default_checkpoint
+  from crm_jax.scales import check_scales
+
   parser = argparse.ArgumentParser(prog="python -m crm_jax.refine",
                                    description="Refine one coarse mask with CRM.")
   parser.add_argument("--image", required=True)
-  parser.add_argument("--mask", required=True)
+  parser.add_argument("--mask", required=True,
+                      help="the coarse mask (encodings: see the README's Input rules)")
   parser.add_argument("--output", required=True, help="PNG of the refined mask (0-255)")
   parser.add_argument("--checkpoint", default=None,
-                      help="model checkpoint directory (default: the bundled one)")
+                      help="model checkpoint directory (default: the bundled small one, trained "
+                           "on synthetic data)")
   parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
   parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                       help="compute dtype of the network (default float32)")
   args = parser.parse_args(argv)
-  from crm_jax.bundled import default_checkpoint
-  path = args.checkpoint or default_checkpoint()
+  io.show_warnings_as_lines()
   try:
-    refiner = Refiner.from_checkpoint(path, dtype=args.dtype)
-    image = read_image(args.image)
-    mask = read_mask(args.mask)
+    scales = check_scales(args.scales)
+    io.check_output_file(args.output, inputs=(args.image, args.mask))
+    io.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
+    image = io.read_image(args.image)
+    mask = io.read_mask(args.mask)
     if image.shape[:2] != mask.shape:
       raise InputError(f"{args.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but "
                        f"{args.image} is {image.shape[1]}x{image.shape[0]}")
-    prob = refiner.refine(image, mask, args.scales)
-    write_image(args.output, prob_to_uint8(prob))
+    check_scales(scales, image.shape[:2])
+    path = args.checkpoint
+    if path is None:
+      path = default_checkpoint()
+      print(f"note: no --checkpoint given: using the bundled small checkpoint ({path}), trained "
+            "on synthetic data only; for real photographs convert the published weights (README: "
+            "Convert the published checkpoint and evaluate on BIG)", file=sys.stderr)
+    refiner = Refiner.from_checkpoint(path, dtype=args.dtype)
+    prob = refiner.refine(image, mask, scales)
+    io.write_image(args.output, prob_to_uint8(prob))
   except (InputError, ckpt.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: {io.os_error_line(e)}", file=sys.stderr)
     return 2
   print(f"wrote {args.output}")
   return 0

@@ -1,4 +1,4 @@
-"""Tests of crm_jax.metrics (spec section 6): hand-computed cases and an independent restatement."""
+"""Tests of crm_jax.metrics (docs/metrics.md): hand-computed cases and an independent restatement."""
 
 import math
 import os
@@ -219,7 +219,7 @@ def test_format_table():
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent restatement of spec section 6, on random masks.
+# An independent restatement of docs/metrics.md, on random masks.
 
 
 def _ref_gradient(gt01, radius):

@@ -1,4 +1,4 @@
-"""Scanning dataset folders laid out as the original archives (spec sections 5 and 8).
+"""Scanning dataset folders laid out as the original archives (docs/refinement.md, docs/data.md).
 
 Three layouts:
 
@@ -18,7 +18,8 @@ difference: upstream's FSS-1000 loader drops a whole class when one of its ``.jp
 occur twice for the same role (for example ``a.jpg`` in two subfolders) are ambiguous: they are
 left out and listed as duplicates rather than paired at random. Hidden files and folders (``.*``)
 and macOS archive debris (``__MACOSX``) are ignored. With ``check_readable=True`` every kept file is
-decoded with OpenCV and samples with an unreadable file are left out and listed.
+checked (truncation included: ``is_readable``) and samples with an unreadable file are left out
+and listed.
 
 A missing root raises ``FileNotFoundError``, a root that is a file ``NotADirectoryError``, and a
 folder in which nothing pairs up ``FolderError``; each message names the folder and the layout.
@@ -34,10 +35,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from crm_jax.io import InputError, check_encoded, read_bytes
+
 IMAGE_EXTS = (".jpg", ".jpeg")  # training images (upstream globs ``*.jpg``)
 MASK_EXTS = (".png",)
 BIG_IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-_BIG_ROLES = ("im", "seg", "gt")
+BIG_ROLES = {"im": "image", "seg": "coarse mask", "gt": "ground truth"}  # role: what it is
 _IGNORED_DIRS = ("__MACOSX",)
 _SPLIT_NAME = re.compile(r"^\w+$")
 
@@ -145,14 +148,14 @@ def _split_ext(name: str) -> Tuple[str, str]:
 
 
 def is_readable(path: str) -> bool:
-  """Whether OpenCV decodes the file (a full decode: slow for big images)."""
+  """Whether the file is a complete image that OpenCV decodes (``crm_jax.io.check_encoded``, then
+  a full decode: slow for big images)."""
   try:
-    data = np.fromfile(path, dtype=np.uint8)
-  except OSError:
+    data = read_bytes(path)
+    check_encoded(data, path)
+  except InputError:
     return False
-  if data.size == 0:
-    return False
-  return cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is not None
+  return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
 
 
 def _group(entries: Sequence[Tuple[str, str, str]],
@@ -243,10 +246,11 @@ def scan_flat(root: "str | os.PathLike[str]", *, check_readable: bool = False,
   return [Pair(name=k, image=f["image"], mask=f["mask"]) for k, f in out], report
 
 
-def _big_entry(f: str) -> Optional[Tuple[str, str]]:
-  """(object name, role) of a BIG file name, or None."""
+def big_entry(f: str) -> Optional[Tuple[str, str]]:
+  """(object name, role) of a BIG file name (``<name>_<role>.<ext>``, a role of ``BIG_ROLES``
+  with its extension), or None."""
   stem, ext = _split_ext(f)
-  for role in _BIG_ROLES:
+  for role in BIG_ROLES:
     suffix = "_" + role
     if stem.endswith(suffix) and len(stem) > len(suffix):
       exts = BIG_IMAGE_EXTS if role == "im" else MASK_EXTS
@@ -263,10 +267,10 @@ def scan_big(root: "str | os.PathLike[str]", *, check_readable: bool = False,
   for f in sorted(os.listdir(root)):
     if _ignored(f) or not os.path.isfile(os.path.join(root, f)):
       continue
-    parsed = _big_entry(f)
+    parsed = big_entry(f)
     if parsed:
       entries.append((parsed[0], parsed[1], f))
-  out = _match(entries, _BIG_ROLES, root, report, check_readable)
+  out = _match(entries, tuple(BIG_ROLES), root, report, check_readable)
   _check_found(out, report, what, BIG_LAYOUT, len(entries))
   return [BigTriple(name=k, image=f["im"], seg=f["seg"], gt=f["gt"]) for k, f in out], report
 
@@ -279,13 +283,13 @@ def big_split_folders(root: "str | os.PathLike[str]", what: str = "BIG") -> Dict
     path = os.path.join(root, d)
     if _ignored(d) or not os.path.isdir(path):
       continue
-    if any(_big_entry(f) for f in os.listdir(path) if not _ignored(f)):
+    if any(big_entry(f) for f in os.listdir(path) if not _ignored(f)):
       if not _SPLIT_NAME.match(d):
         raise FolderError(f"{what}: subfolder {path} holds BIG files but {d!r} is not a valid "
                           "split name (letters, digits and underscores only)")
       splits[d] = path
   if not splits:
-    flat = any(_big_entry(f) for f in os.listdir(root))
+    flat = any(big_entry(f) for f in os.listdir(root))
     hint = (" The files lie directly in it: move them into a val/ or test/ subfolder."
             if flat else "")
     raise FolderError(f"{what}: no subfolder of {root} holds BIG files; expected {root}/val/ "
