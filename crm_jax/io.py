@@ -21,7 +21,8 @@ foreground.
   anything else (negative, above 255, NaN) is refused. Other integer types: {0, 1} is
   binary, other values in 0-255 are 8-bit values, anything else is refused.
 - Alpha (grey+alpha, RGBA): an alpha that is not constant holds the mask (warned when the colour
-  channels are not constant too); a constant alpha is dropped.
+  channels hold something else: neither constant nor equal to the alpha); a constant alpha is
+  dropped.
 - Colour: channels that agree within ``GREY_TOLERANCE`` are grey (BT.601 weights, as PIL's
   ``convert('L')``); otherwise a colour mask: every pixel that is not black is foreground (warned).
 - Palette PNG: a grey palette is read as grey; any other palette is a label map: index 0 is
@@ -250,7 +251,8 @@ def as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
     alpha = mask[:, :, -1]
     colour = mask[:, :, :-1]
     if alpha.size and alpha.min() != alpha.max():
-      if colour.size and np.any(colour != colour.reshape(-1, colour.shape[2])[0]):
+      flat = colour.reshape(-1, colour.shape[2])
+      if np.any(flat != flat[0]) and np.any(colour != alpha[:, :, None]):
         _warn(name, "mask held in the alpha channel (its colour channels are ignored)")
       mask = alpha
     else:
@@ -375,7 +377,10 @@ def check_output_file(path: str, inputs: Iterable[str] = ()) -> str:
     if f and os.path.exists(path) and os.path.exists(f) and os.path.samefile(path, f):
       raise InputError(f"{path}: is the input {f}; writing would overwrite it: choose another "
                        "output file")
-  _writable_dir(os.path.dirname(os.path.abspath(path)))
+  try:
+    _writable_dir(os.path.dirname(os.path.abspath(path)))
+  except InputError as e:
+    raise InputError(f"{path}: cannot be written there ({e})") from None
   return path
 
 
