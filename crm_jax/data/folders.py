@@ -142,9 +142,21 @@ def _walk_files(root: str) -> Iterable[Tuple[str, str]]:
         yield rel, f
 
 
+def _files_in(folder: str) -> List[str]:
+  """The non-hidden files directly in folder, sorted."""
+  return [f for f in sorted(os.listdir(folder))
+          if not _ignored(f) and os.path.isfile(os.path.join(folder, f))]
+
+
 def _split_ext(name: str) -> Tuple[str, str]:
   stem, ext = os.path.splitext(name)
   return stem, ext.lower()
+
+
+def _pair_role(name: str) -> Tuple[str, Optional[str]]:
+  """(stem, "image" | "mask" | None) of a file of an image/mask pair layout."""
+  stem, ext = _split_ext(name)
+  return stem, "image" if ext in IMAGE_EXTS else "mask" if ext in MASK_EXTS else None
 
 
 def is_readable(path: str) -> bool:
@@ -218,11 +230,8 @@ def scan_fss1000(root: "str | os.PathLike[str]", *, check_readable: bool = False
     cls_dir = os.path.join(root, cls)
     if _ignored(cls) or not os.path.isdir(cls_dir):
       continue
-    for f in sorted(os.listdir(cls_dir)):
-      if _ignored(f) or not os.path.isfile(os.path.join(cls_dir, f)):
-        continue
-      stem, ext = _split_ext(f)
-      role = "image" if ext in IMAGE_EXTS else "mask" if ext in MASK_EXTS else None
+    for f in _files_in(cls_dir):
+      stem, role = _pair_role(f)
       if role:
         entries.append((f"{cls}/{stem}", role, os.path.join(cls, f)))
   out = _match(entries, ("image", "mask"), root, report, check_readable)
@@ -237,8 +246,7 @@ def scan_flat(root: "str | os.PathLike[str]", *, check_readable: bool = False,
   report = ScanReport(root=root, layout="flat")
   entries = []
   for rel_dir, f in _walk_files(root):
-    stem, ext = _split_ext(f)
-    role = "image" if ext in IMAGE_EXTS else "mask" if ext in MASK_EXTS else None
+    stem, role = _pair_role(f)
     if role:
       entries.append((stem, role, os.path.join(rel_dir, f)))
   out = _match(entries, ("image", "mask"), root, report, check_readable)
@@ -264,9 +272,7 @@ def scan_big(root: "str | os.PathLike[str]", *, check_readable: bool = False,
   root = check_folder(root, what)
   report = ScanReport(root=root, layout="big")
   entries = []
-  for f in sorted(os.listdir(root)):
-    if _ignored(f) or not os.path.isfile(os.path.join(root, f)):
-      continue
+  for f in _files_in(root):
     parsed = big_entry(f)
     if parsed:
       entries.append((parsed[0], parsed[1], f))
