@@ -38,7 +38,7 @@ import struct
 import tempfile
 import warnings
 import zlib
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -95,7 +95,8 @@ def _jpeg_complete(data: bytes) -> bool:
 
 
 def _png_chunks(data: bytes, name: str) -> dict:
-  """``{chunk type: first chunk's data}`` of a PNG, every CRC checked, up to ``IEND``."""
+  """``{b'IHDR': ..., b'PLTE': ...}`` (those present) of a PNG whose chunks, every CRC checked,
+  lead to ``IEND``; ``InputError`` otherwise."""
   chunks, pos, view = {}, len(_PNG_MAGIC), memoryview(data)
   while pos + 12 <= len(data):
     length, kind = struct.unpack(">I4s", view[pos:pos + 8])
@@ -106,7 +107,8 @@ def _png_chunks(data: bytes, name: str) -> dict:
     if zlib.crc32(view[pos + 4:end - 4]) != struct.unpack(">I", view[end - 4:end])[0]:
       raise InputError(f"{name}: corrupt PNG (bad checksum in its {kind.decode('latin-1')} "
                        "chunk)")
-    chunks.setdefault(kind, bytes(body) if kind != b"IDAT" else b"")
+    if kind in (b"IHDR", b"PLTE"):
+      chunks.setdefault(kind, bytes(body))
     if kind == b"IEND":
       return chunks
     pos = end

@@ -327,7 +327,16 @@ def test_outputs_of_another_model_or_settings_are_refused(world, refiner, tmp_pa
   everything with --overwrite; resume reuses masks of the same model and settings only."""
   out = _copytree(world["out"], tmp_path / "out")
   before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+  killed_save = tmp_path / "other.tmp-999999999-abc"  # what a killed save_model leaves
+  (killed_save / "variables").mkdir(parents=True)
   other = save_model(str(tmp_path / "other"), init_variables(CRM(TINY), jax.random.key(1)), TINY)
+  assert not killed_save.exists()
+  # The fingerprint follows the content: one changed number changes it.
+  config, variables = load_model(world["ckpt"])
+  changed = jax.tree_util.tree_map(np.array, variables)
+  leaf = jax.tree_util.tree_leaves(changed)[3]
+  leaf.flat[0] += 1e-3
+  assert fingerprint(config, changed) != fingerprint(config, variables)
   for argv, words in ((["--checkpoint", other], "fingerprint"),
                       (["--checkpoint", world["ckpt"], "--scales", "0.5", "1.0"], "scales")):
     code = evaluate_cli.main(["--data", world["data"], "--output", out, "--no-progress"] + argv)
