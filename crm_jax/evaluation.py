@@ -1,4 +1,4 @@
-"""Refinement and metrics over BIG-style data (``evaluate.py``; docs/refinement.md, docs/metrics.md).
+"""Refinement and metrics over BIG-style data (``evaluate.py``; docs/metrics.md).
 
 Input, either a folder (``<name>_im.jpg|png``, ``<name>_seg.png``, ``<name>_gt.png``; the naming is
 ``crm_jax.data.folders``) or a prepared TFDS dataset with ``seg`` and ``gt`` features
@@ -338,8 +338,9 @@ def prepare_output(out_dir: str, settings: Dict, overwrite: bool = False,
   existing = sorted(f for f in os.listdir(out_dir) if metrics.is_output_file(f))
   if existing:
     if not overwrite:
-      raise InputError(f"{out_dir}: holds {len(existing)} output file(s) {_differences(old, settings)}; "
-                       "choose another --output, or pass --overwrite to refine everything again")
+      raise InputError(f"{out_dir}: holds {len(existing)} output file(s) "
+                       f"{_differences(old, settings)}; choose another --output, or pass "
+                       "--overwrite to refine everything again")
     for f in [METRICS_FILE] + existing:
       if os.path.exists(os.path.join(out_dir, f)):
         os.remove(os.path.join(out_dir, f))
