@@ -61,9 +61,16 @@ from crm_jax.constants import (BINARY_THRESHOLD, MBA_MIN_RADIUS, MBA_NUM_RADII,
 from crm_jax.io import InputError, read_grey, read_mask
 
 COPY_ROLES = ("im", "seg", "gt")  # <name>_<role>.png: the image, input seg and gt as read
-GT_SUFFIX = "_gt.png"
-SEG_SUFFIX = "_seg.png"
 MASK_SUFFIX = "_mask.png"
+
+
+def copy_suffix(role: str) -> str:
+  """``_<role>.png``: how a copy's file name ends."""
+  return f"_{role}.png"
+
+
+GT_SUFFIX = copy_suffix("gt")
+SEG_SUFFIX = copy_suffix("seg")
 
 
 def scale_key(scale: float) -> str:
@@ -78,7 +85,7 @@ def mask_path(out_dir: str, name: str, scale: float) -> str:
 
 def copy_path(out_dir: str, name: str, role: str) -> str:
   """``<out_dir>/<name>_<role>.png`` for a role of ``COPY_ROLES``."""
-  return os.path.join(out_dir, f"{name}_{role}.png")
+  return os.path.join(out_dir, name + copy_suffix(role))
 
 
 def output_files(out_dir: str, name: str, scales: Sequence[float]) -> List[str]:
@@ -95,7 +102,7 @@ def is_complete(out_dir: str, name: str, scales: Sequence[float]) -> bool:
 def is_output_file(file_name: str) -> bool:
   """Whether a file name belongs to the output layout (a refined mask or a copy)."""
   return not file_name.startswith(".") and file_name.endswith(
-      (MASK_SUFFIX,) + tuple(f"_{role}.png" for role in COPY_ROLES))
+      (MASK_SUFFIX,) + tuple(copy_suffix(role) for role in COPY_ROLES))
 
 
 # ---------------------------------------------------------------------------------------------
