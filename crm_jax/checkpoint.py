@@ -37,7 +37,7 @@ EXPORT_DIR = "model"  # train.py exports its final model to WORKDIR/model.
 
 
 class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or does not fit the model."""
+  """A checkpoint that cannot be read or written, or does not fit the model."""
 
 
 def abstract_variables(config: ModelConfig):
@@ -70,15 +70,24 @@ def check_tree(variables, config: ModelConfig, source: str) -> None:
 
 def save_model(path: str, variables, config: ModelConfig,
                meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
-  """Writes a model checkpoint directory atomically; returns its path."""
+  """Writes a model checkpoint directory atomically; returns its path.
+
+  Raises ``CheckpointError`` (one line naming ``path``) when it is a file or its folder cannot
+  be written, ``FileExistsError`` when it exists and not ``overwrite``.
+  """
   path = os.path.abspath(path)
   check_tree(variables, config, path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise CheckpointError(f"{path}: is a file, not a checkpoint folder")
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)")
   parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  remove_leftovers(parent, os.path.basename(path))
-  tmp = tempfile.mkdtemp(prefix=tmp_prefix(os.path.basename(path)), dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    remove_leftovers(parent, os.path.basename(path))
+    tmp = tempfile.mkdtemp(prefix=tmp_prefix(os.path.basename(path)), dir=parent)
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot be written ({e.strerror or e})") from None
   try:
     variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
     # This process alone (in a multi-process run only one process exports; orbax would

@@ -454,3 +454,17 @@ def test_killed_run_resumes_and_its_leftovers_are_removed(world, refiner, tmp_pa
   for k in KEYS:
     for x in ("iou", "mba", "old_iou", "old_mba"):
       assert res["scales"][k][x] == pytest.approx(cli["scales"][k][x], abs=1e-3)
+
+
+def test_save_model_output_errors_are_one_line(world, tmp_path):
+  """Point 5 for checkpoints (converter and training export): an output that is a file, or lies
+  under a file, is a CheckpointError naming it, not a traceback about a temporary folder."""
+  from crm_jax.checkpoint import CheckpointError
+  config, variables = load_model(world["ckpt"])
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  for path, words in ((a_file, "is a file"), (a_file / "model", "cannot be written")):
+    with pytest.raises(CheckpointError) as e:
+      save_model(str(path), variables, config, overwrite=True)
+    assert str(e.value).startswith(str(path)) and words in str(e.value)
+  assert a_file.read_text() == "x"
