@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SIZES = ("2048x1600", "4096x3000", "6000x4000")
 
 
-def child(width: int, height: int, config_name: str, dtype: str, buckets: bool) -> None:
+def child(width: int, height: int, config_name: str, dtype: str, plan: str) -> None:
   """Refines one random image; prints seconds and its own peak RSS."""
   sys.path.insert(0, ROOT)
   import jax
@@ -37,7 +37,7 @@ def child(width: int, height: int, config_name: str, dtype: str, buckets: bool) 
   image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
   mask = np.zeros((height, width), np.uint8)
   mask[height // 4: 3 * height // 4, width // 5: 4 * width // 5] = 255
-  refiner = Refiner(config, variables, dtype=dtype, buckets=buckets)
+  refiner = Refiner(config, variables, dtype=dtype, plan=plan)
   start = time.perf_counter()
   out = refiner.refine_all_scales(image, mask)
   seconds = time.perf_counter() - start
@@ -53,19 +53,19 @@ def main() -> int:
                       help="WIDTHxHEIGHT, each in its own subprocess")
   parser.add_argument("--config", default="resnet50", choices=("resnet50", "small", "tiny"))
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--plain", action="store_true",
-                      help="the plain per-shape loop (buckets=False, not banded)")
+  parser.add_argument("--plan", default="banded", choices=("plain", "banded", "fused"),
+                      help="the execution plan (default banded, the CPU default)")
   parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    child(*args.child, args.config, args.dtype, not args.plain)
+    child(*args.child, args.config, args.dtype, args.plan)
     return 0
   print(f"config {args.config}, dtype {args.dtype}, "
-        f"{'plain' if args.plain else 'bucketed'} loop, scales 0.125 0.25 0.5 1.0")
+        f"plan {args.plan}, scales 0.125 0.25 0.5 1.0")
   for size in args.sizes:
     width, height = (int(v) for v in size.lower().split("x"))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(width), str(height),
-           "--config", args.config, "--dtype", args.dtype] + (["--plain"] if args.plain else [])
+           "--config", args.config, "--dtype", args.dtype, "--plan", args.plan]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)

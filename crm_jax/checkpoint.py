@@ -8,10 +8,15 @@ writes and ``Refiner.from_checkpoint`` / ``train.py --init`` read)::
 
 A training workdir (``train.py --workdir``) is also accepted: the model that
 training exported to ``WORKDIR/model`` is read.
-Directories are written under a temporary name and renamed, so a checkpoint
-is either complete or absent.
+Directories are written under a temporary name (``<name>.tmp-<pid>-*``) and
+renamed, so a checkpoint is either complete or absent; the next save beside it
+removes what a killed save left.
+
+``fingerprint(config, variables)`` identifies a model by its content (see its
+docstring); outputs record it (``crm_jax.evaluation``).
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from crm_jax.io import remove_leftovers, tmp_prefix
 from crm_jax.models.crm import CRM, ModelConfig, init_variables
 
 FORMAT = "crm-jax-model"
@@ -31,7 +37,7 @@ EXPORT_DIR = "model"  # train.py exports its final model to WORKDIR/model.
 
 
 class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or does not fit the model."""
+  """A checkpoint that cannot be read or written, or does not fit the model."""
 
 
 def abstract_variables(config: ModelConfig):
@@ -64,14 +70,24 @@ def check_tree(variables, config: ModelConfig, source: str) -> None:
 
 def save_model(path: str, variables, config: ModelConfig,
                meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
-  """Writes a model checkpoint directory atomically; returns its path."""
+  """Writes a model checkpoint directory atomically; returns its path.
+
+  Raises ``CheckpointError`` (one line naming ``path``) when it is a file or its folder cannot
+  be written, ``FileExistsError`` when it exists and not ``overwrite``.
+  """
   path = os.path.abspath(path)
   check_tree(variables, config, path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise CheckpointError(f"{path}: is a file, not a checkpoint folder")
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)")
   parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    remove_leftovers(parent, os.path.basename(path))
+    tmp = tempfile.mkdtemp(prefix=tmp_prefix(os.path.basename(path)), dir=parent)
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot be written ({e.strerror or e})") from None
   try:
     variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
     # This process alone (in a multi-process run only one process exports; orbax would
@@ -92,6 +108,23 @@ def save_model(path: str, variables, config: ModelConfig,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return path
+
+
+def fingerprint(config: ModelConfig, variables) -> str:
+  """A content fingerprint of a model: ``sha256:<hex>``.
+
+  SHA-256 over the model config's architecture fields (canonical JSON; the training-only
+  dropout rate left out) and then, for every variable in sorted path order, its path, dtype,
+  shape and bytes (C order). Two checkpoints have the same fingerprint exactly when they hold
+  the same network and numbers, wherever and however often they were saved.
+  """
+  h = hashlib.sha256(json.dumps(config.architecture(), sort_keys=True).encode())
+  leaves = tree_paths(jax.device_get(variables))
+  for key in sorted(leaves):
+    leaf = np.ascontiguousarray(leaves[key])
+    h.update(f"\n{key} {leaf.dtype.str} {leaf.shape}\n".encode())
+    h.update(leaf.tobytes())
+  return "sha256:" + h.hexdigest()
 
 
 def resolve(path: str) -> str:

@@ -1,65 +1,76 @@
-"""Refinement and metrics over BIG-style data (``evaluate.py``; spec sections 5 and 6).
+"""Refinement and metrics over BIG-style data (``evaluate.py``; docs/metrics.md).
 
-Input, either a folder (``<name>_im.jpg|png``, ``<name>_seg.png``, ``<name>_gt.png``) or a
-prepared TFDS dataset with ``seg`` and ``gt`` features (``crm_big``, read through
-``crm_jax.data.tfds_builders.load_source``; no TensorFlow).
+Input, either a folder (``<name>_im.jpg|png``, ``<name>_seg.png``, ``<name>_gt.png``; the naming is
+``crm_jax.data.folders``) or a prepared TFDS dataset with ``seg`` and ``gt`` features
+(``crm_big``, read through ``crm_jax.data.tfds_builders.load_source``; no TensorFlow). Images and
+masks are read by the rules of ``crm_jax.io`` (mask encodings, truncated files); a rule that had
+to guess is reported in one ``warning:`` line naming the file.
 
-Output folder (the published layout, so the published eval_post scripts run on it unchanged):
-``<s>_<name>_mask.png`` per scale ``s`` (``uint8(prob * 255)``), and ``<name>_im.png``,
-``<name>_seg.png``, ``<name>_gt.png``, all at the original size; plus ``metrics.json``::
+Output folder: the published layout (``crm_jax.metrics.output_files``: ``<s>_<name>_mask.png``
+per scale ``s``, ``uint8(prob * 255)``, and ``<name>_im.png``, ``<name>_seg.png``,
+``<name>_gt.png`` as read, all at the original size), so the published eval_post scripts run on
+it unchanged; plus ``manifest.json``, which says what made the masks::
+
+    {"format": "crm-jax-output", "fingerprint": "sha256:...", "scales": ["0.125", ...],
+     "dtype": "float32", "plan": "banded", "checkpoint": "/path/or/null"}
+
+and ``metrics.json``::
 
     {"scales": {"0.125": {"iou", "mba", "old_iou", "old_mba", "num_images", ...}, ...},
-     "num_images": N, "seconds": S, "skipped": ["name: reason", ...], ...}
+     "model": {the manifest}, "num_images": N, "seconds": S, "skipped": ["name: reason", ...],
+     ...}
+
+Provenance. The manifest is written before the first mask. A run into a folder that holds
+outputs made with another fingerprint (``crm_jax.checkpoint.fingerprint``: the model's content),
+other scales, dtype or execution plan, or outputs without a manifest, is refused with one line
+(``overwrite=True`` / ``--overwrite`` removes those outputs and refines everything again), so
+resuming only ever reuses masks made with the same model and settings.
 
 Every file is written atomically (``crm_jax.io.write_image``) and the masks are written before
 the ``_im``/``_seg``/``_gt`` copies, so an object is complete exactly when all its files exist:
-a run started again (after an interruption) skips complete objects.
+a run started again (after an interruption) skips complete objects, and removes the temporary
+files a killed run left (``crm_jax.io.remove_leftovers``). The output folder is checked before
+any work (``crm_jax.io.check_output_dir``): it must be writable and must not be, or lie inside,
+the input folder.
 
-Bad input (a missing ``_gt``/``_seg``/``_im`` file, sizes that differ, an unreadable image, an
-image too small to pad) is reported in one line naming the object and the problem; that object
-is skipped and the run goes on. ``evaluate`` raises ``InputError`` only when nothing could be
-evaluated (an empty or missing folder, no complete object, every object bad).
+Bad input (a missing ``_gt``/``_seg``/``_im`` file, sizes that differ, an unreadable, truncated or
+corrupt image, an image too small to pad or for the scales) is reported in one line naming the
+object and the problem; that object is skipped and the run goes on. ``evaluate`` raises
+``InputError`` only when nothing could be evaluated (an empty or missing folder, no complete
+object, every object bad) or before any work for a bad argument or output folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
 from crm_jax import metrics
+from crm_jax.checkpoint import fingerprint
 from crm_jax.constants import SCALES
 from crm_jax.data import folders
-from crm_jax.io import InputError, read_image, read_mask, write_image, write_text
-from crm_jax.scales import check_scales  # noqa: F401  (re-exported)
-from crm_jax.metrics import scale_key  # noqa: F401  (re-exported: the one formatting of scales)
+from crm_jax.io import (InputError, check_output_dir, read_image, read_mask, remove_leftovers,
+                        write_image, write_text)
+from crm_jax.metrics import scale_key
 from crm_jax.preprocess import prob_to_uint8
+from crm_jax.scales import check_scales
 
 METRICS_FILE = "metrics.json"
-_ROLES = (("im", "image"), ("seg", "coarse mask"), ("gt", "ground truth"))
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "crm-jax-output"
+SETTINGS = ("fingerprint", "scales", "dtype", "plan")  # what the masks depend on
+DEFAULT_PLAN = "banded"  # for a refiner that does not name its execution plan
 
 Log = Callable[[str], None]
 
-
-def mask_file(out_dir: str, name: str, scale: float) -> str:
-  """``<out_dir>/<s>_<name>_mask.png``."""
-  return metrics.mask_path(out_dir, name, scale)
-
-
-def output_files(out_dir: str, name: str, scales: Sequence[float]) -> List[str]:
-  """Every file one object leaves in the output folder, masks first (the order written)."""
-  return [mask_file(out_dir, name, s) for s in scales] + [
-      os.path.join(out_dir, f"{name}_{kind}.png") for kind in ("im", "seg", "gt")]
-
-
-def is_complete(out_dir: str, name: str, scales: Sequence[float]) -> bool:
-  return all(os.path.isfile(p) for p in output_files(out_dir, name, scales))
+mask_file = metrics.mask_path  # re-exported (crm_jax.demo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,31 +106,22 @@ def _one_line(e: BaseException) -> str:
   return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
-def _split_role(f: str) -> Optional[Tuple[str, str]]:
-  """(object name, role) of a BIG file name, or None."""
-  stem = os.path.splitext(os.path.basename(f))[0]
-  for role, _ in _ROLES:
-    if stem.endswith("_" + role) and len(stem) > len(role) + 1:
-      return stem[:-len(role) - 1], role
-  return None
-
-
 def _describe_unmatched(report: folders.ScanReport) -> List[str]:
   """One line per object of a BIG scan that was left out: the files it lacks, or the files
   that make it ambiguous."""
   dups: Dict[str, List[str]] = {}
   for f in report.duplicates:
-    parsed = _split_role(f)
+    parsed = folders.big_entry(f)
     dups.setdefault(parsed[0] if parsed else f, []).append(f)
   have: Dict[str, List[str]] = {}
   for f in report.unmatched:
-    parsed = _split_role(f)
+    parsed = folders.big_entry(f)
     if parsed and parsed[0] not in dups:
       have.setdefault(parsed[0], []).append(parsed[1])
   lines = []
   for name, roles in sorted(have.items()):
     lacking = [f"{name}_{role}.{'jpg' if role == 'im' else 'png'} ({what})"
-               for role, what in _ROLES if role not in roles]
+               for role, what in folders.BIG_ROLES.items() if role not in roles]
     lines.append(f"{name}: missing {', '.join(lacking)}")
   for name, files in sorted(dups.items()):
     lines.append(f"{name}: ambiguous, several files for one role: {', '.join(files)}")
@@ -161,30 +163,27 @@ def tfds_objects(name: str, data_dir: str,
   import tensorflow_datasets as tfds  # only on this path: importing TFDS takes seconds
   from crm_jax.data import tfds_builders as tb
 
-  try:
-    tb.builder_class(name)
-  except ValueError as e:
-    raise InputError(f"--data {name}: {e}") from None
   if not os.path.isdir(data_dir):
     raise InputError(f"{data_dir}: no such TFDS data folder")
-  if not tb.is_prepared(name, data_dir):
-    raise InputError(f"{name} is not prepared in {data_dir} (no "
-                     f"{tb.prepared_path(name, data_dir)}); prepare it with "
-                     f"crm_jax.data.tfds_builders.prepare({name!r}, manual_dir, data_dir)")
-  builder = tb.get_builder(name, data_dir)
+  try:
+    builder = tb.get_builder(name, data_dir)
+    if split is None and tb.is_prepared(name, data_dir):
+      splits = list(builder.info.splits)
+      if len(splits) > 1:
+        raise InputError(f"{name} in {data_dir} has splits {', '.join(splits)}; choose one "
+                         "with --split")
+      split = splits[0] if splits else None
+    # load_source checks that the dataset is prepared and has the split.
+    source = tb.load_source(name, data_dir, split or "train")
+  except (FileNotFoundError, ValueError) as e:
+    if isinstance(e, InputError):
+      raise
+    raise InputError(f"--data {name}: {_one_line(e)}") from None
+  split = source.split
   features = set(builder.info.features)
   if not {"image", "seg", "gt"} <= features:
     raise InputError(f"{name} has no seg/gt features ({', '.join(sorted(features))}); only "
                      "BIG-style datasets (crm_big) can be evaluated")
-  splits = list(builder.info.splits)
-  if split is None:
-    if len(splits) != 1:
-      raise InputError(f"{name} in {data_dir} has splits {', '.join(splits)}; choose one "
-                       "with --split")
-    split = splits[0]
-  elif split not in splits:
-    raise InputError(f"{name} in {data_dir} has no split {split!r}; it has {', '.join(splits)}")
-  source = tb.load_source(name, data_dir, split)
   # The names, without decoding any image (a resumed run skips complete objects cheaply).
   raw = builder.as_data_source(split=split, decoders={
       k: tfds.decode.SkipDecoding() for k in ("image", "seg", "gt")})
@@ -228,27 +227,21 @@ _BAR_FORMAT = ("{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {
                "left, {rate_inv_fmt}{postfix}")
 
 
-def refine_objects(objects: Sequence[EvalObject], out_dir: str,
-                   scales: Sequence[float] = SCALES, *, refiner=None,
-                   checkpoint: Optional[str] = None, progress: bool = True,
-                   log: Log = print, dtype: str = "float32") -> RefineSummary:
+def refine_objects(objects: Sequence[EvalObject], out_dir: str, scales: Sequence[float],
+                   refiner, *, progress: bool = True, log: Log = print) -> RefineSummary:
   """Refines every object that is not complete in ``out_dir`` at every scale.
 
-  ``refiner`` (anything with ``refine_all_scales(image, mask, scales) -> {s: prob [H, W]}``) or
-  else ``checkpoint`` gives the model; the checkpoint is loaded only when an object needs it.
-  Objects that fail (bad input) are reported through ``log`` and listed in ``failed``.
+  ``refiner``: anything with ``refine_all_scales(image, mask, scales) -> {s: prob [H, W]}``
+  (``crm_jax.refine.Refiner``). Objects that fail (bad input) are reported through ``log`` and
+  listed in ``failed``; a mask rule that guessed is logged as a ``warning:`` line.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  complete = [o.name for o in objects if is_complete(out_dir, o.name, scales)]
+  complete = [o.name for o in objects if metrics.is_complete(out_dir, o.name, scales)]
   done = set(complete)
   todo = [o for o in objects if o.name not in done]
   if complete:
     log(f"{len(complete)} object(s) already complete in {out_dir}: skipped")
   refined: List[str] = []
   failed: List[str] = []
-  if todo and refiner is None:
-    from crm_jax.refine import Refiner  # JAX is imported only here.
-    refiner = Refiner.from_checkpoint(checkpoint, dtype=dtype)
   start = time.time()  # compilation counts, loading the checkpoint does not
   with tqdm(total=len(todo), desc="refining", unit="object", disable=not progress,
             bar_format=_BAR_FORMAT, dynamic_ncols=True) as bar:
@@ -259,7 +252,12 @@ def refine_objects(objects: Sequence[EvalObject], out_dir: str,
     for obj in todo:
       t0 = time.time()
       try:
-        image, seg, gt = obj.load()
+        with warnings.catch_warnings(record=True) as caught:
+          warnings.simplefilter("always")
+          image, seg, gt = obj.load()
+        for w in caught:
+          say(f"warning: {w.message}")
+        check_scales(scales, image.shape[:2])
         probs = refiner.refine_all_scales(image, seg, scales)
       except (InputError, MemoryError, RuntimeError) as e:
         # RuntimeError: XLA errors such as running out of device memory on one huge image.
@@ -271,25 +269,83 @@ def refine_objects(objects: Sequence[EvalObject], out_dir: str,
         bar.update(1)
         continue
       for s in scales:
-        write_image(mask_file(out_dir, obj.name, s), prob_to_uint8(probs[s]))
-      write_image(os.path.join(out_dir, f"{obj.name}_im.png"), image)
-      write_image(os.path.join(out_dir, f"{obj.name}_seg.png"), seg)
-      write_image(os.path.join(out_dir, f"{obj.name}_gt.png"), gt)
+        write_image(metrics.mask_path(out_dir, obj.name, s), prob_to_uint8(probs[s]))
+      for role, pixels in zip(metrics.COPY_ROLES, (image, seg, gt)):
+        write_image(metrics.copy_path(out_dir, obj.name, role), pixels)
       refined.append(obj.name)
       bar.set_postfix_str(f"last {time.time() - t0:.1f} s")
       bar.update(1)
   return RefineSummary(refined, complete, failed, time.time() - start)
 
 
-def refine_folder(refiner, data_dir: str, out_dir: str, scales: Sequence[float] = SCALES,
-                  progress: bool = True, log: Log = print) -> RefineSummary:
-  """Refines every object of a BIG-layout folder into ``out_dir`` (see ``refine_objects``)."""
-  objects, problems = folder_objects(data_dir)
-  for p in problems:
-    log(f"skipped {p}")
-  summary = refine_objects(objects, out_dir, scales, refiner=refiner, progress=progress, log=log)
-  summary.failed[:0] = problems
-  return summary
+# ---------------------------------------------------------------------------------------------
+# Provenance: the manifest.
+
+
+def run_settings(refiner, scales: Sequence[float], checkpoint: Optional[str] = None) -> Dict:
+  """The manifest of a run: the model's fingerprint, the scales, dtype and plan (``SETTINGS``)
+  and, for information, the checkpoint path."""
+  fp = getattr(refiner, "fingerprint", None)
+  if fp is None:
+    fp = fingerprint(refiner.config, refiner.variables)
+  return {"format": MANIFEST_FORMAT, "fingerprint": fp,
+          "scales": [scale_key(s) for s in scales],
+          "dtype": str(getattr(refiner, "dtype", "float32")),
+          "plan": str(getattr(refiner, "plan", DEFAULT_PLAN)),
+          "checkpoint": os.path.abspath(checkpoint) if checkpoint else None}
+
+
+def read_manifest(out_dir: str) -> Optional[Dict]:
+  """The manifest of an output folder, or None when it has none."""
+  path = os.path.join(out_dir, MANIFEST_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      blob = json.load(f)
+  except (OSError, ValueError) as e:
+    raise InputError(f"{path}: unreadable manifest ({_one_line(e)}); remove it, or pass "
+                     "--overwrite to refine everything again") from None
+  if not isinstance(blob, dict) or blob.get("format") != MANIFEST_FORMAT:
+    raise InputError(f"{path}: not a crm-jax output manifest; choose another output folder")
+  return blob
+
+
+def _differences(old: Optional[Dict], new: Dict) -> str:
+  if old is None:
+    return f"no {MANIFEST_FILE} says what made them"
+  diffs = []
+  for k in SETTINGS:
+    if old.get(k) != new[k]:
+      what = old.get(k)
+      if k == "fingerprint":
+        what = f"{what} (checkpoint {old.get('checkpoint')})"
+      diffs.append(f"{k} {what} instead of {new[k]}")
+  return "made with " + "; ".join(diffs)
+
+
+def prepare_output(out_dir: str, settings: Dict, overwrite: bool = False,
+                   log: Log = print) -> None:
+  """Makes ``out_dir`` hold outputs of ``settings`` only, then writes its manifest.
+
+  Outputs made with other settings (or without a manifest) raise ``InputError``, or with
+  ``overwrite`` are removed (with ``metrics.json``) so that every object is refined again.
+  """
+  old = read_manifest(out_dir)
+  same = old is not None and all(old.get(k) == settings[k] for k in SETTINGS)
+  if same:
+    return
+  existing = sorted(f for f in os.listdir(out_dir) if metrics.is_output_file(f))
+  if existing:
+    if not overwrite:
+      raise InputError(f"{out_dir}: holds {len(existing)} output file(s) "
+                       f"{_differences(old, settings)}; choose another --output, or pass "
+                       "--overwrite to refine everything again")
+    for f in [METRICS_FILE] + existing:
+      if os.path.exists(os.path.join(out_dir, f)):
+        os.remove(os.path.join(out_dir, f))
+    log(f"--overwrite: removed {len(existing)} output file(s) of another run from {out_dir}")
+  write_json(os.path.join(out_dir, MANIFEST_FILE), settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +355,8 @@ def refine_folder(refiner, data_dir: str, out_dir: str, scales: Sequence[float] 
 def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
              scales: Sequence[float] = SCALES, metrics_only: bool = False,
              progress: bool = True, log: Log = print, *, tfds_data_dir: Optional[str] = None,
-             split: Optional[str] = None, refiner=None, dtype: str = "float32") -> Dict:
+             split: Optional[str] = None, refiner=None, dtype: str = "float32",
+             overwrite: bool = False) -> Dict:
   """Refines ``data`` into ``out_dir`` (unless ``metrics_only``), computes the metrics, prints
   the table and writes ``out_dir/metrics.json``; returns what it wrote.
 
@@ -307,19 +364,23 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     data: a BIG-layout folder, or with ``tfds_data_dir`` a TFDS name (``crm_big``).
     checkpoint: a crm-jax model checkpoint directory (unless ``refiner`` is given).
     out_dir: the output folder.
-    scales: the refinement scales, coarse to fine.
+    scales: the refinement scales, coarse to fine (``crm_jax.scales.check_scales``).
     metrics_only: only recompute the metrics of every object already in ``out_dir``.
     tfds_data_dir, split: where the TFDS dataset is prepared, and which split (may be left out
       when there is one).
     refiner: an already loaded ``crm_jax.refine.Refiner`` (instead of ``checkpoint``).
     dtype: the network's compute dtype, ``float32`` (exact) or ``bfloat16`` (accelerators).
+    overwrite: outputs in ``out_dir`` made by another model or settings are removed and every
+      object refined again (without it they are refused; see the module docstring).
 
   With refinement, the metrics cover the objects of ``data`` that are complete in ``out_dir``
   (refined now or before); ``--metrics-only`` covers every ``<name>_gt.png`` in ``out_dir``.
 
   Raises:
-    InputError: nothing could be evaluated (the message says why).
+    InputError: a bad argument or output folder (before any work), or nothing could be
+      evaluated (the message says why).
     crm_jax.checkpoint.CheckpointError: a bad checkpoint.
+    OSError: an output file could not be written (the message names it).
   """
   start = time.time()
   scales = check_scales(scales)
@@ -329,17 +390,28 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
   if metrics_only:
     if not os.path.isdir(out_dir):
       raise InputError(f"{out_dir}: no such folder (nothing to evaluate)")
+    check_output_dir(out_dir)
+    remove_leftovers(out_dir)
+    settings = read_manifest(out_dir)
   else:
     if not data:
       raise InputError("no data given")
     if tfds_data_dir:
       objects, problems = tfds_objects(data, tfds_data_dir, split)
+      inputs = [tfds_data_dir]
     else:
       objects, problems = folder_objects(data)
+      inputs = [data]
+    check_output_dir(out_dir, inputs)
+    remove_leftovers(out_dir)
+    if refiner is None:
+      from crm_jax.refine import Refiner  # JAX is imported only here.
+      refiner = Refiner.from_checkpoint(checkpoint, dtype=dtype)
+    settings = run_settings(refiner, scales, checkpoint)
+    prepare_output(out_dir, settings, overwrite, log)
     for p in problems:
       log(f"skipped {p}")
-    summary = refine_objects(objects, out_dir, scales, refiner=refiner, checkpoint=checkpoint,
-                             progress=progress, log=log, dtype=dtype)
+    summary = refine_objects(objects, out_dir, scales, refiner, progress=progress, log=log)
     skipped = problems + summary.failed
     names = summary.skipped_complete + summary.refined
     per = summary.seconds_per_object
@@ -357,6 +429,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     why = (f"no <name>_gt.png in {out_dir}" if result["num_objects"] == 0 else
            f"none of {result['num_objects']} object(s) has a usable gt, seg and mask")
     raise InputError(f"{out_dir}: nothing could be evaluated ({why})")
+  result["model"] = settings
   result["seconds"] = time.time() - start
   result.update(extra)
   write_json(os.path.join(out_dir, METRICS_FILE), result)

@@ -1,8 +1,44 @@
-"""Reading and writing images with clear errors; atomic writes."""
+"""Reading images and masks by one set of rules, checking outputs before the work, atomic writes.
+
+Every reader decodes the file's bytes with ``cv2.imdecode(..., IMREAD_UNCHANGED)``: pixels as
+stored, EXIF orientation ignored for images and masks alike (as PIL, which the published code
+reads with, ignores it), so an image and its mask always stay aligned.
+
+Decoding problems are errors (``InputError`` naming the file). OpenCV's ``imread`` decodes a
+truncated JPEG to a half-grey image with only a warning on stderr, so the bytes are checked first
+(``check_encoded``): a JPEG's markers are walked to its end-of-image marker (data after it, such as
+a motion photo's video, is allowed), and a PNG's chunks are walked to ``IEND`` with every chunk's
+CRC checked. Other formats rely on OpenCV's own decoding errors.
+
+Mask encodings (``as_mask`` for arrays, ``decode_mask``/``read_mask`` for files; the README's
+"Input rules" lists them): a mask becomes grey uint8 ``[H, W]`` in 0-255, where ``> 128`` is
+foreground.
+
+- 8-bit grey: as it is; but a mask whose values are only {0, 1} is a binary mask (1 -> 255).
+- 16-bit grey: {0, 1} is binary; all values <= 255 are 8-bit values (warned); otherwise scaled to
+  8 bits (0/65535 -> 0/255).
+- bool: 0/255. Float: [0, 1] is a probability (x 255, rounded); otherwise [0, 255] values;
+  anything else (negative, above 255, NaN) is refused. Other integer types: {0, 1} is
+  binary, other values in 0-255 are 8-bit values, anything else is refused.
+- Alpha (grey+alpha, RGBA): an alpha that is not constant holds the mask (warned when the colour
+  channels hold something else: neither constant nor equal to the alpha); a constant alpha is
+  dropped.
+- Colour: channels that agree within ``GREY_TOLERANCE`` are grey (BT.601 weights, as PIL's
+  ``convert('L')``); otherwise a colour mask: every pixel that is not black is foreground (warned).
+- Palette PNG: a grey palette is read as grey; any other palette is a label map: index 0 is
+  background, every other index foreground (warned when several labels occur).
+
+A rule that had to guess warns once per file (``MaskWarning``, through ``warnings``).
+"""
 
 import os
+import re
+import shutil
+import struct
 import tempfile
-from typing import Callable
+import warnings
+import zlib
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -12,22 +48,122 @@ class InputError(ValueError):
   """Bad user input: the message names the file and the problem."""
 
 
-def read_image(path: str) -> np.ndarray:
-  """An image file as RGB uint8 ``[H, W, 3]`` (grey is replicated, alpha dropped)."""
+class MaskWarning(UserWarning):
+  """A mask encoding rule had to guess (the message names the file and the rule)."""
+
+
+GREY_TOLERANCE = 8  # colour channels that differ by no more than this are grey (JPEG noise).
+TMP_MARK = ".tmp-"  # temporary names: <stem>.tmp-<pid>-<random>
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_PALETTE = 3  # IHDR colour type
+# Inside entropy-coded JPEG data, 0xFF is followed by 0x00 (stuffing) or a restart marker
+# (0xD0-0xD7); anything else starts the next marker.
+_JPEG_SEGMENT_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and decoding bytes.
+
+
+def _jpeg_complete(data: bytes) -> bool:
+  """Whether the JPEG's markers lead to its end-of-image marker (FFD9)."""
+  n, pos = len(data), 2
+  while True:
+    if pos >= n or data[pos] != 0xFF:
+      return False
+    while pos < n and data[pos] == 0xFF:  # fill bytes
+      pos += 1
+    if pos >= n:
+      return False
+    code = data[pos]
+    pos += 1
+    if code == 0xD9:
+      return True
+    if 0xD0 <= code <= 0xD7 or code == 0x01:  # markers without a length
+      continue
+    if pos + 2 > n:
+      return False
+    pos += int.from_bytes(data[pos:pos + 2], "big")
+    if pos > n:
+      return False
+    if code == 0xDA:  # start of scan: entropy-coded data up to the next marker
+      found = _JPEG_SEGMENT_END.search(data, pos)
+      if found is None:
+        return False
+      pos = found.start()
+
+
+def _png_chunks(data: bytes, name: str) -> dict:
+  """``{b'IHDR': ..., b'PLTE': ...}`` (those present) of a PNG whose chunks, every CRC checked,
+  lead to ``IEND``; ``InputError`` otherwise."""
+  chunks, pos, view = {}, len(_PNG_MAGIC), memoryview(data)
+  while pos + 12 <= len(data):
+    length, kind = struct.unpack(">I4s", view[pos:pos + 8])
+    end = pos + 12 + length
+    if end > len(data):
+      break
+    body = view[pos + 8:end - 4]
+    if zlib.crc32(view[pos + 4:end - 4]) != struct.unpack(">I", view[end - 4:end])[0]:
+      raise InputError(f"{name}: corrupt PNG (bad checksum in its {kind.decode('latin-1')} "
+                       "chunk)")
+    if kind in (b"IHDR", b"PLTE"):
+      chunks.setdefault(kind, bytes(body))
+    if kind == b"IEND":
+      return chunks
+    pos = end
+  raise InputError(f"{name}: truncated PNG (the file ends before its IEND chunk)")
+
+
+def check_encoded(data: bytes, name: str) -> dict:
+  """Raises ``InputError`` for an empty, truncated or corrupt JPEG/PNG; returns the PNG's chunks
+  (``{b'IHDR': ..., b'PLTE': ...}``), ``{}`` for other formats."""
+  if not data:
+    raise InputError(f"{name}: empty file")
+  if data.startswith(_JPEG_MAGIC):
+    if not _jpeg_complete(data):
+      raise InputError(f"{name}: truncated or corrupt JPEG (no end-of-image marker after its "
+                       "data)")
+    return {}
+  if data.startswith(_PNG_MAGIC):
+    return _png_chunks(data, name)
+  return {}
+
+
+def _decode(data: bytes, name: str) -> Tuple[np.ndarray, dict]:
+  """Pixels as stored (RGB or RGBA order, EXIF ignored) and the PNG chunks."""
+  chunks = check_encoded(data, name)
+  buf = np.frombuffer(data, dtype=np.uint8)
+  img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+  if img is None:
+    raise InputError(f"{name}: unreadable or not an image")
+  return img_bgr_to_rgb(img), chunks
+
+
+def read_bytes(path: str) -> bytes:
+  """The file's bytes; ``InputError`` naming ``path`` when it cannot be read."""
+  if os.path.isdir(path):
+    raise InputError(f"{path}: is a folder, not an image file")
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such file")
-  img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-  if img is None:
-    raise InputError(f"{path}: unreadable or not an image")
-  return as_rgb(img_bgr_to_rgb(img), path)
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def img_bgr_to_rgb(img: np.ndarray) -> np.ndarray:
+  """OpenCV's BGR/BGRA channel order as RGB/RGBA (grey unchanged)."""
   if img.ndim == 3 and img.shape[2] == 3:
     return img[:, :, ::-1]
   if img.ndim == 3 and img.shape[2] == 4:
     return img[:, :, [2, 1, 0, 3]]
   return img
+
+
+# ---------------------------------------------------------------------------------------------
+# Images.
 
 
 def as_rgb(img: np.ndarray, name: str = "image") -> np.ndarray:
@@ -50,28 +186,248 @@ def as_rgb(img: np.ndarray, name: str = "image") -> np.ndarray:
   return np.ascontiguousarray(img[:, :, :3])
 
 
-def read_mask(path: str) -> np.ndarray:
-  """A mask file as grey uint8 ``[H, W]`` (colour masks are converted to grey)."""
-  if not os.path.isfile(path):
-    raise InputError(f"{path}: no such file")
-  mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-  if mask is None:
-    raise InputError(f"{path}: unreadable or not an image")
-  return mask
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+  """Encoded bytes -> RGB uint8 ``[H, W, 3]`` (``as_rgb``; EXIF orientation ignored)."""
+  return as_rgb(_decode(data, name)[0], name)
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file as RGB uint8 ``[H, W, 3]`` (``decode_image``)."""
+  return decode_image(read_bytes(path), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks.
+
+
+def _warn(name: str, rule: str) -> None:
+  warnings.warn(f"{name}: {rule}", MaskWarning, stacklevel=3)
+
+
+def _grey_from_colour(rgb: np.ndarray, name: str) -> np.ndarray:
+  """``[H, W, 3]`` (uint8/uint16/float) -> ``[H, W]`` of the same kind (see the module rules)."""
+  spread = rgb.max(axis=2).astype(np.float64) - rgb.min(axis=2)
+  if spread.max(initial=0) <= GREY_TOLERANCE:
+    weights = np.asarray([0.299, 0.587, 0.114])
+    grey = rgb.astype(np.float64) @ weights
+    return np.rint(grey).astype(rgb.dtype) if rgb.dtype.kind in "ui" else grey
+  _warn(name, "colour mask: every pixel that is not black counts as foreground")
+  return np.where(rgb.max(axis=2) > 0, 255, 0).astype(np.uint8)
+
+
+def _integer_to_uint8(mask: np.ndarray, name: str) -> np.ndarray:
+  lo, hi = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
+  if lo < 0:
+    raise InputError(f"{name}: mask values must not be negative (got {lo})")
+  if hi <= 1:
+    return (mask * 255).astype(np.uint8)  # binary {0, 1}
+  if hi <= 255:
+    if mask.dtype == np.uint16:
+      _warn(name, "16-bit mask whose values are all <= 255: read as 8-bit values")
+    return mask.astype(np.uint8)
+  if mask.dtype == np.uint16:
+    return ((mask.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+  raise InputError(f"{name}: mask values up to {hi} in {mask.dtype}; expected 0/1 or 0-255 "
+                   "(or 0-65535 in uint16)")
+
+
+def _float_to_uint8(mask: np.ndarray, name: str) -> np.ndarray:
+  if not np.all(np.isfinite(mask)):
+    raise InputError(f"{name}: mask holds NaN or infinite values")
+  lo, hi = (float(mask.min()), float(mask.max())) if mask.size else (0.0, 0.0)
+  if lo < 0 or hi > 255:
+    raise InputError(f"{name}: float mask values must lie in [0, 1] (probabilities) or "
+                     f"[0, 255], got {lo:g}..{hi:g}")
+  return np.rint(mask * 255 if hi <= 1 else mask).astype(np.uint8)
 
 
 def as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
-  """Grey uint8 ``[H, W]`` from ``[H, W]`` or ``[H, W, 1]`` (bool becomes 0/255)."""
+  """Grey uint8 ``[H, W]`` in 0-255 from any common mask array (the module's rules).
+
+  Accepts ``[H, W]``, ``[H, W, 1]``, RGB ``[H, W, 3]``, grey+alpha ``[H, W, 2]`` and RGBA
+  ``[H, W, 4]``, of bool, unsigned/signed integer or float values. Raises ``InputError`` for
+  anything it cannot read unambiguously; warns (``MaskWarning``) where a rule guessed.
+  """
   mask = np.asarray(mask)
+  if mask.ndim == 3 and mask.shape[2] in (2, 4):
+    alpha = mask[:, :, -1]
+    colour = mask[:, :, :-1]
+    if alpha.size and alpha.min() != alpha.max():
+      flat = colour.reshape(-1, colour.shape[2])
+      if np.any(flat != flat[0]) and np.any(colour != alpha[:, :, None]):
+        _warn(name, "mask held in the alpha channel (its colour channels are ignored)")
+      mask = alpha
+    else:
+      mask = colour
   if mask.ndim == 3 and mask.shape[2] == 1:
     mask = mask[:, :, 0]
+  if mask.ndim == 3 and mask.shape[2] == 3:
+    if mask.dtype == bool:
+      mask = mask.any(axis=2)
+    else:
+      mask = _grey_from_colour(mask, name)
   if mask.ndim != 2:
-    raise InputError(f"{name}: expected a [H, W] mask, got shape {mask.shape}")
+    raise InputError(f"{name}: expected a [H, W] mask (or RGB, grey+alpha, RGBA), got shape "
+                     f"{mask.shape}")
   if mask.dtype == bool:
-    mask = mask.astype(np.uint8) * 255
-  if mask.dtype != np.uint8:
-    raise InputError(f"{name}: expected uint8 values 0-255, got {mask.dtype}")
-  return mask
+    return mask.astype(np.uint8) * 255
+  if mask.dtype.kind in "ui":
+    return _integer_to_uint8(mask, name)
+  if mask.dtype.kind == "f":
+    return _float_to_uint8(mask, name)
+  raise InputError(f"{name}: mask of unsupported type {mask.dtype}")
+
+
+def _palette_mask(rgb: np.ndarray, plte: bytes, name: str) -> Optional[np.ndarray]:
+  """A palette PNG as a mask (None when its palette is grey: then it is read as grey)."""
+  palette = np.frombuffer(plte, np.uint8).reshape(-1, 3)
+  if np.all(palette == palette[:, :1]):
+    return None
+  foreground = np.any(rgb[:, :, :3] != palette[0], axis=2)
+  labels = np.unique(rgb[:, :, :3][foreground].reshape(-1, 3), axis=0)
+  if len(labels) > 1:
+    _warn(name, f"palette (label) mask with {len(labels)} labels besides index 0: all of them "
+          "count as foreground")
+  return foreground.astype(np.uint8) * 255
+
+
+def decode_mask(data: bytes, name: str = "mask") -> np.ndarray:
+  """Encoded bytes -> grey uint8 ``[H, W]`` in 0-255 (the module's encoding rules)."""
+  img, chunks = _decode(data, name)
+  ihdr = chunks.get(b"IHDR", b"")
+  if len(ihdr) >= 10 and ihdr[9] == _PNG_PALETTE:
+    if b"PLTE" not in chunks:
+      raise InputError(f"{name}: corrupt PNG (palette image without a PLTE chunk)")
+    mask = _palette_mask(img, chunks[b"PLTE"], name)
+    if mask is not None:
+      return mask
+    img = img[:, :, :3]
+  return as_mask(img, name)
+
+
+def read_mask(path: str) -> np.ndarray:
+  """A mask file as grey uint8 ``[H, W]`` in 0-255 (``decode_mask``: the encoding rules)."""
+  return decode_mask(read_bytes(path), path)
+
+
+def read_grey(path: str) -> np.ndarray:
+  """An 8-bit grey file this package wrote (``uint8(prob * 255)``) as uint8 ``[H, W]``, values
+  as stored: no encoding rule applies (a faint mask of only 0s and 1s stays faint)."""
+  img, _ = _decode(read_bytes(path), path)
+  if img.dtype != np.uint8 or img.ndim != 2:
+    raise InputError(f"{path}: expected an 8-bit grey mask, got {img.dtype} with shape "
+                     f"{img.shape}")
+  return img
+
+
+def show_warnings_as_lines() -> None:
+  """Command lines: print each warning as one line ``warning: <message>``."""
+  warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: checked before the work, written atomically, leftovers of killed runs removed.
+
+
+def os_error_line(e: OSError) -> str:
+  """An ``OSError`` as one line naming the path and the problem."""
+  if e.filename is not None and e.strerror:
+    return f"{e.filename}: {e.strerror}"
+  return str(e)
+
+
+def _same_or_inside(path: str, folder: str) -> bool:
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _writable_dir(path: str) -> None:
+  """Creates ``path`` if needed and proves a file can be made in it (``InputError`` if not)."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f"{path}: is a file, not a folder")
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=tmp_prefix(), dir=path)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise InputError(f"{path}: cannot write in this folder ({e.strerror or e})") from None
+
+
+def check_output_dir(path: str, inputs: Iterable[str] = ()) -> str:
+  """Before any work: ``path`` as an output folder, created if needed; ``InputError`` when it is
+  a file, cannot be written, or is (or lies inside) one of the ``inputs`` folders."""
+  for folder in inputs:
+    if folder and os.path.isdir(folder) and _same_or_inside(path, folder):
+      raise InputError(f"{path}: the output folder is (or lies inside) the input folder "
+                       f"{folder}; its files would be mixed with or overwrite the inputs: "
+                       "choose another output folder")
+  _writable_dir(path)
+  return path
+
+
+def check_output_file(path: str, inputs: Iterable[str] = ()) -> str:
+  """Before any work: ``path`` as an output image file; ``InputError`` when it is a folder, has
+  no image extension OpenCV writes, is one of the ``inputs`` files, or its folder cannot be
+  written. The folder is created if needed."""
+  if path.endswith(("/", os.sep)) or os.path.isdir(path):
+    raise InputError(f"{path}: is a folder; give an image file name such as refined.png")
+  if not cv2.haveImageWriter(path):
+    raise InputError(f"{path}: not an image file name (use a .png extension, or .jpg, .bmp, "
+                     ".tif)")
+  for f in inputs:
+    if f and os.path.exists(path) and os.path.exists(f) and os.path.samefile(path, f):
+      raise InputError(f"{path}: is the input {f}; writing would overwrite it: choose another "
+                       "output file")
+  try:
+    _writable_dir(os.path.dirname(os.path.abspath(path)))
+  except InputError as e:
+    raise InputError(f"{path}: cannot be written there ({e})") from None
+  return path
+
+
+def tmp_prefix(stem: str = "") -> str:
+  """The start of a temporary name made by this process: ``<stem>.tmp-<pid>-``."""
+  return f"{stem}{TMP_MARK}{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_leftovers(directory: str, stem: str = "") -> List[str]:
+  """Removes the temporary files (and folders) named ``<stem>.tmp-<pid>-*`` in ``directory``
+  that a killed process left (its ``pid`` runs no more; older names without a pid too).
+  Returns the names removed. A missing folder has none."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  removed = []
+  for f in sorted(names):
+    if not f.startswith(stem + TMP_MARK):
+      continue
+    pid = f[len(stem + TMP_MARK):].split("-", 1)[0]
+    if pid.isdigit() and _alive(int(pid)):
+      continue
+    path = os.path.join(directory, f)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      try:
+        os.remove(path)
+      except FileNotFoundError:
+        pass
+    removed.append(f)
+  return removed
 
 
 def _umask() -> int:
@@ -83,20 +439,28 @@ def _umask() -> int:
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
   """Creates ``path`` atomically: ``write(tmp)`` fills a temporary file beside it, then a rename.
 
+  The temporary name is ``.tmp-<pid>-*`` (``remove_leftovers`` removes those of killed runs).
   The file gets the permissions a plain ``open(path, "w")`` would give (0o666 less the umask);
-  a failure leaves no temporary file behind and ``path`` untouched.
+  a failure leaves no temporary file behind and ``path`` untouched; an ``OSError`` names
+  ``path`` (never the temporary file).
   """
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
-  os.close(fd)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), suffix=os.path.splitext(path)[1],
+                               dir=directory)
+    os.close(fd)
+  except OSError as e:
+    raise OSError(f"{path}: cannot be written ({e.strerror or e})") from None
   try:
     write(tmp)
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError):
+      raise OSError(f"{path}: cannot be written ({e.strerror or e})") from None
     raise
 
 
@@ -116,5 +480,5 @@ def write_image(path: str, img: np.ndarray) -> None:
 
   def write(tmp):
     if not cv2.imwrite(tmp, np.ascontiguousarray(img)):
-      raise OSError(f"{path}: could not be written")
+      raise OSError("OpenCV could not encode the image")
   atomic_write(path, write)

@@ -1,10 +1,12 @@
-"""IoU and mBA of refined masks, as the published eval_post scripts compute them (spec section 6).
+"""IoU and mBA of refined masks, as the published eval_post scripts compute them (docs/metrics.md).
 
 Pure NumPy + OpenCV (no JAX), so ``python evaluate.py --metrics-only`` starts fast.
 
-Per object, from an output folder (``crm_jax.evaluation`` writes it; the published layout):
-``<name>_gt.png``, ``<name>_seg.png`` (the input coarse mask) and ``<s>_<name>_mask.png`` (the
-refined mask after scale ``s``), each read as grey uint8 and binarised with ``> 128``.
+The output layout (the published one; ``crm_jax.evaluation`` writes it, ``output_files`` lists
+it): per object ``<s>_<name>_mask.png`` per scale ``s`` (the refined mask, ``uint8(prob * 255)``)
+and ``<name>_im.png``, ``<name>_seg.png`` (the input coarse mask), ``<name>_gt.png``. The gt and
+seg are read by the mask encoding rules (``crm_jax.io.read_mask``), the refined masks as the
+8-bit grey they are (``crm_jax.io.read_grey``); all are binarised with ``> 128``.
 
 - Small-input rule: when the input seg's grey values sum to less than ``32 * 32`` (fewer than
   5 foreground pixels at 255), the refined mask is replaced by the input seg.
@@ -30,7 +32,7 @@ Decisions where the published code is silent or odd (each tested in ``tests/test
   accumulator leaves it out of the mBA mean (old and new alike, so both average the same
   images) while it still counts towards IoU; the names are listed under ``"no_boundary"``. A
   data set in which no image has a boundary has mBA ``None``.
-- Small-input rule: applied for every image as the spec says. (The published CascadePSP
+- Small-input rule: applied for every image as docs/metrics.md states. (The published CascadePSP
   ``eval_post.py`` compares the mask's height with the image's width before the rule, so for
   non-square images it keeps the refined mask; that reads as a bug, and is not reproduced.)
 - Sizes: images of different sizes are fine (each image has its own radii). gt, seg and a mask
@@ -56,12 +58,19 @@ from tqdm import tqdm
 
 from crm_jax.constants import (BINARY_THRESHOLD, MBA_MIN_RADIUS, MBA_NUM_RADII,
                                MBA_RADIUS_DIVISOR, SCALES, SMALL_SEG_GREY_SUM)
-from crm_jax.io import InputError, read_mask
+from crm_jax.io import InputError, read_grey, read_mask
 
-GT_SUFFIX = "_gt.png"
-SEG_SUFFIX = "_seg.png"
-IMAGE_SUFFIX = "_im.png"
+COPY_ROLES = ("im", "seg", "gt")  # <name>_<role>.png: the image, input seg and gt as read
 MASK_SUFFIX = "_mask.png"
+
+
+def copy_suffix(role: str) -> str:
+  """``_<role>.png``: how a copy's file name ends."""
+  return f"_{role}.png"
+
+
+GT_SUFFIX = copy_suffix("gt")
+SEG_SUFFIX = copy_suffix("seg")
 
 
 def scale_key(scale: float) -> str:
@@ -72,6 +81,28 @@ def scale_key(scale: float) -> str:
 def mask_path(out_dir: str, name: str, scale: float) -> str:
   """``<out_dir>/<s>_<name>_mask.png``."""
   return os.path.join(out_dir, f"{scale_key(scale)}_{name}{MASK_SUFFIX}")
+
+
+def copy_path(out_dir: str, name: str, role: str) -> str:
+  """``<out_dir>/<name>_<role>.png`` for a role of ``COPY_ROLES``."""
+  return os.path.join(out_dir, name + copy_suffix(role))
+
+
+def output_files(out_dir: str, name: str, scales: Sequence[float]) -> List[str]:
+  """Every file one object leaves in the output folder, masks first (the order written)."""
+  return ([mask_path(out_dir, name, s) for s in scales]
+          + [copy_path(out_dir, name, role) for role in COPY_ROLES])
+
+
+def is_complete(out_dir: str, name: str, scales: Sequence[float]) -> bool:
+  """Whether every file of ``output_files`` exists (they are written masks first)."""
+  return all(os.path.isfile(p) for p in output_files(out_dir, name, scales))
+
+
+def is_output_file(file_name: str) -> bool:
+  """Whether a file name belongs to the output layout (a refined mask or a copy)."""
+  return not file_name.startswith(".") and file_name.endswith(
+      (MASK_SUFFIX,) + tuple(copy_suffix(role) for role in COPY_ROLES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,8 +307,8 @@ def evaluate_folder(out_dir: str, scales: Sequence[float] = SCALES,
 
   for name in bar:
     try:
-      gt = read_mask(os.path.join(out_dir, name + GT_SUFFIX))
-      seg = read_mask(os.path.join(out_dir, name + SEG_SUFFIX))
+      gt = read_mask(copy_path(out_dir, name, "gt"))
+      seg = read_mask(copy_path(out_dir, name, "seg"))
       if seg.shape != gt.shape:
         raise InputError(f"{name}{SEG_SUFFIX} is {_wxh(seg)} but {name}{GT_SUFFIX} is "
                          f"{_wxh(gt)}")
@@ -290,7 +321,7 @@ def evaluate_folder(out_dir: str, scales: Sequence[float] = SCALES,
       key = scale_key(s)
       path = mask_path(out_dir, name, s)
       try:
-        mask = read_mask(path)
+        mask = read_grey(path)
         if mask.shape != gt.shape:
           raise InputError(f"{path}: {_wxh(mask)} but {name}{GT_SUFFIX} is {_wxh(gt)}")
       except InputError as e:

@@ -38,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from crm_jax import checkpoint as ckpt
-from crm_jax import plans
+from crm_jax import io, plans
+from crm_jax.bundled import default_checkpoint
 from crm_jax.constants import REFLECT_PAD, SCALES
 from crm_jax.geometry import BUCKET_STEPS, bucket_shape
-from crm_jax.io import InputError, as_mask, as_rgb, read_image, read_mask, write_image
+from crm_jax.io import InputError, as_mask, as_rgb
 from crm_jax.models.crm import ModelConfig
 from crm_jax.preprocess import normalize_image, normalize_seg, prob_to_uint8
 from crm_jax.scales import check_scales
@@ -173,9 +174,13 @@ class Refiner:
                        f"exceed {self.pad} pixels (the reflect padding)")
     return image, mask
 
-  def _padded(self, image, mask) -> Tuple[np.ndarray, np.ndarray]:
-    """The normalised, reflect-padded pair: ``[H+2p, W+2p, 3]``, ``[H+2p, W+2p]`` float32."""
+  def _padded(self, image, mask, scales) -> Tuple[np.ndarray, np.ndarray]:
+    """The normalised, reflect-padded pair: ``[H+2p, W+2p, 3]``, ``[H+2p, W+2p]`` float32.
+
+    ``InputError`` for a bad pair, or scales the pair's size cannot take (``check_scales``).
+    """
     image, mask = self._check(image, mask)
+    check_scales(scales, mask.shape, pad=self.pad)
     p = self.pad
     return (np.pad(normalize_image(image), ((p, p), (p, p), (0, 0)), mode="reflect"),
             np.pad(normalize_seg(mask), ((p, p), (p, p)), mode="reflect"))
@@ -236,7 +241,7 @@ class Refiner:
       scales: the input scales, coarse to fine.
     """
     scales = check_scales(scales)
-    return self._crop(self._run([self._padded(image, mask)], scales)[0])
+    return self._crop(self._run([self._padded(image, mask, scales)], scales)[0])
 
   def refine(self, image: np.ndarray, mask: np.ndarray,
              scales: Sequence[float] = SCALES) -> np.ndarray:
@@ -260,7 +265,7 @@ class Refiner:
     padded, good, bad = [], [], {}
     for i, (image, mask) in enumerate(zip(images, masks)):
       try:
-        padded.append(self._padded(image, mask))
+        padded.append(self._padded(image, mask, scales))
         good.append(i)
       except InputError as e:
         bad[i] = str(e)
@@ -287,13 +292,18 @@ class Refiner:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """``python -m crm_jax.refine``: one image. Bad arguments, files and checkpoints, and OS errors,
+  end in one ``error:`` line naming the path (exit status 2); the output is checked before the
+  checkpoint is loaded, and is never one of the inputs."""
   parser = argparse.ArgumentParser(prog="python -m crm_jax.refine",
                                    description="Refine one coarse mask with CRM.")
   parser.add_argument("--image", required=True)
-  parser.add_argument("--mask", required=True)
+  parser.add_argument("--mask", required=True,
+                      help="the coarse mask (encodings: see the README's Input rules)")
   parser.add_argument("--output", required=True, help="PNG of the refined mask (0-255)")
   parser.add_argument("--checkpoint", default=None,
-                      help="model checkpoint directory (default: the bundled one)")
+                      help="model checkpoint directory (default: the bundled small one, trained "
+                           "on synthetic data)")
   parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
   parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                       help="compute dtype of the network (default float32)")
@@ -301,19 +311,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="execution plan (default auto: banded on the CPU, fused on an "
                            "accelerator whose memory holds it)")
   args = parser.parse_args(argv)
-  from crm_jax.bundled import default_checkpoint
-  path = args.checkpoint or default_checkpoint()
+  io.show_warnings_as_lines()
   try:
-    refiner = Refiner.from_checkpoint(path, dtype=args.dtype, plan=args.plan)
-    image = read_image(args.image)
-    mask = read_mask(args.mask)
+    scales = check_scales(args.scales)
+    io.check_output_file(args.output, inputs=(args.image, args.mask))
+    io.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
+    image = io.read_image(args.image)
+    mask = io.read_mask(args.mask)
     if image.shape[:2] != mask.shape:
       raise InputError(f"{args.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but "
                        f"{args.image} is {image.shape[1]}x{image.shape[0]}")
-    prob = refiner.refine(image, mask, args.scales)
-    write_image(args.output, prob_to_uint8(prob))
+    check_scales(scales, image.shape[:2])
+    path = args.checkpoint
+    if path is None:
+      path = default_checkpoint()
+      print(f"note: no --checkpoint given: using the bundled small checkpoint ({path}), trained "
+            "on synthetic data only; for real photographs convert the published weights (README: "
+            "Convert the published checkpoint and evaluate on BIG)", file=sys.stderr)
+    refiner = Refiner.from_checkpoint(path, dtype=args.dtype, plan=args.plan)
+    prob = refiner.refine(image, mask, scales)
+    io.write_image(args.output, prob_to_uint8(prob))
   except (InputError, ckpt.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: {io.os_error_line(e)}", file=sys.stderr)
     return 2
   print(f"wrote {args.output}")
   return 0

@@ -1,8 +1,11 @@
-"""End-to-end tests of evaluate.py / crm_jax.evaluation on a tiny BIG-style folder (TINY model)."""
+"""End-to-end tests of evaluate.py / crm_jax.evaluation on a tiny BIG-style folder (TINY model):
+the published layout, resume, bad inputs, and issue 13's provenance (manifest), mask encodings,
+output checks and a run killed mid-write."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -13,7 +16,7 @@ import pytest
 
 import evaluate as evaluate_cli
 from crm_jax import evaluation, metrics
-from crm_jax.checkpoint import save_model
+from crm_jax.checkpoint import fingerprint, load_model, save_model
 from crm_jax.constants import SCALES
 from crm_jax.data.synthesis import lowres_segmenter_mask
 from crm_jax.data.synthetic import make_synthetic_pair
@@ -77,9 +80,14 @@ def refiner(world):
 
 
 class CountingRefiner:
+  """A Refiner that counts its calls (everything else, the model included, is the inner one's)."""
+
   def __init__(self, inner):
     self.inner = inner
     self.calls = 0
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
 
   def refine_all_scales(self, image, mask, scales):
     self.calls += 1
@@ -97,7 +105,7 @@ def test_cli_run_writes_the_published_layout(world, refiner):
   assert "new IoU" in proc.stdout and "refined 3 object(s)" in proc.stdout
   assert "objects" in proc.stderr  # the progress bar
   out = world["out"]
-  expected = {"metrics.json"}
+  expected = {"metrics.json", "manifest.json"}
   for name in SIZES:
     expected |= {f"{k}_{name}_mask.png" for k in KEYS}
     expected |= {f"{name}_{kind}.png" for kind in ("im", "seg", "gt")}
@@ -118,6 +126,15 @@ def test_cli_run_writes_the_published_layout(world, refiner):
   blob = json.load(open(os.path.join(out, "metrics.json")))
   assert list(blob["scales"]) == KEYS
   assert blob["num_images"] == 3 and blob["skipped"] == []
+  # Where the masks came from: the model's content, the scales, dtype and plan.
+  config, variables = load_model(world["ckpt"])
+  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  assert blob["model"] == manifest
+  assert manifest["fingerprint"] == fingerprint(config, variables) == fingerprint(
+      refiner.config, refiner.variables)
+  assert manifest["scales"] == KEYS and manifest["dtype"] == "float32"
+  assert manifest["plan"] == getattr(refiner, "plan", evaluation.DEFAULT_PLAN)
+  assert manifest["checkpoint"] == world["ckpt"]
   assert blob["seconds"] > 0
   for k in KEYS:
     m = blob["scales"][k]
@@ -155,12 +172,16 @@ def test_resume_skips_complete_objects(world, refiner, tmp_path):
   for f in before:
     if f != "metrics.json":
       assert open(os.path.join(out, f), "rb").read() == before[f], f
-  # Everything complete: no refinement, and the checkpoint is not even loaded.
-  res = evaluation.evaluate(world["data"], os.path.join(str(tmp_path), "no-such-ckpt"), out,
-                            progress=False, log=_quiet)
+  # Everything complete: no refinement; the same model saved elsewhere has the same fingerprint.
+  moved = shutil.copytree(world["ckpt"], tmp_path / "moved_ckpt")
+  res = evaluation.evaluate(world["data"], str(moved), out, progress=False, log=_quiet)
   assert res["refined"] == 0 and res["already_complete"] == 3
   assert res["scales"] == cli["scales"]
   assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+  # A missing checkpoint is an error, not a silent reuse of the masks.
+  code = evaluate_cli.main(["--data", world["data"], "--checkpoint", str(tmp_path / "none"),
+                            "--output", out, "--no-progress"])
+  assert code == 2
 
 
 def test_bad_inputs_are_reported_and_skipped(world, tmp_path, capsys):
@@ -177,6 +198,14 @@ def test_bad_inputs_are_reported_and_skipped(world, tmp_path, capsys):
   _copy_object(world["data"], d, "obj_a", "corrupt")
   with open(os.path.join(d, "corrupt_im.jpg"), "wb") as f:
     f.write(b"\xff\xd8\xff this is not a JPEG")
+  _copy_object(world["data"], d, "obj_a", "cut")
+  whole = open(os.path.join(d, "cut_im.jpg"), "rb").read()
+  with open(os.path.join(d, "cut_im.jpg"), "wb") as f:
+    f.write(whole[:len(whole) * 2 // 3])  # truncated: OpenCV's imread would decode it half grey
+  _copy_object(world["data"], d, "obj_a", "cutgt")
+  whole = open(os.path.join(d, "cutgt_gt.png"), "rb").read()
+  with open(os.path.join(d, "cutgt_gt.png"), "wb") as f:
+    f.write(whole[:len(whole) - 20])
   _copy_object(world["data"], d, "obj_a", "tiny")
   for f in ("tiny_seg.png", "tiny_gt.png"):
     cv2.imwrite(os.path.join(d, f), np.full((20, 30), 255, np.uint8))
@@ -199,15 +228,17 @@ def test_bad_inputs_are_reported_and_skipped(world, tmp_path, capsys):
   assert "no_gt_gt.png" in line_of("no_gt") and "missing" in line_of("no_gt")
   assert "no_seg_seg.png" in line_of("no_seg")
   assert "60x50" in line_of("mismatch") and "mismatch_gt.png" in line_of("mismatch")
-  assert "corrupt_im.jpg" in line_of("corrupt") and "unreadable" in line_of("corrupt")
+  assert "corrupt_im.jpg" in line_of("corrupt") and "corrupt JPEG" in line_of("corrupt")
+  assert "cut_im.jpg" in line_of("cut") and "truncated" in line_of("cut")
+  assert "cutgt_gt.png" in line_of("cutgt") and "truncated PNG" in line_of("cutgt")
   assert "30x20" in line_of("tiny") and "32 pixels" in line_of("tiny")
   assert "ambiguous" in line_of("twice") and "twice_im.png" in line_of("twice")
   assert "Traceback" not in text
   blob = json.load(open(os.path.join(out, "metrics.json")))
   assert blob["num_images"] == 1
   assert sorted(s.split(":")[0] for s in blob["skipped"]) == [
-      "corrupt", "mismatch", "no_gt", "no_seg", "tiny", "twice"]
-  assert "1 object(s) evaluated, 6 skipped" in text
+      "corrupt", "cut", "cutgt", "mismatch", "no_gt", "no_seg", "tiny", "twice"]
+  assert "1 object(s) evaluated, 8 skipped" in text
   assert sorted(f for f in os.listdir(out) if f.endswith("_gt.png")) == ["obj_a_gt.png"]
 
 
@@ -263,16 +294,16 @@ def test_tfds_dataset_by_name(world, refiner, tmp_path, capsys):
   assert sorted(os.listdir(out)) == sorted(os.listdir(cli_out))
   for f in os.listdir(out):
     if f.endswith(".png"):
-      a, b = read_mask(os.path.join(out, f)), read_mask(os.path.join(cli_out, f))
+      a, b = (cv2.imread(os.path.join(d, f), cv2.IMREAD_UNCHANGED) for d in (out, cli_out))
       assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1, f
   cli = json.load(open(os.path.join(cli_out, "metrics.json")))
   assert res["num_images"] == 3
   for k in KEYS:
     for x in ("iou", "mba", "old_iou", "old_mba"):
       assert res["scales"][k][x] == pytest.approx(cli["scales"][k][x], abs=1e-3)
-  # Resumed by name: nothing left to do (and the checkpoint is not loaded).
+  # Resumed by name: nothing left to do.
   code = evaluate_cli.main(["--data", "crm_big", "--tfds-data-dir", data_dir, "--split", "val",
-                            "--checkpoint", str(tmp_path / "none"), "--output", out,
+                            "--checkpoint", world["ckpt"], "--output", out,
                             "--no-progress"])
   assert code == 0
   assert "3 already complete" in capsys.readouterr().out
@@ -287,8 +318,153 @@ def test_tfds_dataset_by_name(world, refiner, tmp_path, capsys):
     assert code != 0 and words in err, (argv, err)
 
 
-def test_check_scales():
-  assert evaluation.check_scales([0.5, 1]) == (0.5, 1.0)
-  for bad in ([], [0.0], [-1.0], [0.5, 0.5], [float("nan")]):
-    with pytest.raises(InputError):
-      evaluation.check_scales(bad)
+# ---------------------------------------------------------------------------------------------
+# Issue 13.
+
+
+def test_outputs_of_another_model_or_settings_are_refused(world, refiner, tmp_path):
+  """Point 1: a rerun into an output made by another model or settings refuses, or re-refines
+  everything with --overwrite; resume reuses masks of the same model and settings only."""
+  out = _copytree(world["out"], tmp_path / "out")
+  before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+  killed_save = tmp_path / "other.tmp-999999999-abc"  # what a killed save_model leaves
+  (killed_save / "variables").mkdir(parents=True)
+  other = save_model(str(tmp_path / "other"), init_variables(CRM(TINY), jax.random.key(1)), TINY)
+  assert not killed_save.exists()
+  # The fingerprint follows the content: one changed number changes it.
+  config, variables = load_model(world["ckpt"])
+  changed = jax.tree_util.tree_map(np.array, variables)
+  leaf = jax.tree_util.tree_leaves(changed)[3]
+  leaf.flat[0] += 1e-3
+  assert fingerprint(config, changed) != fingerprint(config, variables)
+  for argv, words in ((["--checkpoint", other], "fingerprint"),
+                      (["--checkpoint", world["ckpt"], "--scales", "0.5", "1.0"], "scales")):
+    code = evaluate_cli.main(["--data", world["data"], "--output", out, "--no-progress"] + argv)
+    assert code == 2
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
+  with pytest.raises(InputError) as e:
+    evaluation.evaluate(world["data"], other, out, progress=False, log=_quiet)
+  msg = str(e.value)
+  assert "\n" not in msg and out in msg and "--overwrite" in msg and world["ckpt"] in msg
+  # Outputs without a manifest (another program, an older version) are not trusted either.
+  no_manifest = _copytree(world["out"], tmp_path / "no_manifest")
+  os.remove(os.path.join(no_manifest, "manifest.json"))
+  with pytest.raises(InputError, match="no manifest.json"):
+    evaluation.evaluate(world["data"], None, no_manifest, progress=False, log=_quiet,
+                        refiner=refiner)
+  # --overwrite: every object refined again by the other model; the stale object is gone.
+  shutil.copy(os.path.join(out, "obj_a_gt.png"), os.path.join(out, "stale_gt.png"))
+  code = evaluate_cli.main(["--data", world["data"], "--output", out, "--no-progress",
+                            "--checkpoint", other, "--overwrite"])
+  assert code == 0
+  blob = json.load(open(os.path.join(out, "metrics.json")))
+  assert blob["refined"] == 3 and blob["already_complete"] == 0
+  assert blob["model"]["fingerprint"] == fingerprint(*load_model(other))
+  assert blob["model"]["fingerprint"] != before_fingerprint(before)
+  assert not os.path.exists(os.path.join(out, "stale_gt.png"))
+  changed = [f for f in before if f.endswith("_mask.png")
+             and open(os.path.join(out, f), "rb").read() != before[f]]
+  assert changed  # the other model's masks, not the old ones
+  # And --metrics-only reports the manifest of the masks it scores.
+  assert evaluation.evaluate(None, None, out, metrics_only=True, progress=False,
+                             log=_quiet)["model"] == blob["model"]
+
+
+def before_fingerprint(files):
+  return json.loads(files["manifest.json"])["fingerprint"]
+
+
+def test_mask_encodings_of_inputs_and_ground_truths(world, refiner, tmp_path):
+  """Point 2: a 0/1 ground truth and a palette coarse mask score as their 0/255 versions."""
+  data = tmp_path / "data"
+  data.mkdir()
+  _copy_object(world["data"], str(data), "obj_a")
+  gt = read_mask(str(data / "obj_a_gt.png"))
+  assert set(np.unique(gt)) <= {0, 255}
+  cv2.imwrite(str(data / "obj_a_gt.png"), (gt > 128).astype(np.uint8))  # 0/1
+  seg = read_mask(str(data / "obj_a_seg.png"))
+  cv2.imwrite(str(data / "obj_a_seg.png"), np.dstack([np.zeros_like(seg)] * 2 + [seg]))  # red
+  out = str(tmp_path / "out")
+  logged = []
+  res = evaluation.evaluate(str(data), None, out, progress=False, log=logged.append,
+                            refiner=refiner)
+  assert res["num_images"] == 1
+  assert np.array_equal(read_mask(os.path.join(out, "obj_a_gt.png")), gt)
+  warned = [m for m in logged if m.startswith("warning: ")]
+  assert len(warned) == 1 and "obj_a_seg.png" in warned[0] and "colour mask" in warned[0]
+  reference = metrics.evaluate_folder(world["out"], SCALES, names=["obj_a"])
+  for k in KEYS:
+    assert res["scales"][k]["old_iou"] == pytest.approx(reference["scales"][k]["old_iou"])
+    assert res["scales"][k]["iou"] == pytest.approx(reference["scales"][k]["iou"], abs=1e-3)
+
+
+def test_output_problems_are_one_line_before_any_work(world, tmp_path, capsys):
+  """Points 5 and 7: an unusable --output, or one that is (inside) --data, is refused in one
+  line before the checkpoint is loaded; the inputs are untouched."""
+  data = _copytree(world["data"], tmp_path / "data")
+  before = sorted(os.listdir(data))
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  missing_ckpt = str(tmp_path / "no_ckpt")
+  for out, words in ((data, "input folder"), (os.path.join(data, "out"), "input folder"),
+                     (str(a_file), "is a file"), (str(a_file / "out"), "a_file")):
+    code = evaluate_cli.main(["--data", data, "--checkpoint", missing_ckpt, "--output", out,
+                              "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and words in line and "no_ckpt" not in line, (out, err)
+  assert sorted(os.listdir(data)) == before and not os.path.exists(os.path.join(data, "out"))
+
+
+_KILLED_EVALUATE = """
+import os, signal, sys
+import evaluate
+real_replace, calls = os.replace, [0]
+def replace(src, dst):
+  calls[0] += 1
+  if calls[0] == int(sys.argv[1]):
+    os.kill(os.getpid(), signal.SIGKILL)  # killed with a written temporary file, before its rename
+  return real_replace(src, dst)
+os.replace = replace
+sys.exit(evaluate.main(sys.argv[2:]))
+"""
+
+
+def test_killed_run_resumes_and_its_leftovers_are_removed(world, refiner, tmp_path):
+  """Point 8 (and the resume guarantee): a run killed in the middle of writing obj_b's masks
+  leaves a temporary file; the next run removes it, keeps obj_a and refines the rest."""
+  out = str(tmp_path / "out")
+  # Renames: 1 the manifest, 2-8 obj_a's four masks and three copies, 9 obj_b's first mask.
+  proc = subprocess.run(
+      [sys.executable, "-c", _KILLED_EVALUATE, "10", "--data", world["data"], "--checkpoint",
+       world["ckpt"], "--output", out, "--no-progress"], cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO), capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert len([f for f in os.listdir(out) if f.startswith(".tmp-")]) == 1
+  assert metrics.is_complete(out, "obj_a", SCALES)
+  assert not metrics.is_complete(out, "obj_b", SCALES)
+  counting = CountingRefiner(refiner)
+  res = evaluation.evaluate(world["data"], world["ckpt"], out, progress=False, log=_quiet,
+                            refiner=counting)
+  assert counting.calls == 2 and res["already_complete"] == 1 and res["refined"] == 2
+  assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+  cli = json.load(open(os.path.join(world["out"], "metrics.json")))
+  for k in KEYS:
+    for x in ("iou", "mba", "old_iou", "old_mba"):
+      assert res["scales"][k][x] == pytest.approx(cli["scales"][k][x], abs=1e-3)
+
+
+def test_save_model_output_errors_are_one_line(world, tmp_path):
+  """Point 5 for checkpoints (converter and training export): an output that is a file, or lies
+  under a file, is a CheckpointError naming it, not a traceback about a temporary folder."""
+  from crm_jax.checkpoint import CheckpointError
+  config, variables = load_model(world["ckpt"])
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  for path, words in ((a_file, "is a file"), (a_file / "model", "cannot be written")):
+    with pytest.raises(CheckpointError) as e:
+      save_model(str(path), variables, config, overwrite=True)
+    assert str(e.value).startswith(str(path)) and words in str(e.value)
+  assert a_file.read_text() == "x"

@@ -1,4 +1,4 @@
-"""Tests of crm_jax.metrics (spec section 6): hand-computed cases and an independent restatement."""
+"""Tests of crm_jax.metrics (docs/metrics.md): hand-computed cases and an independent restatement."""
 
 import math
 import os
@@ -204,6 +204,29 @@ def test_missing_and_bad_files(tmp_path):
   assert "without a mask" in table and "left out" in table
 
 
+def test_ground_truth_encodings_and_faint_refined_masks(tmp_path):
+  """A 0/1 gt and a 16-bit seg count as the binary masks they are (the input rules), while a
+  refined mask is read as the 8-bit grey it is: one of only 0s and 1s stays empty."""
+  gt = _square()
+  faint = (gt > 0).astype(np.uint8)  # values {0, 1}
+  _write(tmp_path / "a_gt.png", faint)
+  _write(tmp_path / "a_seg.png", gt.astype(np.uint16) * 257)
+  _write(tmp_path / f"{metrics.scale_key(1.0)}_a_mask.png", faint)
+  _write(tmp_path / f"{metrics.scale_key(0.5)}_a_mask.png", gt)
+  res = metrics.evaluate_folder(str(tmp_path), (0.5, 1.0))
+  assert res["skipped"] == [] and res["num_images"] == 1
+  assert res["scales"]["0.5"]["old_iou"] == 1.0 and res["scales"]["0.5"]["iou"] == 1.0
+  assert res["scales"]["1.0"]["iou"] == 0.0
+
+
+def test_output_layout():
+  names = [os.path.basename(p) for p in metrics.output_files("out", "a", (0.5, 1.0))]
+  assert names == ["0.5_a_mask.png", "1.0_a_mask.png", "a_im.png", "a_seg.png", "a_gt.png"]
+  assert all(metrics.is_output_file(n) for n in names)
+  assert not any(metrics.is_output_file(n) for n in ("compare_a.png", "metrics.json",
+                                                     "manifest.json", ".tmp-1-x_gt.png"))
+
+
 def test_format_table():
   result = {"scales": {"0.125": {"iou": 0.9, "mba": 0.7, "old_iou": 0.8, "old_mba": 0.75,
                                  "num_images": 3},
@@ -219,7 +242,7 @@ def test_format_table():
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent restatement of spec section 6, on random masks.
+# An independent restatement of docs/metrics.md, on random masks.
 
 
 def _ref_gradient(gt01, radius):

@@ -1,4 +1,4 @@
-"""Scanning dataset folders laid out as the original archives (spec sections 5 and 8).
+"""Scanning dataset folders laid out as the original archives (docs/refinement.md, docs/data.md).
 
 Three layouts:
 
@@ -18,7 +18,8 @@ difference: upstream's FSS-1000 loader drops a whole class when one of its ``.jp
 occur twice for the same role (for example ``a.jpg`` in two subfolders) are ambiguous: they are
 left out and listed as duplicates rather than paired at random. Hidden files and folders (``.*``)
 and macOS archive debris (``__MACOSX``) are ignored. With ``check_readable=True`` every kept file is
-decoded with OpenCV and samples with an unreadable file are left out and listed.
+checked (truncation included: ``is_readable``) and samples with an unreadable file are left out
+and listed.
 
 A missing root raises ``FileNotFoundError``, a root that is a file ``NotADirectoryError``, and a
 folder in which nothing pairs up ``FolderError``; each message names the folder and the layout.
@@ -34,10 +35,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from crm_jax.io import InputError, check_encoded, read_bytes
+
 IMAGE_EXTS = (".jpg", ".jpeg")  # training images (upstream globs ``*.jpg``)
 MASK_EXTS = (".png",)
 BIG_IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-_BIG_ROLES = ("im", "seg", "gt")
+BIG_ROLES = {"im": "image", "seg": "coarse mask", "gt": "ground truth"}  # role: what it is
 _IGNORED_DIRS = ("__MACOSX",)
 _SPLIT_NAME = re.compile(r"^\w+$")
 
@@ -139,20 +142,32 @@ def _walk_files(root: str) -> Iterable[Tuple[str, str]]:
         yield rel, f
 
 
+def _files_in(folder: str) -> List[str]:
+  """The non-hidden files directly in folder, sorted."""
+  return [f for f in sorted(os.listdir(folder))
+          if not _ignored(f) and os.path.isfile(os.path.join(folder, f))]
+
+
 def _split_ext(name: str) -> Tuple[str, str]:
   stem, ext = os.path.splitext(name)
   return stem, ext.lower()
 
 
+def _pair_role(name: str) -> Tuple[str, Optional[str]]:
+  """(stem, "image" | "mask" | None) of a file of an image/mask pair layout."""
+  stem, ext = _split_ext(name)
+  return stem, "image" if ext in IMAGE_EXTS else "mask" if ext in MASK_EXTS else None
+
+
 def is_readable(path: str) -> bool:
-  """Whether OpenCV decodes the file (a full decode: slow for big images)."""
+  """Whether the file is a complete image that OpenCV decodes (``crm_jax.io.check_encoded``, then
+  a full decode: slow for big images)."""
   try:
-    data = np.fromfile(path, dtype=np.uint8)
-  except OSError:
+    data = read_bytes(path)
+    check_encoded(data, path)
+  except InputError:
     return False
-  if data.size == 0:
-    return False
-  return cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is not None
+  return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
 
 
 def _group(entries: Sequence[Tuple[str, str, str]],
@@ -215,11 +230,8 @@ def scan_fss1000(root: "str | os.PathLike[str]", *, check_readable: bool = False
     cls_dir = os.path.join(root, cls)
     if _ignored(cls) or not os.path.isdir(cls_dir):
       continue
-    for f in sorted(os.listdir(cls_dir)):
-      if _ignored(f) or not os.path.isfile(os.path.join(cls_dir, f)):
-        continue
-      stem, ext = _split_ext(f)
-      role = "image" if ext in IMAGE_EXTS else "mask" if ext in MASK_EXTS else None
+    for f in _files_in(cls_dir):
+      stem, role = _pair_role(f)
       if role:
         entries.append((f"{cls}/{stem}", role, os.path.join(cls, f)))
   out = _match(entries, ("image", "mask"), root, report, check_readable)
@@ -234,8 +246,7 @@ def scan_flat(root: "str | os.PathLike[str]", *, check_readable: bool = False,
   report = ScanReport(root=root, layout="flat")
   entries = []
   for rel_dir, f in _walk_files(root):
-    stem, ext = _split_ext(f)
-    role = "image" if ext in IMAGE_EXTS else "mask" if ext in MASK_EXTS else None
+    stem, role = _pair_role(f)
     if role:
       entries.append((stem, role, os.path.join(rel_dir, f)))
   out = _match(entries, ("image", "mask"), root, report, check_readable)
@@ -243,10 +254,11 @@ def scan_flat(root: "str | os.PathLike[str]", *, check_readable: bool = False,
   return [Pair(name=k, image=f["image"], mask=f["mask"]) for k, f in out], report
 
 
-def _big_entry(f: str) -> Optional[Tuple[str, str]]:
-  """(object name, role) of a BIG file name, or None."""
+def big_entry(f: str) -> Optional[Tuple[str, str]]:
+  """(object name, role) of a BIG file name (``<name>_<role>.<ext>``, a role of ``BIG_ROLES``
+  with its extension), or None."""
   stem, ext = _split_ext(f)
-  for role in _BIG_ROLES:
+  for role in BIG_ROLES:
     suffix = "_" + role
     if stem.endswith(suffix) and len(stem) > len(suffix):
       exts = BIG_IMAGE_EXTS if role == "im" else MASK_EXTS
@@ -260,13 +272,11 @@ def scan_big(root: "str | os.PathLike[str]", *, check_readable: bool = False,
   root = check_folder(root, what)
   report = ScanReport(root=root, layout="big")
   entries = []
-  for f in sorted(os.listdir(root)):
-    if _ignored(f) or not os.path.isfile(os.path.join(root, f)):
-      continue
-    parsed = _big_entry(f)
+  for f in _files_in(root):
+    parsed = big_entry(f)
     if parsed:
       entries.append((parsed[0], parsed[1], f))
-  out = _match(entries, _BIG_ROLES, root, report, check_readable)
+  out = _match(entries, tuple(BIG_ROLES), root, report, check_readable)
   _check_found(out, report, what, BIG_LAYOUT, len(entries))
   return [BigTriple(name=k, image=f["im"], seg=f["seg"], gt=f["gt"]) for k, f in out], report
 
@@ -279,13 +289,13 @@ def big_split_folders(root: "str | os.PathLike[str]", what: str = "BIG") -> Dict
     path = os.path.join(root, d)
     if _ignored(d) or not os.path.isdir(path):
       continue
-    if any(_big_entry(f) for f in os.listdir(path) if not _ignored(f)):
+    if any(big_entry(f) for f in os.listdir(path) if not _ignored(f)):
       if not _SPLIT_NAME.match(d):
         raise FolderError(f"{what}: subfolder {path} holds BIG files but {d!r} is not a valid "
                           "split name (letters, digits and underscores only)")
       splits[d] = path
   if not splits:
-    flat = any(_big_entry(f) for f in os.listdir(root))
+    flat = any(big_entry(f) for f in os.listdir(root))
     hint = (" The files lie directly in it: move them into a val/ or test/ subfolder."
             if flat else "")
     raise FolderError(f"{what}: no subfolder of {root} holds BIG files; expected {root}/val/ "

@@ -82,8 +82,11 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
 
 
 def decode_mask(data: bytes, name: str = "mask") -> np.ndarray:
-  """Encoded bytes -> grey uint8 ``[H, W]`` (colour converted with OpenCV's BT.601 weights)."""
-  return _imdecode(data, _MASK_READ_FLAGS, name)
+  """Encoded bytes -> grey uint8 ``[H, W]`` by the mask encoding rules of ``crm_jax.io`` (the one
+  rule for every reader: EXIF orientation ignored, 0/1 and 16-bit masks, palette, alpha and
+  colour masks; truncated files refused)."""
+  from crm_jax import io  # the module-level names of io are the image helpers'
+  return io.decode_mask(data, name)
 
 
 def _encode_png(img: np.ndarray, name: str) -> bytes:

@@ -1,0 +1,121 @@
+"""``python -m crm_jax.refine`` with wrong inputs (issue 13, points 2-5, 7-9): mask encodings,
+scales, truncated files, unusable or overwriting outputs, leftovers and the bundled-model note.
+TINY model, one small image."""
+
+import os
+
+import cv2
+import jax
+import numpy as np
+import pytest
+
+from crm_jax import refine
+from crm_jax.checkpoint import CheckpointError, save_model
+from crm_jax.data.synthesis import lowres_segmenter_mask
+from crm_jax.data.synthetic import make_synthetic_pair
+from crm_jax.io import read_grey
+from crm_jax.models.crm import CRM, TINY, init_variables
+
+H, W = 80, 100
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("refine_cli")
+  rng = np.random.default_rng(3)
+  image, gt = make_synthetic_pair(H, W, rng)
+  seg = np.where(lowres_segmenter_mask(gt, rng) > 128, 255, 0).astype(np.uint8)
+  paths = {"root": root, "image": str(root / "im.jpg"), "mask": str(root / "seg.png"),
+           "mask01": str(root / "seg01.png")}
+  assert cv2.imwrite(paths["image"], image[:, :, ::-1])
+  assert cv2.imwrite(paths["mask"], seg)
+  assert cv2.imwrite(paths["mask01"], seg // 255)
+  return paths
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  return save_model(str(tmp_path_factory.mktemp("ckpt") / "tiny"),
+                    init_variables(CRM(TINY), jax.random.key(0)), TINY)
+
+
+def _run(capsys, argv):
+  code = refine.main(argv)
+  captured = capsys.readouterr()
+  assert "Traceback" not in captured.err
+  return code, captured.out, captured.err
+
+
+@pytest.mark.slow  # compiles and runs the TINY model: about half a minute
+def test_a_01_mask_refines_as_its_0_255_version_and_leftovers_go(files, ckpt, capsys, tmp_path):
+  out_dir = tmp_path / "out"
+  out_dir.mkdir()
+  dead = out_dir / ".tmp-999999999-abc.png"  # a killed run's leftover (no such process)
+  dead.write_bytes(b"half")
+  results = []
+  for mask in (files["mask"], files["mask01"]):
+    out = str(out_dir / f"{os.path.basename(mask)}")
+    code, stdout, err = _run(capsys, ["--image", files["image"], "--mask", mask, "--output",
+                                      out, "--checkpoint", ckpt])
+    assert code == 0 and f"wrote {out}" in stdout, err
+    assert "note:" not in err  # a checkpoint was given
+    results.append(read_grey(out))
+  assert results[0].shape == (H, W) and (results[0] > 128).mean() > 0.01
+  np.testing.assert_array_equal(results[0], results[1])
+  assert not dead.exists()
+
+
+def test_bad_arguments_fail_in_one_line_before_the_checkpoint_loads(files, capsys, tmp_path):
+  cut = tmp_path / "cut.jpg"
+  whole = open(files["image"], "rb").read()
+  cut.write_bytes(whole[:len(whole) // 2])
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  mask_bytes = open(files["mask"], "rb").read()
+  good = ["--image", files["image"], "--mask", files["mask"]]
+  out = str(tmp_path / "r.png")
+  missing = ["--checkpoint", str(tmp_path / "no_ckpt")]
+  cases = [
+      (good + ["--output", out, "--scales", "0", "1"], "every scale must be"),
+      (good + ["--output", out, "--scales", "-0.5", "1"], "every scale must be"),
+      (good + ["--output", out, "--scales", "nan"], "finite"),
+      (good + ["--output", out, "--scales", "1", "0.5"], "increasing"),
+      (good + ["--output", out, "--scales", "0.001", "1"], "too small"),
+      (good + ["--output", files["mask"]], "is the input"),
+      (good + ["--output", str(tmp_path)], "is a folder"),
+      (good + ["--output", str(tmp_path / "refined")], "not an image file name"),
+      (good + ["--output", str(a_file / "r.png")], "is a file, not a folder"),
+      (["--image", str(cut), "--mask", files["mask"], "--output", out], "truncated"),
+      (["--image", files["image"], "--mask", str(tmp_path / "nope.png"), "--output", out],
+       "no such file"),
+  ]
+  for argv, words in cases:
+    code, _, err = _run(capsys, argv + missing)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("error: ") and words in line, (argv, err)
+    assert "no_ckpt" not in err, (argv, err)
+  assert open(files["mask"], "rb").read() == mask_bytes
+  assert not os.path.exists(out)
+  # With a good output, the missing checkpoint is what is reported.
+  code, _, err = _run(capsys, good + ["--output", out] + missing)
+  assert code == 2 and "no_ckpt" in err.strip().splitlines()[-1]
+
+
+def test_note_on_the_bundled_checkpoint(files, capsys, tmp_path, monkeypatch):
+  """Point 9 (the CLI part): without --checkpoint, one line says which model is used."""
+  used = []
+
+  def stop(path, **kwargs):
+    used.append(path)
+    raise CheckpointError("stopped by the test")
+
+  monkeypatch.setattr(refine.Refiner, "from_checkpoint", staticmethod(stop))
+  code, _, err = _run(capsys, ["--image", files["image"], "--mask", files["mask"], "--output",
+                               str(tmp_path / "r.png")])
+  assert code == 2
+  from crm_jax.bundled import default_checkpoint
+  assert used == [default_checkpoint()]
+  notes = [l for l in err.splitlines() if l.startswith("note:")]
+  assert len(notes) == 1
+  assert all(w in notes[0] for w in ("bundled small checkpoint", "synthetic", "published weights",
+                                     default_checkpoint()))
