@@ -35,6 +35,11 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="compute dtype of the network (bfloat16: for accelerators; see "
                            "the README for its accuracy change)")
+  parser.add_argument("--plan", choices=("auto", "plain", "banded", "fused"), default="auto",
+                      help="execution plan (default auto: banded on the CPU, fused on an "
+                           "accelerator whose memory holds it)")
+  parser.add_argument("--batch-size", type=int, default=1,
+                      help="objects of one size bucket refined as one batch (fused plan)")
   parser.add_argument("--overwrite", action="store_true",
                       help="--output holds masks of another model or settings: remove them and "
                            "refine everything again")
@@ -47,7 +52,7 @@ def main(argv=None) -> int:
     evaluate(args.data, args.checkpoint, args.output, args.scales,
              metrics_only=args.metrics_only, progress=not args.no_progress,
              tfds_data_dir=args.tfds_data_dir, split=args.split, dtype=args.dtype,
-             overwrite=args.overwrite)
+             overwrite=args.overwrite, plan=args.plan, batch_size=args.batch_size)
   except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -228,12 +228,16 @@ _BAR_FORMAT = ("{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {
 
 
 def refine_objects(objects: Sequence[EvalObject], out_dir: str, scales: Sequence[float],
-                   refiner, *, progress: bool = True, log: Log = print) -> RefineSummary:
+                   refiner, *, progress: bool = True, log: Log = print,
+                   batch_size: int = 1) -> RefineSummary:
   """Refines every object that is not complete in ``out_dir`` at every scale.
 
   ``refiner``: anything with ``refine_all_scales(image, mask, scales) -> {s: prob [H, W]}``
-  (``crm_jax.refine.Refiner``). Objects that fail (bad input) are reported through ``log`` and
-  listed in ``failed``; a mask rule that guessed is logged as a ``warning:`` line.
+  (``crm_jax.refine.Refiner``); with ``batch_size > 1`` also ``bucket_of(size)`` and
+  ``refine_batch_all_scales``: objects are grouped by bucket and each group of ``batch_size``
+  is refined as one batch (the fused plan runs it as one program; the results equal refining
+  one by one). Objects that fail (bad input) are reported through ``log`` and listed in
+  ``failed``; a mask rule that guessed is logged as a ``warning:`` line.
   """
   complete = [o.name for o in objects if metrics.is_complete(out_dir, o.name, scales)]
   done = set(complete)
@@ -242,6 +246,7 @@ def refine_objects(objects: Sequence[EvalObject], out_dir: str, scales: Sequence
     log(f"{len(complete)} object(s) already complete in {out_dir}: skipped")
   refined: List[str] = []
   failed: List[str] = []
+  pending: Dict[object, List[tuple]] = {}
   start = time.time()  # compilation counts, loading the checkpoint does not
   with tqdm(total=len(todo), desc="refining", unit="object", disable=not progress,
             bar_format=_BAR_FORMAT, dynamic_ncols=True) as bar:
@@ -249,8 +254,44 @@ def refine_objects(objects: Sequence[EvalObject], out_dir: str, scales: Sequence
       with tqdm.external_write_mode():
         log(msg)
 
-    for obj in todo:
+    def fail(name: str, e: BaseException) -> None:
+      # RuntimeError: XLA errors such as running out of device memory on one huge image.
+      reason = _one_line(e)
+      if not isinstance(e, InputError):
+        reason = f"{type(e).__name__}: {reason}"
+      failed.append(f"{name}: {reason}")
+      say(f"skipped {name}: {reason}")
+
+    def refine_group(group: List[tuple]) -> None:
       t0 = time.time()
+      try:
+        if batch_size == 1:
+          results = [refiner.refine_all_scales(group[0][1], group[0][2], scales)]
+        else:
+          results = refiner.refine_batch_all_scales([g[1] for g in group],
+                                                    [g[2] for g in group], scales)
+      except (InputError, MemoryError, RuntimeError) as e:
+        bad = getattr(e, "bad", None)  # crm_jax.refine.BatchInputError: the others were refined
+        if bad is None:
+          results = [None] * len(group)
+          for item in group:
+            fail(item[0].name, e)
+        else:
+          results = e.results
+          for i, message in bad.items():
+            fail(group[i][0].name, InputError(message))
+      for (obj, image, seg, gt), probs in zip(group, results):
+        if probs is None:
+          continue
+        for s in scales:
+          write_image(metrics.mask_path(out_dir, obj.name, s), prob_to_uint8(probs[s]))
+        for role, pixels in zip(metrics.COPY_ROLES, (image, seg, gt)):
+          write_image(metrics.copy_path(out_dir, obj.name, role), pixels)
+        refined.append(obj.name)
+      bar.set_postfix_str(f"last {(time.time() - t0) / len(group):.1f} s/object")
+      bar.update(len(group))
+
+    for obj in todo:
       try:
         with warnings.catch_warnings(record=True) as caught:
           warnings.simplefilter("always")
@@ -258,23 +299,16 @@ def refine_objects(objects: Sequence[EvalObject], out_dir: str, scales: Sequence
         for w in caught:
           say(f"warning: {w.message}")
         check_scales(scales, image.shape[:2])
-        probs = refiner.refine_all_scales(image, seg, scales)
       except (InputError, MemoryError, RuntimeError) as e:
-        # RuntimeError: XLA errors such as running out of device memory on one huge image.
-        reason = _one_line(e)
-        if not isinstance(e, InputError):
-          reason = f"{type(e).__name__}: {reason}"
-        failed.append(f"{obj.name}: {reason}")
-        say(f"skipped {obj.name}: {reason}")
+        fail(obj.name, e)
         bar.update(1)
         continue
-      for s in scales:
-        write_image(metrics.mask_path(out_dir, obj.name, s), prob_to_uint8(probs[s]))
-      for role, pixels in zip(metrics.COPY_ROLES, (image, seg, gt)):
-        write_image(metrics.copy_path(out_dir, obj.name, role), pixels)
-      refined.append(obj.name)
-      bar.set_postfix_str(f"last {time.time() - t0:.1f} s")
-      bar.update(1)
+      key = refiner.bucket_of(image.shape[:2]) if batch_size > 1 else None
+      pending.setdefault(key, []).append((obj, image, seg, gt))
+      if len(pending[key]) >= batch_size:
+        refine_group(pending.pop(key))
+    for group in pending.values():
+      refine_group(group)
   return RefineSummary(refined, complete, failed, time.time() - start)
 
 
@@ -356,7 +390,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
              scales: Sequence[float] = SCALES, metrics_only: bool = False,
              progress: bool = True, log: Log = print, *, tfds_data_dir: Optional[str] = None,
              split: Optional[str] = None, refiner=None, dtype: str = "float32",
-             overwrite: bool = False) -> Dict:
+             overwrite: bool = False, plan: str = "auto", batch_size: int = 1) -> Dict:
   """Refines ``data`` into ``out_dir`` (unless ``metrics_only``), computes the metrics, prints
   the table and writes ``out_dir/metrics.json``; returns what it wrote.
 
@@ -372,6 +406,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     dtype: the network's compute dtype, ``float32`` (exact) or ``bfloat16`` (accelerators).
     overwrite: outputs in ``out_dir`` made by another model or settings are removed and every
       object refined again (without it they are refused; see the module docstring).
+    plan: the execution plan (``crm_jax.refine.Refiner``: auto, plain, banded, fused).
+    batch_size: objects of one bucket refined together (``refine_objects``).
 
   With refinement, the metrics cover the objects of ``data`` that are complete in ``out_dir``
   (refined now or before); ``--metrics-only`` covers every ``<name>_gt.png`` in ``out_dir``.
@@ -406,12 +442,15 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     remove_leftovers(out_dir)
     if refiner is None:
       from crm_jax.refine import Refiner  # JAX is imported only here.
-      refiner = Refiner.from_checkpoint(checkpoint, dtype=dtype)
+      refiner = Refiner.from_checkpoint(checkpoint, dtype=dtype, plan=plan)
     settings = run_settings(refiner, scales, checkpoint)
     prepare_output(out_dir, settings, overwrite, log)
     for p in problems:
       log(f"skipped {p}")
-    summary = refine_objects(objects, out_dir, scales, refiner, progress=progress, log=log)
+    if batch_size < 1:
+      raise InputError(f"batch size {batch_size}: must be at least 1")
+    summary = refine_objects(objects, out_dir, scales, refiner, progress=progress, log=log,
+                             batch_size=batch_size)
     skipped = problems + summary.failed
     names = summary.skipped_complete + summary.refined
     per = summary.seconds_per_object

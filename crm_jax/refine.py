@@ -185,12 +185,15 @@ class Refiner:
     return (np.pad(normalize_image(image), ((p, p), (p, p), (0, 0)), mode="reflect"),
             np.pad(normalize_seg(mask), ((p, p), (p, p)), mode="reflect"))
 
+  def bucket_of(self, size: Tuple[int, int]) -> Tuple[int, int]:
+    """The bucket of an image of ``size`` ``(H, W)`` (pairs of one bucket batch together)."""
+    p = self.pad
+    return bucket_shape((size[0] + 2 * p, size[1] + 2 * p), self.bucket_steps)
+
   def plan_for(self, size: Tuple[int, int], scales: Sequence[float] = SCALES,
                batch: int = 1) -> str:
     """The plan that runs an image of ``size`` ``(H, W)`` (``auto`` resolved)."""
-    p = self.pad
-    bucket = bucket_shape((size[0] + 2 * p, size[1] + 2 * p), self.bucket_steps)
-    return plans.choose_plan(self.plan, self.config, bucket, max(scales),
+    return plans.choose_plan(self.plan, self.config, self.bucket_of(size), max(scales),
                              jnp.dtype(self.dtype).itemsize, self.query_chunk,
                              self.memory_budget, batch)
 

@@ -20,7 +20,7 @@ from crm_jax.checkpoint import fingerprint, load_model, save_model
 from crm_jax.constants import SCALES
 from crm_jax.data.synthesis import lowres_segmenter_mask
 from crm_jax.data.synthetic import make_synthetic_pair
-from crm_jax.io import InputError, read_image, read_mask
+from crm_jax.io import InputError, read_grey, read_image, read_mask
 from crm_jax.models.crm import CRM, TINY, init_variables
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.refine import Refiner
@@ -468,3 +468,29 @@ def test_save_model_output_errors_are_one_line(world, tmp_path):
       save_model(str(path), variables, config, overwrite=True)
     assert str(e.value).startswith(str(path)) and words in str(e.value)
   assert a_file.read_text() == "x"
+
+
+def test_batches_by_bucket_equal_one_by_one(world, tmp_path):
+  """--batch-size groups objects by bucket (two of the three share one); the fused plan's batches
+  give the same masks as one object at a time, to float rounding (a batched convolution may sum
+  in another order: at most one grey level, on a few pixels), and the same metrics."""
+  fused = Refiner.from_checkpoint(world["ckpt"], plan="fused")
+  buckets = [fused.bucket_of(hw) for hw in SIZES.values()]
+  assert len(set(buckets)) < len(buckets)  # a real batch happens
+  outs = {}
+  for batch in (1, 3):
+    out = str(tmp_path / f"batch{batch}")
+    outs[batch] = evaluation.evaluate(world["data"], None, out, refiner=fused, progress=False,
+                                      log=_quiet, batch_size=batch)
+  for name in SIZES:
+    for k in KEYS:
+      a = read_grey(os.path.join(tmp_path, "batch1", f"{k}_{name}_mask.png")).astype(int)
+      b = read_grey(os.path.join(tmp_path, "batch3", f"{k}_{name}_mask.png")).astype(int)
+      assert np.abs(a - b).max() <= 1 and np.mean(a != b) < 1e-3, (name, k)
+  for k in KEYS:
+    for field in ("iou", "mba"):
+      assert outs[1]["scales"][k][field] == pytest.approx(outs[3]["scales"][k][field], abs=1e-3)
+  assert outs[3]["model"]["plan"] == "fused"
+  with pytest.raises(InputError, match="batch size 0"):
+    evaluation.evaluate(world["data"], None, str(tmp_path / "b0"), refiner=fused, log=_quiet,
+                        batch_size=0)
