@@ -23,12 +23,12 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('CRM_JAX_CACHE_DIR', tempfile.mkdtemp(prefix='crm_jax_test_xla_'))
 
 SLOW = frozenset({
-    'test_bundled.py',
+    'test_bundled.py::test_bundled_checkpoint_improves_mba_on_a_bundled_image',
     'test_evaluate.py',
-    'test_package.py',
-    'test_refine_buckets.py',
+    'test_refine_buckets.py::test_bucketed_equals_plain_loop',
+    'test_refine_buckets.py::test_bucketed_empty_mask_gives_zeros',
+    'test_refine_buckets.py::test_compilations_are_bounded',
     'test_train.py',
-    'test_model.py::test_small_and_resnet50_configs',
 })
 
 

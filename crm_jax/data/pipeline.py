@@ -1,4 +1,4 @@
-"""The seeded, deterministic, multi-process training loader (spec sections 7 and 8).
+"""The seeded, deterministic, multi-process training loader (docs/training.md, docs/data.md).
 
 Determinism. Example ``j`` (0 <= j < global batch B) of global step ``t`` is a pure function of
 ``(seed, t, j)`` (and of the source and ``crop_size``):
