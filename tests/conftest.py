@@ -28,7 +28,15 @@ SLOW = frozenset({
     'test_refine_buckets.py::test_bucketed_equals_plain_loop',
     'test_refine_buckets.py::test_bucketed_empty_mask_gives_zeros',
     'test_refine_buckets.py::test_compilations_are_bounded',
-    'test_train.py',
+    'test_train.py::test_cli_error_is_one_line',
+    'test_train.py::test_init_checkpoint_is_loaded',
+    'test_train.py::test_loss_falls_on_a_fixed_batch',
+    'test_train.py::test_non_finite_loss_stops_and_names_the_step',
+    'test_train.py::test_pmapped_step_equals_one_device_with_the_whole_batch',
+    'test_train.py::test_resumed_run_equals_uninterrupted_run',
+    'test_train.py::test_sigterm_checkpoints_the_step_and_the_run_resumes_exactly',
+    'test_train.py::test_two_processes_hold_identical_parameters',
+    'test_train.py::test_worker_processes_give_the_same_batches',
 })
 
 
