@@ -57,14 +57,28 @@ def evaluate_main(argv=None) -> int:
   return 0
 
 
+def _config_import_roots(argv):
+  """The current folder and, for ``--config PATH`` / ``--config=PATH``, PATH's grandparent."""
+  roots = [os.getcwd()]
+  for i, arg in enumerate(argv):
+    path = None
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif arg.startswith(("--config=", "-config=")):
+      path = arg.split("=", 1)[1]
+    if path:
+      roots.append(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+  return roots
+
+
 def train_main(argv=None) -> None:
   """Trains CRM (docs/training.md): ``--config`` (an ``ml_collections`` config file; fields can be
   overridden as ``--config.FIELD=VALUE``) and ``--workdir`` (created; a run started again in the
   same workdir resumes from its last checkpoint).
 
   ``argv`` is the whole command line, program name first (``sys.argv`` when None). The current
-  folder goes first on ``sys.path``, as for ``python train.py`` in a checkout, so that config
-  files importing ``configs.*`` load. Multi-host runs set ``JAX_COORDINATOR_ADDRESS``,
+  folder and the folder above the config file's go first on ``sys.path`` (as for ``python
+  train.py`` in a checkout), so that config files importing ``configs.*`` load from anywhere. Multi-host runs set ``JAX_COORDINATOR_ADDRESS``,
   ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (see ``crm_jax.train_lib``). Errors print one line
   and exit with status 1.
   """
@@ -78,8 +92,9 @@ def train_main(argv=None) -> None:
   from crm_jax.data.pipeline import DatasetError
   from crm_jax.io import InputError
 
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
+  for root in _config_import_roots(sys.argv if argv is None else argv):
+    if root not in sys.path:
+      sys.path.insert(0, root)
   if "workdir" not in flags.FLAGS:  # defined once per process
     config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the model.")

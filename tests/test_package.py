@@ -108,6 +108,22 @@ def test_installed_package_is_not_the_checkout(installed):
 
 
 @pytest.mark.slow
+def test_crm_train_reads_a_repository_config_from_another_folder(installed):
+  """configs/*.py import ``configs.*``; crm-train finds them by the config file's path. With no
+  prepared data the run stops at once with one line naming the data folder."""
+  missing = installed["work"] / "no_data"
+  result = subprocess.run(
+      [str(installed["bin"] / "crm-train"), "--config",
+       os.path.join(REPO, "configs", "synthetic_small.py"), "--workdir",
+       str(installed["work"] / "run"), "--config.dataset=tfds_mixture",
+       f"--config.data_dir={missing}"],
+      cwd=installed["work"], env=installed["env"], capture_output=True, text=True, timeout=300)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and len(lines) == 1, result.stderr
+  assert lines[0].startswith("error: ") and str(missing) in lines[0] and "not prepared" in lines[0]
+
+
+@pytest.mark.slow
 def test_crm_refine_on_a_bundled_image_from_another_folder(installed):
   demo = os.path.join(installed["site"], "crm_jax", "assets", "demo_big")
   stem = os.path.join(demo, "synthetic_02")
