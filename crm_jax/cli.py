@@ -78,9 +78,9 @@ def train_main(argv=None) -> None:
 
   ``argv`` is the whole command line, program name first (``sys.argv`` when None). The current
   folder and the folder above the config file's go first on ``sys.path`` (as for ``python
-  train.py`` in a checkout), so that config files importing ``configs.*`` load from anywhere. Multi-host runs set ``JAX_COORDINATOR_ADDRESS``,
-  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (see ``crm_jax.train_lib``). Errors print one line
-  and exit with status 1.
+  train.py`` in a checkout), so that config files importing ``configs.*`` load from anywhere.
+  Multi-host runs set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+  (see ``crm_jax.train_lib``). Errors print one line and exit with status 1.
   """
   from absl import app
   from absl import flags
