@@ -1,11 +1,12 @@
-# crm-jax: two commands on a fresh machine: `make demo`, then `make test`.
+# crm-jax: two commands on a fresh machine: `make demo`, then `make test` (`make test-fast` while
+# editing).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.runtime-installed
 TESTDEPS := $(VENV)/.test-installed
 
-.PHONY: install install-test demo test clean
+.PHONY: install install-test demo test test-fast clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ demo: $(RUNTIME)
 
 test: $(TESTDEPS)
 	$(PY) -m pytest -q tests
+
+# The edit loop: no PyTorch, no slow test (tests/conftest.py marks them).
+test-fast: $(TESTDEPS)
+	$(PY) -m pytest -q -m "not torch and not slow" tests
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

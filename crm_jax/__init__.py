@@ -3,11 +3,15 @@
 ``crm_jax.Refiner`` refines one coarse mask::
 
     from crm_jax import Refiner
-    refiner = Refiner.from_checkpoint("crm_jax/assets/crm_small")
-    prob = refiner.refine(image, mask)  # [H, W] float32 in [0, 1]
+    from crm_jax.bundled import DEMO_CHECKPOINT  # the bundled small checkpoint
+    refiner = Refiner.from_checkpoint(DEMO_CHECKPOINT)  # or a converted one
+    prob = refiner.refine(image, mask)  # image [H, W, 3] uint8 RGB, mask [H, W] uint8
+                                        # -> prob [H, W] float32 in [0, 1]
 
 JAX is imported on first use of ``Refiner``, so the metric and data modules
-stay light.
+stay light. The commands ``crm-refine``, ``crm-evaluate``, ``crm-train`` and
+``crm-convert`` are ``crm_jax.refine.main``, ``crm_jax.cli`` and
+``crm_jax.convert.main``; what the model computes is in docs/.
 """
 
 __all__ = ["Refiner"]

@@ -1,17 +1,27 @@
-"""PyTorch -> crm-jax checkpoint conversion (``convert_torch_weights.py``).
+"""PyTorch -> crm-jax checkpoint conversion: the ``crm-convert`` command and
+``convert_torch_weights.py``.
+
+    crm-convert CKPT.pth OUT_DIR [--verify]
+        a published CRM checkpoint (e.g. model_45705) -> OUT_DIR
+    crm-convert --imagenet resnet50-19c8e357.pth OUT_DIR
+        torchvision's ImageNet ResNet-50 -> an initial CRM checkpoint for training
 
 Two modes:
 * ``convert_crm``: a published CRM checkpoint (a state dict, with or without
   ``module.`` prefixes, or a dict holding one) -> a model checkpoint.
 * ``convert_imagenet``: torchvision's ImageNet ResNet-50 weights -> an initial
   CRM checkpoint for training: the encoder from torchvision with conv1's fourth
-  input channel zero, the fusion and decoder freshly initialised.
+  input channel zero, the fusion and decoder freshly initialised (docs/training.md).
+
+``--verify`` runs the PyTorch reference (``crm_jax.torch_reference``, needs
+PyTorch) and the JAX model on random inputs and prints the largest logit
+difference. The key mapping is ``crm_jax.torch_mapping``.
 """
 
-import importlib.util
+import argparse
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -114,32 +124,20 @@ def convert_imagenet(src: str, out_dir: str, seed: int = 0, overwrite: bool = Fa
   return variables
 
 
-# The independent PyTorch reference that ``--verify`` compares against.
-REFERENCE_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "tests", "torch_reference.py")
-
-
 def _torch_reference():
-  """Imports ``tests/torch_reference.py`` by path (it needs torch)."""
+  """``crm_jax.torch_reference``, or a MappingError saying that PyTorch is needed."""
   try:
-    import torch  # noqa: F401  Only needed for --verify.
-  except ImportError:
-    raise MappingError("verifying a conversion needs torch "
-                       "(pip install torch==2.13.0)") from None
-  if not os.path.isfile(REFERENCE_FILE):
-    raise MappingError(f"{REFERENCE_FILE}: missing; verifying a conversion needs the "
-                       "PyTorch reference from the repository's tests/ directory")
-  spec = importlib.util.spec_from_file_location("crm_torch_reference", REFERENCE_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+    from crm_jax import torch_reference
+  except ImportError as e:
+    raise MappingError(f"verifying a conversion: {e}") from None
+  return torch_reference
 
 
 def verify_conversion(torch_ckpt_path: str, converted_dir: str, seed: int = 0,
                       size: Tuple[int, int] = (61, 47)) -> float:
   """Largest ``|logit difference|`` between the PyTorch and the converted model.
 
-  Builds the PyTorch reference (``tests/torch_reference.py``) with the config
+  Builds the PyTorch reference (``crm_jax.torch_reference``) with the config
   of the converted checkpoint, loads the original state dict into it, and runs
   both in eval mode on one random input ``[1, H, W, 4]`` (``size = (H, W)``),
   queried at every pixel centre of ``(H, W)`` (about twice as fine as F) and
@@ -170,3 +168,35 @@ def verify_conversion(torch_ckpt_path: str, converted_dir: str, seed: int = 0,
                torch.from_numpy(coord), torch.from_numpy(cell)).numpy()
   got = CRM(config).apply(variables, jnp.asarray(x), jnp.asarray(coord), jnp.asarray(cell))
   return float(np.max(np.abs(np.asarray(got) - want)))
+
+
+def main(argv=None) -> int:
+  """The ``crm-convert`` command; returns the exit status (2 and one line on bad input)."""
+  parser = argparse.ArgumentParser(description="Converts PyTorch weights into a crm-jax "
+                                   "model checkpoint.")
+  parser.add_argument("checkpoint", help="PyTorch .pth file")
+  parser.add_argument("out_dir", help="crm-jax model checkpoint directory to write")
+  parser.add_argument("--imagenet", action="store_true",
+                      help="the input is torchvision's ImageNet ResNet-50")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="--imagenet: seed of the fresh fusion/decoder weights")
+  parser.add_argument("--verify", action="store_true",
+                      help="compare JAX and PyTorch logits on random inputs (needs PyTorch)")
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    if args.imagenet:
+      convert_imagenet(args.checkpoint, args.out_dir, args.seed, args.overwrite)
+    else:
+      convert_crm(args.checkpoint, args.out_dir, args.overwrite)
+      if args.verify:
+        diff = verify_conversion(args.checkpoint, args.out_dir)
+        print(f"verify: largest |logit difference| JAX vs PyTorch = {diff:.3g}")
+  except (MappingError, ckpt.CheckpointError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,4 +1,4 @@
-"""Input normalisation (spec section 1). Works on numpy and jax arrays."""
+"""Input normalisation (docs/model.md, inputs). Works on numpy and jax arrays."""
 
 import numpy as np
 

@@ -46,7 +46,7 @@ def test_generation_command_reproduces_the_last_object():
 
 def test_bundled_checkpoint_improves_mba_on_a_bundled_image():
   """The bundled checkpoint loads, and the full multi-scale loop (the demo's) refines the
-  smallest bundled object into a mask with a higher mBA than the coarse one (spec section 6)."""
+  smallest bundled object into a mask with a higher mBA than the coarse one (docs/metrics.md)."""
   from crm_jax import metrics
   from crm_jax.constants import SCALES
   from crm_jax.io import read_image, read_mask

@@ -1,4 +1,4 @@
-"""Tests of the coarse-mask synthesis (spec section 8, steps a and b)."""
+"""Tests of the coarse-mask synthesis (docs/data.md, steps a and b)."""
 
 import cv2
 import numpy as np
@@ -78,15 +78,6 @@ def _degenerate_masks():
 
 def _is_binary(x):
   return x.dtype == np.uint8 and np.isin(x, (0, 255)).all()
-
-
-def test_constants():
-  assert synthesis.REGIONAL_SAMPLE_RATE == 0.1
-  assert synthesis.SAMPLE_RATE == 0.1
-  assert synthesis.MORPH_ROUNDS == 250
-  assert synthesis.RECTS_PER_ROUND == 4
-  assert synthesis.KERNEL_SIZE_RANGE == (3, 10)
-  assert synthesis.IOU_TARGET_RANGE == (0.8, 1.0)
 
 
 def test_binarize_gt():

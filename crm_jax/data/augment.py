@@ -1,4 +1,4 @@
-"""Per-sample training augmentation (spec sections 1 and 8), in NumPy/OpenCV, NHWC.
+"""Per-sample training augmentation (docs/data.md), in NumPy/OpenCV, NHWC.
 
 Per sample, in this order:
 1. the same random ``crop_size`` crop (zero padding when the image is smaller) and the same
@@ -167,7 +167,7 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
                           crop_size: int = CROP_SIZE,
                           lowres_fraction: float = 0.0,
                           soft_seg_fraction: float = 0.0) -> Dict[str, np.ndarray]:
-  """One training example from an (image, gt) pair, as spec section 8 makes it.
+  """One training example from an (image, gt) pair, as docs/data.md describes it.
 
   Args:
     image: uint8 RGB [H, W, 3] (grey [H, W] or [H, W, 1] is replicated to RGB).

@@ -1,4 +1,4 @@
-"""The seeded, deterministic, multi-process training loader (spec sections 7 and 8).
+"""The seeded, deterministic, multi-process training loader (docs/training.md, docs/data.md).
 
 Determinism. Example ``j`` (0 <= j < global batch B) of global step ``t`` is a pure function of
 ``(seed, t, j)`` (and of the source and ``crop_size``):
@@ -83,15 +83,11 @@ def make_source(config: Any):
     if not names:
       raise DatasetError('dataset tfds_mixture: config.tfds_sets names no dataset')
     try:
-      missing = [n for n in names if not tfds_builders.is_prepared(n, data_dir)]
+      tfds_builders.require_prepared(names, data_dir)
     except ValueError as e:  # an unknown set name
       raise DatasetError(f'dataset tfds_mixture: {e}') from None
-    if missing:
-      raise DatasetError(
-          f'{data_dir}: dataset(s) {", ".join(missing)} not prepared (looked for '
-          f'{tfds_builders.prepared_path(missing[0], data_dir)}); prepare them with '
-          'crm_jax.data.tfds_builders.prepare(name, manual_dir, data_dir) or set '
-          'config.data_dir / config.tfds_sets')
+    except FileNotFoundError as e:
+      raise DatasetError(f'{e}, or set config.data_dir / config.tfds_sets') from None
     source = tfds_builders.MixtureSource(
         {n: tfds_builders.load_source(n, data_dir) for n in names})
     if len(source) == 0:

@@ -1,4 +1,4 @@
-"""Coarse-mask synthesis for training (spec section 8, steps a and b).
+"""Coarse-mask synthesis for training (docs/data.md, steps a and b).
 
 CRM is trained on (image, gt) pairs only; the coarse input mask ("seg") is made on the fly from the
 binarised gt in two steps:
@@ -16,8 +16,8 @@ All randomness comes from a ``np.random.Generator`` argument, so a seeded genera
 mask exactly. Upstream drew from the global ``np.random`` and ``random`` states; the distribution is
 the same, the streams are not.
 
-``lowres_segmenter_mask`` is a separate, deterministic-ish stand-in for the output of a
-low-resolution segmenter, used to build the bundled demo set (not for training).
+``lowres_segmenter_mask`` is a separate stand-in for the output of a low-resolution segmenter: it
+made the bundled demo set, and training uses it for the optional ``lowres_mask_fraction``.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def sample_iou_target(rng: np.random.Generator,
 
 def synthesize_coarse_mask(gt: np.ndarray, rng: np.random.Generator,
                            iou_range: tuple[float, float] = IOU_TARGET_RANGE) -> np.ndarray:
-  """The training coarse mask of spec section 8: step a, then step b.
+  """The training coarse mask of docs/data.md: step a, then step b.
 
   Args:
     gt: [H, W] (or [H, W, 1]) gt mask, uint8 grey values in [0, 255] or floats in [0, 1];

@@ -13,7 +13,7 @@ textured background:
 - the object is composited with a lightly blurred alpha (anti-aliased edges, as in photographs),
   while the mask stays hard {0, 255}.
 
-Sizes from 1x1 to 2048x2048 and beyond; a 2048x1536 pair takes well under a second. All
+Sizes from 1x1 to 2048x2048 and beyond. All
 randomness comes from a ``np.random.Generator``; ``SyntheticSource`` derives one per (seed, index),
 so it is random-access and deterministic (a grain-style data source).
 """

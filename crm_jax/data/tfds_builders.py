@@ -1,20 +1,11 @@
 """TFDS builders for CRM's training sets and BIG, written and read without TensorFlow.
 
-Builders (TFDS names carry a ``crm_`` prefix so that they cannot collide with the TFDS catalogue;
-the helpers below take the short names):
-
-======== ================ ================== =============================================
-short    TFDS name        splits             example
-======== ================ ================== =============================================
-fss1000  crm_fss1000      train              {'image', 'mask', 'name'}
-duts_tr  crm_duts_tr      train              {'image', 'mask', 'name'}
-duts_te  crm_duts_te      train              {'image', 'mask', 'name'}
-ecssd    crm_ecssd        train              {'image', 'mask', 'name'}
-msra10k  crm_msra10k      train              {'image', 'mask', 'name'}
-dut_omron crm_dut_omron   train              {'image', 'mask', 'name'}
-big      crm_big          one per subfolder  {'image', 'seg', 'gt', 'name'}
-                          (val, test)
-======== ================ ================== =============================================
+Builders: one per row of ``DATASETS`` (the sets' metadata; ``_make_builder`` turns a row into a
+TFDS builder class, ``BUILDERS`` maps the short names to them). TFDS names carry a ``crm_`` prefix
+so that they cannot collide with the TFDS catalogue; the helpers below take the short names.
+The training sets (fss1000, duts_tr, duts_te, ecssd, msra10k, dut_omron) have one split, 'train',
+of ``{'image', 'mask', 'name'}``; big has one split per subfolder (val, test) of
+``{'image', 'seg', 'gt', 'name'}``. docs/data.md says how training uses them.
 
 (DUTS-TE is a training set here, as upstream trains on it.) The data are prepared from a manually
 downloaded and extracted archive (``MANUAL_DOWNLOAD_INSTRUCTIONS`` give each layout; the scanning is
@@ -40,9 +31,10 @@ mixture; ``training_mixture`` builds it from whichever sets are prepared.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import inspect
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import logging
 import cv2
@@ -135,11 +127,11 @@ class _CrmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version(DATA_VERSION)
   RELEASE_NOTES = {DATA_VERSION: "Original files, normalised to JPEG/PNG of the declared channels."}
+  DATASET: "DataSet"
   SHORT_NAME = ""
   DISPLAY_NAME = ""
   DESCRIPTION = ""
   HOMEPAGE = ""
-  CITATION = ""
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -152,15 +144,11 @@ class _CrmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(*args, **kwargs)
     self.reports: Dict[str, folders.ScanReport] = {}
 
-  def _features(self) -> tfds.features.FeaturesDict:
-    raise NotImplementedError
-
   def _info(self) -> tfds.core.DatasetInfo:
     # DatasetInfo directly: dataset_info_from_configs would look for metadata files next to
     # this module.
     return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
-                                 features=self._features(), homepage=self.HOMEPAGE,
-                                 citation=self.CITATION)
+                                 features=self._features(), homepage=self.HOMEPAGE)
 
   def _encode(self, files: Mapping[str, Tuple[str, bool]], report: folders.ScanReport,
               key: str) -> Optional[Dict[str, bytes]]:
@@ -190,11 +178,8 @@ class _PairsBuilder(_CrmBuilder, skip_registration=True):
         "name": tfds.features.Text(),
     })
 
-  def _scan(self, root: str) -> Tuple[List[folders.Pair], folders.ScanReport]:
-    return folders.scan_flat(root, what=self.DISPLAY_NAME)
-
   def _split_generators(self, dl_manager):
-    pairs, report = self._scan(os.fspath(dl_manager.manual_dir))
+    pairs, report = self.DATASET.scan(os.fspath(dl_manager.manual_dir), what=self.DISPLAY_NAME)
     logging.info("%s: %s", self.name, report.summary())
     self.reports["train"] = report
     return {"train": self._generate_examples(pairs, report)}
@@ -206,112 +191,8 @@ class _PairsBuilder(_CrmBuilder, skip_registration=True):
         yield p.name, {**ex, "name": p.name}
 
 
-_FLAT_INSTRUCTIONS = """\
-Download and extract the {display} archive ({homepage}) and pass its folder as manual_dir.
-Images are `<id>.jpg`, masks grey `<id>.png`, paired by `<id>` anywhere under the folder: either
-all in one folder, or images and masks in subfolders as in the original archive, e.g.
-{example}
-Unpaired files are left out (and counted); hidden files and __MACOSX are ignored.
-"""
-
-
-class CrmFss1000(_PairsBuilder):
-  """FSS-1000 (Wei et al., CVPR 2020): 1000 classes x 10 image/mask pairs."""
-  name = "crm_fss1000"
-  SHORT_NAME = "fss1000"
-  DISPLAY_NAME = "FSS-1000"
-  DESCRIPTION = "FSS-1000 few-shot segmentation images and masks, as CRM trains on them."
-  HOMEPAGE = "https://github.com/HKUSTCV/FSS-1000"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
-Download and extract FSS-1000 (fewshot_data.zip, {HOMEPAGE}) and pass the folder holding the class
-folders as manual_dir:
-  <manual_dir>/<class>/<k>.jpg   image
-  <manual_dir>/<class>/<k>.png   grey mask
-Samples are named `<class>/<k>`; unpaired files are left out (and counted).
-"""
-
-  def _scan(self, root: str):
-    return folders.scan_fss1000(root, what=self.DISPLAY_NAME)
-
-
-class CrmDutsTr(_PairsBuilder):
-  """DUTS-TR (Wang et al., CVPR 2017): 10,553 salient-object images."""
-  name = "crm_duts_tr"
-  SHORT_NAME = "duts_tr"
-  DISPLAY_NAME = "DUTS-TR"
-  DESCRIPTION = "DUTS-TR salient-object images and masks."
-  HOMEPAGE = "http://saliencydetection.net/duts/"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _FLAT_INSTRUCTIONS.format(
-      display=DISPLAY_NAME, homepage=HOMEPAGE,
-      example="  <manual_dir>/DUTS-TR-Image/<id>.jpg + <manual_dir>/DUTS-TR-Mask/<id>.png")
-
-
-class CrmDutsTe(_PairsBuilder):
-  """DUTS-TE (Wang et al., CVPR 2017): 5,019 salient-object images (a training set for CRM)."""
-  name = "crm_duts_te"
-  SHORT_NAME = "duts_te"
-  DISPLAY_NAME = "DUTS-TE"
-  DESCRIPTION = "DUTS-TE salient-object images and masks (used for training, as upstream)."
-  HOMEPAGE = "http://saliencydetection.net/duts/"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _FLAT_INSTRUCTIONS.format(
-      display=DISPLAY_NAME, homepage=HOMEPAGE,
-      example="  <manual_dir>/DUTS-TE-Image/<id>.jpg + <manual_dir>/DUTS-TE-Mask/<id>.png")
-
-
-class CrmEcssd(_PairsBuilder):
-  """ECSSD (Yan et al., CVPR 2013): 1,000 salient-object images."""
-  name = "crm_ecssd"
-  SHORT_NAME = "ecssd"
-  DISPLAY_NAME = "ECSSD"
-  DESCRIPTION = "ECSSD salient-object images and masks."
-  HOMEPAGE = "https://www.cse.cuhk.edu.hk/leojia/projects/hsaliency/dataset.html"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _FLAT_INSTRUCTIONS.format(
-      display=DISPLAY_NAME, homepage=HOMEPAGE,
-      example="  <manual_dir>/images/<id>.jpg + <manual_dir>/ground_truth_mask/<id>.png")
-
-
-class CrmMsra10k(_PairsBuilder):
-  """MSRA-10K (Cheng et al., TPAMI 2015): 10,000 salient-object images."""
-  name = "crm_msra10k"
-  SHORT_NAME = "msra10k"
-  DISPLAY_NAME = "MSRA-10K"
-  DESCRIPTION = "MSRA-10K salient-object images and masks."
-  HOMEPAGE = "https://mmcheng.net/msra10k/"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _FLAT_INSTRUCTIONS.format(
-      display=DISPLAY_NAME, homepage=HOMEPAGE,
-      example="  <manual_dir>/Imgs/<id>.jpg + <manual_dir>/Imgs/<id>.png (MSRA10K_Imgs_GT.zip)")
-
-
-class CrmDutOmron(_PairsBuilder):
-  """DUT-OMRON (Yang et al., CVPR 2013): 5,168 salient-object images."""
-  name = "crm_dut_omron"
-  SHORT_NAME = "dut_omron"
-  DISPLAY_NAME = "DUT-OMRON"
-  DESCRIPTION = "DUT-OMRON salient-object images and pixel-wise masks."
-  HOMEPAGE = "http://saliencydetection.net/dut-omron/"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _FLAT_INSTRUCTIONS.format(
-      display=DISPLAY_NAME, homepage=HOMEPAGE,
-      example=("  <manual_dir>/DUT-OMRON-image/<id>.jpg + "
-               "<manual_dir>/pixelwiseGT-new-PNG/<id>.png"))
-
-
-class CrmBig(_CrmBuilder):
-  """BIG (Cheng et al., CVPR 2020): 50 validation and 100 test objects, up to 5000x3600 pixels."""
-  name = "crm_big"
-  SHORT_NAME = "big"
-  DISPLAY_NAME = "BIG"
-  DESCRIPTION = ("BIG high-resolution segmentation refinement benchmark: image, coarse mask (seg) "
-                 "and ground truth per object.")
-  HOMEPAGE = "https://github.com/hkchengrex/CascadePSP"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
-Download and extract BIG (see {HOMEPAGE}, docs/dataset.md) and pass the BIG folder as manual_dir.
-Each subfolder holding BIG files becomes a split named after it (the archive has val and test):
-  <manual_dir>/val/<name>_im.jpg    image (.png also accepted)
-  <manual_dir>/val/<name>_seg.png   coarse mask
-  <manual_dir>/val/<name>_gt.png    ground truth
-  <manual_dir>/test/...             the same
-Incomplete triples are left out (and counted).
-"""
+class _BigBuilder(_CrmBuilder, skip_registration=True):
+  """BIG: one split per subfolder of {'image', 'seg', 'gt', 'name'}."""
 
   def _features(self) -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict({
@@ -339,10 +220,122 @@ Incomplete triples are left out (and counted).
         yield t.name, {**ex, "name": t.name}
 
 
-BUILDERS: Dict[str, type] = {
-    cls.SHORT_NAME: cls
-    for cls in (CrmFss1000, CrmDutsTr, CrmDutsTe, CrmEcssd, CrmMsra10k, CrmDutOmron, CrmBig)
-}
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+  """One row of ``DATASETS``: everything that tells one builder from another.
+
+  ``short`` is the helpers' name (the TFDS name is ``crm_<short>``); ``summary`` becomes the
+  builder's docstring; ``instructions`` its ``MANUAL_DOWNLOAD_INSTRUCTIONS``; ``base`` is
+  ``_PairsBuilder`` (a training set, scanned by ``scan``) or ``_BigBuilder``.
+  """
+  short: str
+  display: str
+  summary: str
+  description: str
+  homepage: str
+  instructions: str
+  base: type = _PairsBuilder
+  scan: Callable[..., Tuple[list, folders.ScanReport]] = folders.scan_flat
+
+
+def _flat_instructions(display: str, homepage: str, example: str) -> str:
+  return f"""\
+Download and extract the {display} archive ({homepage}) and pass its folder as manual_dir.
+Images are `<id>.jpg`, masks grey `<id>.png`, paired by `<id>` anywhere under the folder: either
+all in one folder, or images and masks in subfolders as in the original archive, e.g.
+  {example}
+Unpaired files are left out (and counted); hidden files and __MACOSX are ignored.
+"""
+
+
+_DUTS = "http://saliencydetection.net/duts/"
+DATASETS: Tuple[DataSet, ...] = (
+    DataSet(
+        "fss1000", "FSS-1000",
+        "FSS-1000 (Wei et al., CVPR 2020): 1000 classes x 10 image/mask pairs.",
+        "FSS-1000 few-shot segmentation images and masks, as CRM trains on them.",
+        "https://github.com/HKUSTCV/FSS-1000",
+        """\
+Download and extract FSS-1000 (fewshot_data.zip, https://github.com/HKUSTCV/FSS-1000) and pass the
+folder holding the class folders as manual_dir:
+  <manual_dir>/<class>/<k>.jpg   image
+  <manual_dir>/<class>/<k>.png   grey mask
+Samples are named `<class>/<k>`; unpaired files are left out (and counted).
+""", scan=folders.scan_fss1000),
+    DataSet(
+        "duts_tr", "DUTS-TR",
+        "DUTS-TR (Wang et al., CVPR 2017): 10,553 salient-object images.",
+        "DUTS-TR salient-object images and masks.", _DUTS,
+        _flat_instructions("DUTS-TR", _DUTS,
+                           "<manual_dir>/DUTS-TR-Image/<id>.jpg + "
+                           "<manual_dir>/DUTS-TR-Mask/<id>.png")),
+    DataSet(
+        "duts_te", "DUTS-TE",
+        "DUTS-TE (Wang et al., CVPR 2017): 5,019 salient-object images (a training set for CRM).",
+        "DUTS-TE salient-object images and masks (used for training, as upstream).", _DUTS,
+        _flat_instructions("DUTS-TE", _DUTS,
+                           "<manual_dir>/DUTS-TE-Image/<id>.jpg + "
+                           "<manual_dir>/DUTS-TE-Mask/<id>.png")),
+    DataSet(
+        "ecssd", "ECSSD",
+        "ECSSD (Yan et al., CVPR 2013): 1,000 salient-object images.",
+        "ECSSD salient-object images and masks.",
+        "https://www.cse.cuhk.edu.hk/leojia/projects/hsaliency/dataset.html",
+        _flat_instructions("ECSSD",
+                           "https://www.cse.cuhk.edu.hk/leojia/projects/hsaliency/dataset.html",
+                           "<manual_dir>/images/<id>.jpg + "
+                           "<manual_dir>/ground_truth_mask/<id>.png")),
+    DataSet(
+        "msra10k", "MSRA-10K",
+        "MSRA-10K (Cheng et al., TPAMI 2015): 10,000 salient-object images.",
+        "MSRA-10K salient-object images and masks.", "https://mmcheng.net/msra10k/",
+        _flat_instructions("MSRA-10K", "https://mmcheng.net/msra10k/",
+                           "<manual_dir>/Imgs/<id>.jpg + <manual_dir>/Imgs/<id>.png "
+                           "(MSRA10K_Imgs_GT.zip)")),
+    DataSet(
+        "dut_omron", "DUT-OMRON",
+        "DUT-OMRON (Yang et al., CVPR 2013): 5,168 salient-object images.",
+        "DUT-OMRON salient-object images and pixel-wise masks.",
+        "http://saliencydetection.net/dut-omron/",
+        _flat_instructions("DUT-OMRON", "http://saliencydetection.net/dut-omron/",
+                           "<manual_dir>/DUT-OMRON-image/<id>.jpg + "
+                           "<manual_dir>/pixelwiseGT-new-PNG/<id>.png")),
+    DataSet(
+        "big", "BIG",
+        "BIG (Cheng et al., CVPR 2020): 50 validation and 100 test objects, up to 5000x3600 "
+        "pixels.",
+        "BIG high-resolution segmentation refinement benchmark: image, coarse mask (seg) and "
+        "ground truth per object.",
+        "https://github.com/hkchengrex/CascadePSP",
+        """\
+Download and extract BIG (see https://github.com/hkchengrex/CascadePSP, docs/dataset.md) and pass
+the BIG folder as manual_dir. Each subfolder holding BIG files becomes a split named after it (the
+archive has val and test):
+  <manual_dir>/val/<name>_im.jpg    image (.png also accepted)
+  <manual_dir>/val/<name>_seg.png   coarse mask
+  <manual_dir>/val/<name>_gt.png    ground truth
+  <manual_dir>/test/...             the same
+Incomplete triples are left out (and counted).
+""", base=_BigBuilder),
+)
+
+
+def _make_builder(ds: DataSet) -> type:
+  """The TFDS builder class of one ``DATASETS`` row (registered with TFDS as ``crm_<short>``)."""
+  return type("Crm" + "".join(part.capitalize() for part in ds.short.split("_")), (ds.base,), {
+      "__module__": __name__,
+      "__doc__": ds.summary,
+      "name": TFDS_PREFIX + ds.short,
+      "DATASET": ds,
+      "SHORT_NAME": ds.short,
+      "DISPLAY_NAME": ds.display,
+      "DESCRIPTION": ds.description,
+      "HOMEPAGE": ds.homepage,
+      "MANUAL_DOWNLOAD_INSTRUCTIONS": ds.instructions,
+  })
+
+
+BUILDERS: Dict[str, type] = {ds.short: _make_builder(ds) for ds in DATASETS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +364,18 @@ def is_prepared(name: str, data_dir: PathLike) -> bool:
   """Whether ``name`` is prepared in ``data_dir`` (checked quietly, without building anything)."""
   path = prepared_path(name, data_dir)
   return all(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "features.json"))
+
+
+def require_prepared(names: Union[str, Sequence[str]], data_dir: PathLike) -> None:
+  """Raises FileNotFoundError, naming ``data_dir`` and what to run, unless every one of ``names``
+  is prepared in it (ValueError for an unknown name)."""
+  names = [names] if isinstance(names, str) else list(names)
+  missing = [n for n in names if not is_prepared(n, data_dir)]
+  if missing:
+    raise FileNotFoundError(
+        f"{os.fspath(data_dir)}: {', '.join(missing)} not prepared (no "
+        f"{prepared_path(missing[0], data_dir)}); prepare with "
+        "crm_jax.data.tfds_builders.prepare(name, manual_dir, data_dir)")
 
 
 def prepare(name: str, manual_dir: PathLike, data_dir: PathLike, *,
@@ -415,11 +420,7 @@ class DecodedSource:
 
   def _open(self):
     if self._source is None:
-      if not is_prepared(self.name, self.data_dir):
-        raise FileNotFoundError(
-            f"{self.name} is not prepared in {self.data_dir} (no "
-            f"{prepared_path(self.name, self.data_dir)}); run "
-            f"crm_jax.data.tfds_builders.prepare({self.name!r}, manual_dir, data_dir) first")
+      require_prepared(self.name, self.data_dir)
       builder = get_builder(self.name, self.data_dir)
       splits = list(builder.info.splits)
       if self.split not in splits:

@@ -1,20 +1,30 @@
-"""An independent PyTorch (CPU, float32) CRM, written from ``shared/crm_spec.md``.
+"""An independent PyTorch (CPU, float32) CRM: the yardstick of ``crm-convert --verify`` and of
+the parity tests.
 
-This is the yardstick of the parity tests and of ``convert_torch_weights.py
---verify``; it does not import crm_jax. It follows the published code's
-structure and state-dict key names (``feats.*`` a ResNet with a 4-channel stem
-and a dilated ``layer3``; ``feats.layer4`` is built and computed, as upstream,
-though its output is unused; ``aspp_.*`` the fusion; ``imnet.layers.*`` the MLP),
-and queries the feature map the published way, with
-``F.grid_sample(mode='nearest', align_corners=False)`` on F and on F's
+It mirrors the published PyTorch code of CRM, repository dvlab-research/Entity, folder
+``High-Quality-Segmention/`` (sic) at commit 0d3b03bd792c3cdeaecafeb334b1077e9feb6c18 (the
+release; unchanged up to c4939b6df934201b0b05e42e911ac59046f8ec15):
+``models/network/extractors.py`` (the ResNet), ``models/network/aspp.py`` (``ASPP_no4level``),
+``models/network/crm.py`` and ``crm_transferCoord_transferFeat.py`` (``make_coord``, the query and
+the local ensemble), ``test.py`` with ``dataset/offline_dataset_crm_pad32.py`` (the multi-scale
+loop), ``models/sobel_op.py`` and ``util/metrics_compute_crm.py`` (the loss). It was written from
+the behaviour documented in docs/model.md, docs/decoder.md, docs/refinement.md and
+docs/training.md, not copied, and it does not import the rest of crm_jax.
+
+It keeps the published state-dict key names (``feats.*`` a ResNet with a 4-channel stem and a
+dilated ``layer3``; ``feats.layer4`` is built and computed, as upstream, though its output is
+unused; ``aspp_.*`` the fusion; ``imnet.layers.*`` the MLP), and queries the feature map the
+published way, with ``F.grid_sample(mode='nearest', align_corners=False)`` on F and on F's
 coordinate grid. Layouts are NCHW; query coordinates are ``(y, x)``.
 
 Main entry points:
   ``TorchCRM``: ``features(x)``, ``query(F, coord, cell)``, ``forward``.
-  ``make_coord``, ``refine_reference`` (spec section 5, with
-  ``prepare_inputs`` and ``grid_queries``), ``sobel`` and
-  ``crm_loss_reference`` (section 7), ``randomize_``,
+  ``make_coord``, ``refine_reference`` (docs/refinement.md, with ``prepare_inputs`` and
+  ``grid_queries``), ``sobel`` and ``crm_loss_reference`` (docs/training.md), ``randomize_``,
   ``save_like_dataparallel``, ``config_from_state_dict``.
+
+Needs PyTorch (``pip install "crm-jax[torch]"``); importing it without PyTorch raises an
+ImportError with a one-line message saying so.
 """
 
 import math
@@ -22,14 +32,21 @@ import re
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
+
+TORCH_MISSING = ("the PyTorch reference (crm_jax.torch_reference) needs PyTorch: "
+                 "pip install 'crm-jax[torch]' (torch==2.13.0)")
+
+try:
+  import torch
+except ImportError:
+  raise ImportError(TORCH_MISSING) from None
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Spec section 1.
+# docs/model.md, inputs.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-# Spec section 5.
+# docs/refinement.md.
 PAD = 32
 SCALES = (0.125, 0.25, 0.5, 1.0)
 CHUNK = 802816
@@ -329,7 +346,7 @@ def save_like_dataparallel(model: nn.Module, path: str) -> Dict[str, torch.Tenso
 
 
 # ----------------------------------------------------------------------------
-# Spec section 5: the multi-scale test loop.
+# The multi-scale test loop (docs/refinement.md).
 # ----------------------------------------------------------------------------
 
 def prepare_inputs(image: np.ndarray, mask: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -387,7 +404,7 @@ def refine_reference(model: TorchCRM, image: np.ndarray, mask: np.ndarray,
 
 
 # ----------------------------------------------------------------------------
-# Spec section 7: the training loss.
+# The training loss (docs/training.md).
 # ----------------------------------------------------------------------------
 
 def sobel(x: torch.Tensor) -> torch.Tensor:

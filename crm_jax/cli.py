@@ -1,0 +1,114 @@
+"""The ``crm-evaluate`` and ``crm-train`` commands (``evaluate.py`` and ``train.py`` in a checkout).
+
+Each parses flags and calls one library function: ``crm_jax.evaluation.evaluate`` and
+``crm_jax.train_lib.train_and_evaluate``. ``crm-refine`` is ``crm_jax.refine.main`` and
+``crm-convert`` is ``crm_jax.convert.main``.
+
+    crm-evaluate --data DIR --checkpoint CKPT --output OUT [--scales 0.125 0.25 0.5 1.0]
+    crm-evaluate --data crm_big --tfds-data-dir TFDS_DIR [--split test] --checkpoint CKPT \\
+        --output OUT
+    crm-evaluate --metrics-only --output OUT
+    crm-train --config configs/crm_resnet50.py --workdir DIR [--config.FIELD=VALUE ...]
+"""
+
+import argparse
+import os
+import sys
+
+
+def evaluate_main(argv=None) -> int:
+  """Refines BIG-style data at every scale and reports IoU and mBA (docs/refinement.md,
+  docs/metrics.md).
+
+  Writes the published output layout in OUT and OUT/metrics.json; a run started again skips
+  objects that are already complete. Bad objects are reported and skipped; the exit status is
+  non-zero only when nothing could be evaluated (2 and one line on bad input).
+  """
+  from crm_jax.checkpoint import CheckpointError
+  from crm_jax.constants import SCALES
+  from crm_jax.evaluation import evaluate
+  from crm_jax.io import InputError
+
+  parser = argparse.ArgumentParser(
+      description="Refines BIG-style data at every scale and reports IoU and mBA.")
+  parser.add_argument("--data", help="folder in the BIG layout, or a TFDS name with "
+                      "--tfds-data-dir (crm_big)")
+  parser.add_argument("--tfds-data-dir", help="TFDS data dir in which --data is prepared")
+  parser.add_argument("--split", help="TFDS split (needed when there are several)")
+  parser.add_argument("--checkpoint", help="crm-jax model checkpoint directory")
+  parser.add_argument("--output", required=True, help="output folder")
+  parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
+  parser.add_argument("--metrics-only", action="store_true",
+                      help="recompute the metrics of the masks already in --output")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype of the network (bfloat16: for accelerators; see "
+                           "the README for its accuracy change)")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  if not args.metrics_only and not (args.data and args.checkpoint):
+    parser.error("--data and --checkpoint are required unless --metrics-only")
+  try:
+    evaluate(args.data, args.checkpoint, args.output, args.scales,
+             metrics_only=args.metrics_only, progress=not args.no_progress,
+             tfds_data_dir=args.tfds_data_dir, split=args.split, dtype=args.dtype)
+  except (InputError, CheckpointError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _config_import_roots(argv):
+  """The current folder and, for ``--config PATH`` / ``--config=PATH``, PATH's grandparent."""
+  roots = [os.getcwd()]
+  for i, arg in enumerate(argv):
+    path = None
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif arg.startswith(("--config=", "-config=")):
+      path = arg.split("=", 1)[1]
+    if path:
+      roots.append(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+  return roots
+
+
+def train_main(argv=None) -> None:
+  """Trains CRM (docs/training.md): ``--config`` (an ``ml_collections`` config file; fields can be
+  overridden as ``--config.FIELD=VALUE``) and ``--workdir`` (created; a run started again in the
+  same workdir resumes from its last checkpoint).
+
+  ``argv`` is the whole command line, program name first (``sys.argv`` when None). The current
+  folder and the folder above the config file's go first on ``sys.path`` (as for ``python
+  train.py`` in a checkout), so that config files importing ``configs.*`` load from anywhere.
+  Multi-host runs set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+  (see ``crm_jax.train_lib``). Errors print one line and exit with status 1.
+  """
+  from absl import app
+  from absl import flags
+  from absl import logging
+  from ml_collections import config_flags
+
+  from crm_jax import train_lib
+  from crm_jax.checkpoint import CheckpointError
+  from crm_jax.data.pipeline import DatasetError
+  from crm_jax.io import InputError
+
+  for root in _config_import_roots(sys.argv if argv is None else argv):
+    if root not in sys.path:
+      sys.path.insert(0, root)
+  if "workdir" not in flags.FLAGS:  # defined once per process
+    config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the model.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+  def run(args):
+    if len(args) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
+    if not flags.FLAGS["verbosity"].present:  # no INFO chatter unless --verbosity asks for it
+      logging.set_verbosity(logging.WARNING)
+    try:
+      train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (train_lib.TrainingError, DatasetError, CheckpointError, InputError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+
+  app.run(run, argv=argv)
