@@ -63,8 +63,7 @@ def main() -> int:
     # Random weights with spread-out logits: the PyTorch reference's
     # randomize_ (as in the parity tests), converted.
     import tempfile
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import torch_reference as tr
+    from crm_jax import torch_reference as tr
     from crm_jax.convert import convert_crm
     config = {"resnet50": crm.RESNET50, "small": crm.SMALL, "tiny": crm.TINY}[args.config]
     model = tr.randomize_(tr.TorchCRM(**config.architecture()), 0)

@@ -1,7 +1,7 @@
 """Seconds per image: the JAX ``Refiner`` against the PyTorch reference.
 
 Both refine the same images at the same scales with the same weights: a
-randomised PyTorch CRM (``tests/torch_reference.py``: ``randomize_``), saved
+randomised PyTorch CRM (``crm_jax/torch_reference.py``: ``randomize_``), saved
 as a DataParallel checkpoint and converted with ``crm_jax.convert.convert_crm``.
 The PyTorch side is ``refine_reference`` (the published loop: grid_sample
 on the 256-channel F, layer4 computed as upstream). One process, one machine;
@@ -35,7 +35,6 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 def _images(args):
@@ -53,7 +52,7 @@ def _images(args):
 
 def _reference_model(config_name: str):
   """A randomised PyTorch CRM (eval mode) of the named configuration."""
-  import torch_reference as tr
+  from crm_jax import torch_reference as tr
   from crm_jax.models import crm
   config = {"resnet50": crm.RESNET50, "small": crm.SMALL, "tiny": crm.TINY}[config_name]
   model = tr.TorchCRM(**config.architecture())
@@ -62,7 +61,7 @@ def _reference_model(config_name: str):
 
 
 def _convert(model, tmp: str) -> str:
-  import torch_reference as tr
+  from crm_jax import torch_reference as tr
   from crm_jax.convert import convert_crm
   tr.save_like_dataparallel(model, os.path.join(tmp, "model.pth"))
   convert_crm(os.path.join(tmp, "model.pth"), os.path.join(tmp, "jax"), log=lambda m: None)
@@ -91,7 +90,7 @@ def device_check(args) -> int:
   """The accelerator check: fused plan (float32, bfloat16) against the PyTorch reference."""
   import torch
   import jax
-  import torch_reference as tr
+  from crm_jax import torch_reference as tr
   from crm_jax.refine import Refiner
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,7 +155,7 @@ def main() -> int:
 
   import torch
   import jax
-  import torch_reference as tr
+  from crm_jax import torch_reference as tr
   from crm_jax.refine import Refiner
 
   cores = os.cpu_count()

@@ -17,8 +17,9 @@ import numpy as np
 
 from crm_jax.bundled import DEMO_CHECKPOINT, DEMO_DATA
 from crm_jax.constants import BINARY_THRESHOLD, SCALES
-from crm_jax.evaluation import evaluate, list_objects, mask_file
-from crm_jax.io import read_image, read_mask, write_image
+from crm_jax.evaluation import evaluate, list_objects
+from crm_jax.io import read_grey, read_image, read_mask, write_image
+from crm_jax.metrics import mask_path
 
 PANEL_WIDTH = 640
 COLOURS = {"coarse": (255, 64, 64), "refined": (64, 255, 64), "gt": (255, 255, 0)}
@@ -53,11 +54,11 @@ def run_demo(output: str = "demo_output", checkpoint: str = DEMO_CHECKPOINT,
   objects, _ = list_objects(data)
   pictures = []
   for obj in objects:
-    refined_path = mask_file(output, obj.name, SCALES[-1])
+    refined_path = mask_path(output, obj.name, SCALES[-1])
     if not os.path.isfile(refined_path):
       continue
     picture = side_by_side(read_image(obj.image), read_mask(obj.seg),
-                           read_mask(refined_path), read_mask(obj.gt))
+                           read_grey(refined_path), read_mask(obj.gt))
     path = os.path.join(output, f"compare_{obj.name}.png")
     write_image(path, picture)
     pictures.append(path)

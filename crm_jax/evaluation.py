@@ -70,7 +70,6 @@ DEFAULT_PLAN = "banded"  # for a refiner that does not name its execution plan
 
 Log = Callable[[str], None]
 
-mask_file = metrics.mask_path  # re-exported (crm_jax.demo)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Parity of the JAX port with the independent PyTorch reference, and conversion.
 
-The reference is ``tests/torch_reference.py`` (written from the spec, not from
+The reference is ``crm_jax/torch_reference.py`` (written from the spec, not from
 the JAX code). Random weights with non-trivial BatchNorm statistics, eval mode,
 float32, random inputs; logits agree within 1e-4.
 
@@ -34,7 +34,7 @@ from crm_jax.torch_mapping import MappingError, expected_keys
 
 try:
   import torch
-  import torch_reference as ref
+  from crm_jax import torch_reference as ref
 except ImportError:  # Every test here is then skipped (requires_torch).
   torch = ref = None
 
@@ -494,13 +494,3 @@ def test_converted_dir_errors(converted, tmp_path):
   ref.save_like_dataparallel(_reference(TINY, seed=2), tiny_path)
   with pytest.raises(MappingError, match="does not load into the PyTorch reference"):
     verify_conversion(tiny_path, converted["dir"])
-
-
-@pytest.mark.torch
-@requires_torch
-def test_verify_without_reference_file(converted, monkeypatch, tmp_path):
-  import crm_jax.convert
-  missing = str(tmp_path / "tests" / "torch_reference.py")
-  monkeypatch.setattr(crm_jax.convert, "REFERENCE_FILE", missing)
-  with pytest.raises(MappingError, match=re.escape(missing) + ": missing"):
-    verify_conversion(converted["ckpt"], converted["dir"])

@@ -4,10 +4,13 @@ import os
 import pickle
 import sys
 
+import warnings
+
 import cv2
 import numpy as np
 import pytest
 
+from crm_jax import io
 from crm_jax.data import folders
 from crm_jax.data import tfds_builders as tb
 
@@ -38,7 +41,10 @@ def _expected_image(path):
 
 
 def _expected_mask(path):
-  return cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+  """The mask as ``crm_jax.io.read_mask`` reads it (the one rule for every reader)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", io.MaskWarning)
+    return io.read_mask(path)
 
 
 def _by_name(source):
