@@ -24,7 +24,7 @@ yields ``[H, W, 1]``.
 Reading. ``load_source`` asks TFDS for the raw bytes (``tfds.decode.SkipDecoding``) and decodes
 them with OpenCV: images as RGB uint8 ``[H, W, 3]`` (grey replicated, alpha dropped, as PIL's
 ``convert('RGB')`` upstream; EXIF orientation is ignored, as by PIL), masks as grey uint8
-``[H, W]`` (as ``convert('L')``). ``MixtureSource`` concatenates such sources into one training
+``[H, W]`` by the mask rules of ``crm_jax.io.decode_mask`` (the README's Input rules). ``MixtureSource`` concatenates such sources into one training
 mixture; ``training_mixture`` builds it from whichever sets are prepared.
 """
 
@@ -53,7 +53,6 @@ TFDS_PREFIX = "crm_"
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_MASK_READ_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 # ---------------------------------------------------------------------------------------------
