@@ -80,10 +80,10 @@ def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
   return path
 
 
-def _cast(variables, dtype):
-  """The variables as ``dtype`` (cast on the host: no compilation)."""
+def _cast(variables, dtype, device):
+  """The variables as ``dtype`` on ``device`` (cast on the host: no compilation)."""
   return jax.tree_util.tree_map(
-      lambda a: jax.device_put(np.asarray(a).astype(dtype)), variables)
+      lambda a: jax.device_put(np.asarray(a).astype(dtype), device), variables)
 
 
 class BatchInputError(InputError):
@@ -125,6 +125,8 @@ class Refiner:
     batch_ladder: batch sizes the fused plan compiles for.
     compilation_cache: enable the persistent compilation cache
       (``enable_compilation_cache``).
+    device: the ``jax.Device`` that runs everything (default: JAX's default
+      device); one Refiner per device refines on several devices at once.
   """
 
   def __init__(self, config: ModelConfig, variables, *, plan: str = "auto",
@@ -132,7 +134,7 @@ class Refiner:
                pad: int = REFLECT_PAD, bucket_steps: int = BUCKET_STEPS,
                dtype="float32", band_elements: int = plans.BAND_ELEMENTS,
                batch_ladder: Sequence[int] = plans.BATCH_LADDER,
-               compilation_cache: bool = True):
+               compilation_cache: bool = True, device: Optional[jax.Device] = None):
     if compilation_cache:
       enable_compilation_cache()
     if plan not in PLAN_CHOICES:
@@ -143,9 +145,10 @@ class Refiner:
     if name != "float32" and plan == "plain":
       raise ValueError("dtype other than float32 needs a bucketed plan (banded or fused)")
     self.config = config
-    self.variables = jax.device_put(variables)
+    self.device = device or jax.devices()[0]
+    self.variables = jax.device_put(variables, self.device)
     self.compute_variables = (self.variables if name == "float32"
-                              else _cast(variables, DTYPES[name]))
+                              else _cast(variables, DTYPES[name], self.device))
     self.dtype = name
     self.plan = plan
     self.memory_budget = memory_budget
@@ -201,7 +204,12 @@ class Refiner:
 
   def _run(self, padded: List[Tuple[np.ndarray, np.ndarray]],
            scales: Tuple[float, ...]) -> List[Dict[float, np.ndarray]]:
-    """Padded pairs -> ``{s: prob}`` on their padded grids; fused pairs grouped by bucket."""
+    """Padded pairs -> ``{s: prob}`` on their padded grids, on ``self.device``."""
+    with jax.default_device(self.device):
+      return self._run_on_device(padded, scales)
+
+  def _run_on_device(self, padded, scales):
+    """``_run`` under ``jax.default_device``; fused pairs grouped by bucket."""
     results: List[Optional[Dict[float, np.ndarray]]] = [None] * len(padded)
     groups: Dict[tuple, List[int]] = {}
     for i, (image_p, _) in enumerate(padded):
