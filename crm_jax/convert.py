@@ -19,6 +19,7 @@ difference. The key mapping is ``crm_jax.torch_mapping``.
 """
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Dict, List, Tuple
@@ -127,10 +128,9 @@ def convert_imagenet(src: str, out_dir: str, seed: int = 0, overwrite: bool = Fa
 def _torch_reference():
   """``crm_jax.torch_reference``, or a MappingError saying that PyTorch is needed."""
   try:
-    from crm_jax import torch_reference
+    return importlib.import_module("crm_jax.torch_reference")
   except ImportError as e:
     raise MappingError(f"verifying a conversion: {e}") from None
-  return torch_reference
 
 
 def verify_conversion(torch_ckpt_path: str, converted_dir: str, seed: int = 0,
