@@ -196,7 +196,10 @@ class Refiner:
   def plan_for(self, size: Tuple[int, int], scales: Sequence[float] = SCALES,
                batch: int = 1) -> str:
     """The plan that runs an image of ``size`` ``(H, W)`` (``auto`` resolved)."""
-    return plans.choose_plan(self.plan, self.config, self.bucket_of(size), max(scales),
+    return self._bucket_plan(self.bucket_of(size), scales, batch)
+
+  def _bucket_plan(self, bucket: Tuple[int, int], scales: Sequence[float], batch: int) -> str:
+    return plans.choose_plan(self.plan, self.config, bucket, max(scales),
                              jnp.dtype(self.dtype).itemsize, self.query_chunk,
                              self.memory_budget, batch)
 
@@ -215,10 +218,8 @@ class Refiner:
     for i, (image_p, _) in enumerate(padded):
       bucket = bucket_shape(image_p.shape[:2], self.bucket_steps)
       groups.setdefault(bucket, []).append(i)
-    p = self.pad
     for bucket, idx in groups.items():
-      size = (bucket[0] - 2 * p, bucket[1] - 2 * p)
-      plan = self.plan_for(size, scales, min(len(idx), max(self.batch_ladder)))
+      plan = self._bucket_plan(bucket, scales, min(len(idx), max(self.batch_ladder)))
       if plan == "fused":
         out = plans.refine_fused(self.config, self.compute_variables,
                                  [padded[i][0] for i in idx], [padded[i][1] for i in idx],
