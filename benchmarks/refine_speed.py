@@ -99,7 +99,8 @@ def device_check(args) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     path = _convert(model.cpu(), tmp)
     model.to(device)
-    refiners = {dtype: Refiner.from_checkpoint(path, plan=args.plan, dtype=dtype)
+    refiners = {dtype: Refiner.from_checkpoint(path, plan=args.plan, dtype=dtype,
+                                               compilation_cache=True)
                 for dtype in ("float32", "bfloat16")}
   print(f"device check: config {args.config}, scales {scales}, plan {args.plan}, "
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on "
@@ -162,7 +163,8 @@ def main() -> int:
   torch.set_num_threads(cores)
   model = _reference_model(args.config)
   with tempfile.TemporaryDirectory() as tmp:
-    refiner = Refiner.from_checkpoint(_convert(model, tmp), dtype=args.dtype, plan=args.plan)
+    refiner = Refiner.from_checkpoint(_convert(model, tmp), dtype=args.dtype, plan=args.plan,
+                                      compilation_cache=True)
   scales = tuple(args.scales)
   print(f"config {args.config}, scales {scales}, {cores} cores (torch threads "
         f"{torch.get_num_threads()}), jax {jax.__version__} on {jax.devices()[0].platform}, "

@@ -58,6 +58,9 @@ def evaluate_main(argv=None) -> int:
   if not args.metrics_only and not (args.data and args.checkpoint):
     parser.error("--data and --checkpoint are required unless --metrics-only")
   show_warnings_as_lines()
+  from crm_jax.refine import enable_compilation_cache  # JAX is imported only here.
+  if not args.metrics_only:
+    enable_compilation_cache()
   try:
     evaluate(args.data, args.checkpoint, args.output, args.scales,
              metrics_only=args.metrics_only, progress=not args.no_progress,

@@ -72,6 +72,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", default="demo_output")
   args = parser.parse_args(argv)
+  from crm_jax.refine import enable_compilation_cache
+  enable_compilation_cache()
   run_demo(args.output)
   return 0
 

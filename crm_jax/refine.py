@@ -17,7 +17,8 @@ bands, for the CPU), ``fused`` (one program per bucket and scale, batched, for
 accelerators) or ``auto`` (``crm_jax.plans.choose_plan``). Bucket geometry is
 in ``crm_jax.geometry``.
 
-Persistent compilation cache: ``Refiner`` (and ``main``) switch on JAX's
+Persistent compilation cache: the entry points (``main``, ``evaluate.py``,
+``make demo``; ``Refiner(compilation_cache=True)`` in Python) switch on JAX's
 persistent cache in ``$CRM_JAX_CACHE_DIR`` (default ``~/.cache/crm_jax/xla``;
 the empty string disables it) through ``jax.config``, caching every
 compilation that takes over 0.1 s.
@@ -123,8 +124,8 @@ class Refiner:
     dtype: ``"float32"`` or ``"bfloat16"`` (bucketed plans only).
     band_elements: elements of the widest per-band tensor (``banded``).
     batch_ladder: batch sizes the fused plan compiles for.
-    compilation_cache: enable the persistent compilation cache
-      (``enable_compilation_cache``).
+    compilation_cache: also switch on the persistent compilation cache
+      (``enable_compilation_cache``; the command-line entry points do).
     device: the ``jax.Device`` that runs everything (default: JAX's default
       device); one Refiner per device refines on several devices at once.
   """
@@ -134,7 +135,7 @@ class Refiner:
                pad: int = REFLECT_PAD, bucket_steps: int = BUCKET_STEPS,
                dtype="float32", band_elements: int = plans.BAND_ELEMENTS,
                batch_ladder: Sequence[int] = plans.BATCH_LADDER,
-               compilation_cache: bool = True, device: Optional[jax.Device] = None):
+               compilation_cache: bool = False, device: Optional[jax.Device] = None):
     if compilation_cache:
       enable_compilation_cache()
     if plan not in PLAN_CHOICES:
@@ -324,6 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "accelerator whose memory holds it)")
   args = parser.parse_args(argv)
   io.show_warnings_as_lines()
+  enable_compilation_cache()
   try:
     scales = check_scales(args.scales)
     io.check_output_file(args.output, inputs=(args.image, args.mask))
