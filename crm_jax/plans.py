@@ -39,7 +39,7 @@ from crm_jax.constants import EMPTY_SEG_SUM
 from crm_jax.geometry import (NUM_LEVELS, ScaleGeometry, bands, batch_size_rung, bucket_shape,
                               scale_geometry, scaled_size)
 from crm_jax.models.crm import CRM, ModelConfig
-from crm_jax.models.encoder import LEVEL_INPUT, LEVEL_X1, Bottleneck, Encoder
+from crm_jax.models.encoder import LEVEL_INPUT, LEVEL_X1, LEVEL_X2, LEVEL_X3, Bottleneck, Encoder
 from crm_jax.models.fusion import FUSION_INPUTS, Fusion
 from crm_jax.models.implicit_decoder import ImplicitDecoder
 from crm_jax.ops import mask_valid, resize_bilinear_align_corners, resize_cols, resize_rows
@@ -479,27 +479,28 @@ def refine_fused(config: ModelConfig, variables, images_p: Sequence[np.ndarray],
 
 def fused_peak_bytes(config: ModelConfig, bucket: Tuple[int, int], max_scale: float,
                      batch: int, dtype_bytes: int, queries: int) -> int:
-  """An upper estimate of the fused plan's peak device memory for one batch.
+  """A conservative estimate of the fused plan's peak device memory for one batch.
 
-  Counts, per pair, the bucketed inputs and outputs of every scale, the
-  largest-level activations the encoder and fusion hold at once (x1 with its
-  branch, the concatenation, F and its projection; a block's input, middle
-  and output at x2 and x3) and one query chunk's MLP activations, then
-  doubles it for XLA's temporaries.
+  Counts, per pair, the bucketed inputs and outputs, the activations of each
+  level held at once at the largest scale (at x1: the stem output, the
+  fusion's branches and concatenation, F and its projection; at x2 and x3: a
+  block's input, middle and output, and the branch) and one query chunk's MLP
+  activations, plus a quarter for XLA's temporaries.
   """
   hb, wb = bucket
   h_in, w_in = scaled_size(bucket, max_scale)
   a1 = -(-h_in // 2) * -(-w_in // 2)
   a2, a3 = -(-a1 // 4), -(-a1 // 16)
   blocks = config.encoder_blocks()
-  widest = max(spec.width * spec.expansion for spec in blocks)
-  x1_channels = (2 * config.stem_width + sum(config.fusion_widths) + 2 * config.feature_dim
+  width = lambda level: max(s.width * s.expansion for s in blocks if s.out_level == level)
+  x1_channels = (2 * config.stem_width + 2 * sum(config.fusion_widths) + config.feature_dim
                  + config.decoder_hidden[0])
-  network = (a1 * x1_channels + a2 * (3 * widest + sum(config.fusion_widths))
-             + a3 * 3 * widest) * dtype_bytes
-  query_chunk = rows_per_chunk(bucket, queries) * wb * 4 * max(config.decoder_hidden) * 4 * 3
+  network = (a1 * x1_channels + a2 * (3 * width(LEVEL_X2) + config.fusion_widths[1])
+             + a3 * (3 * width(LEVEL_X3) + config.fusion_widths[2])) * dtype_bytes
+  rows = rows_per_chunk(bucket, queries)
+  query_chunk = rows * wb * 4 * max(config.decoder_hidden) * 4 * 3
   io = hb * wb * (3 + 1 + 2 * 4) * 4
-  return 2 * batch * (network + query_chunk + io)
+  return batch * (network + query_chunk + io) * 5 // 4
 
 
 def device_memory(device=None) -> Optional[int]:
