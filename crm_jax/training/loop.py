@@ -1,0 +1,157 @@
+"""``train_and_evaluate(config, workdir)``: the training loop, read top to bottom.
+
+restore -> (step, log, validate, checkpoint) x N -> export. The step and its non-finite guard
+stay on the devices; the host looks at them only at "sync steps" (a log, picture, validation
+or checkpoint step, the last step, or a stop signal), so dispatch runs ahead of the devices in
+between. The workdir's layout is in ``workdir.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+
+from crm_jax import checkpoint as model_ckpt
+from crm_jax.data import pipeline
+from crm_jax.io import write_image
+from crm_jax.training import checkpoints as ckpt
+from crm_jax.training import config as cfg_lib
+from crm_jax.training import devices
+from crm_jax.training import logger as log_lib
+from crm_jax.training import validation
+from crm_jax.training import workdir as wd
+from crm_jax.training.distributed import barrier, maybe_initialize_distributed
+from crm_jax.training.preemption import Preemption
+from crm_jax.training.step import Guard, TrainState, build, create_train_state
+
+
+def _every(config, name: str, done: int) -> bool:
+  every = int(config.get(name) or 0)
+  return every > 0 and done % every == 0
+
+
+def _initial_state(config, manager, init_rng):
+  """Resume order: the workdir's latest checkpoint, then ``config.init``, then scratch."""
+  state = create_train_state(config, init_rng)
+  if manager.latest_step() is not None:
+    state = ckpt.restore_checkpoint(manager, state)
+    return state, f'resumed from {manager.directory}/{int(state.step)}'
+  if config.init:
+    return ckpt.load_init(config, state), f'initialised from {config.init}'
+  return state, f'fresh initialisation (seed {config.seed})'
+
+
+def _stop_if_non_finite(guard, r_state, manager, config) -> None:
+  """Saves the last good state and raises TrainingError once the guard holds a bad step."""
+  guard = devices.unreplicate(guard)
+  bad = int(guard.bad_step)
+  if bad < 0:
+    return
+  ckpt.save_checkpoint(manager, devices.unreplicate(r_state), config)
+  raise cfg_lib.TrainingError(
+      f'{guard.describe()}; the last good state (step {bad}) is '
+      f'saved in {manager.directory}; lower config.learning_rate or check the data')
+
+
+def _export(workdir: str, state: TrainState, config, logger) -> None:
+  path = os.path.join(workdir, wd.MODEL_DIR)
+  model_ckpt.save_model(path, state.variables(), cfg_lib.model_config(config), overwrite=True,
+                        meta={'step': int(state.step),
+                              'train_config': cfg_lib.config_to_json(config)})
+  logger.line(f'done: {int(state.step)} steps; model exported to {path}')
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+  """Trains CRM as ``config`` says, in ``workdir``; returns the final host TrainState.
+
+  Every ``log_every`` steps a console line (loss parts, lr, IoU of the input seg and of the
+  prediction, steps/s) and TensorBoard scalars; every ``image_every`` steps an example picture;
+  every ``eval_every`` steps (and at the end) a validation (``validation.py``); every
+  ``checkpoint_every`` steps, at the end and on SIGTERM / SIGINT a checkpoint (keeping the last
+  ``keep_checkpoints``). At the end the model is exported to ``WORKDIR/model``.
+
+  Raises:
+    TrainingError: a bad config field, an unusable workdir, a batch size that does not split
+      over the devices, a workdir holding checkpoints of another config, a bad ``config.init``
+      or validation set, or a non-finite step (the message names the step; the last good
+      state is saved first).
+    pipeline.DatasetError: a missing or unprepared dataset.
+  """
+  cfg_lib.check_config(config)
+  multi_process = maybe_initialize_distributed()
+  is_main, num_steps = jax.process_index() == 0, int(config.num_steps)
+  per_device = cfg_lib.check_batch_size(int(config.batch_size), jax.device_count(),
+                                        jax.process_count())
+  workdir = wd.prepare(workdir, is_main)
+  source = pipeline.make_source(config)  # fails early and clearly on a missing dataset
+  trainer = build(config)
+  root = jax.random.PRNGKey(int(config.seed))
+  init_rng, dropout_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+  manager = ckpt.checkpoint_manager(workdir, config.keep_checkpoints)
+  logger = preemption = loader = None
+  try:
+    wd.check_config(workdir, config, manager.latest_step() is not None)
+    state, origin = _initial_state(config, manager, init_rng)
+    validator = validation.make_validator(config, workdir, cfg_lib.model_config(config), is_main)
+    if is_main:  # the run has started: from here on the workdir belongs to this config.
+      wd.record_config(workdir, config)
+    start = int(state.step)
+    logger = log_lib.Logger(workdir, start, num_steps, is_main)
+    logger.line(f'{workdir}: {origin}; steps {start} -> {num_steps}, global batch '
+                f'{config.batch_size} = {jax.device_count()} device(s) x {per_device}, '
+                f'{jax.process_count()} process(es)')
+    preemption = Preemption(multi_process)
+    loader = pipeline.TrainLoader(config, start, source=source)
+    r_state, guard = devices.replicate(state), devices.replicate(Guard.clear())
+    window, t_window = [], time.time()
+    for step, batch, device_batch in devices.prefetch(loader):
+      r_state, guard, metrics = trainer.p_step(r_state, guard, device_batch, dropout_rng)
+      window.append(metrics)
+      done = step + 1
+      logger.advance()
+      stop = preemption.reached(done) and done < num_steps
+      checkpoint = _every(config, 'checkpoint_every', done) or done == num_steps
+      picture = is_main and _every(config, 'image_every', done)
+      validate = validator is not None and validation.wanted(config, done, num_steps)
+      log = _every(config, 'log_every', done) or done == num_steps
+      if not (stop or checkpoint or picture or validate or log):
+        continue  # no look at the devices: the next step is dispatched at once.
+      _stop_if_non_finite(guard, r_state, manager, config)
+      if log:
+        s = log_lib.summarize(log_lib.fetch_window(window))
+        rate = len(window) / max(time.time() - t_window, 1e-9)
+        logger.line(log_lib.format_train_line(done, num_steps, s, rate))
+        logger.scalars(done, {f'train/{k}': v for k, v in s.items()}
+                       | {'train/steps_per_s': rate})
+        window, t_window = [], time.time()
+      if picture or validate or checkpoint or stop:
+        state = devices.unreplicate(r_state)
+      if picture:
+        image = log_lib.example_picture(cfg_lib.model_config(config), state.variables(), batch)
+        logger.image(done, 'examples/image_seg_pred_gt', image)
+        write_image(os.path.join(workdir, wd.IMAGES_DIR, f'step_{done:07d}.png'), image)
+      if validate:
+        scores = validator(state.variables(), done)
+        logger.line(validator.line(done, scores))
+        logger.scalars(done, scores)
+        t_window = time.time()  # steps/s counts training only
+      if checkpoint or stop:
+        ckpt.save_checkpoint(manager, state, config)
+      if stop:
+        logger.line(f'{preemption.name}: stopped after step {done}; checkpoint saved in '
+                    f'{manager.directory}; run again with the same --workdir to resume')
+        return state
+    state = devices.unreplicate(r_state)  # also when the run had nothing left to do
+    ckpt.save_checkpoint(manager, state, config)
+    if is_main:
+      _export(workdir, state, config, logger)
+    barrier('crm_jax.training: exported')  # nobody leaves before the export is complete.
+    return state
+  finally:
+    for part in (loader, preemption, logger):
+      if part is not None:
+        part.close()
+    manager.wait_until_finished()
+    manager.close()
