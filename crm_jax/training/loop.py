@@ -51,8 +51,9 @@ def _stop_if_non_finite(guard, r_state, manager, config) -> None:
     return
   ckpt.save_checkpoint(manager, devices.unreplicate(r_state), config)
   raise cfg_lib.TrainingError(
-      f'{guard.describe()}; the last good state (step {bad}) is '
-      f'saved in {manager.directory}; lower config.learning_rate or check the data')
+      f'{guard.describe()}; the last good state (step {bad}) is saved in '
+      f'{manager.directory}; lower config.learning_rate or check the data (a changed config '
+      f'needs a new --workdir unless the run stopped at step 0)')
 
 
 def _export(workdir: str, state: TrainState, config, logger) -> None:
@@ -92,6 +93,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   manager = ckpt.checkpoint_manager(workdir, config.keep_checkpoints)
   logger = preemption = loader = None
   try:
+    if manager.latest_step() == 0:  # a run that never stepped binds nothing: start afresh
+      manager.delete(0)
     wd.check_config(workdir, config, manager.latest_step() is not None)
     state, origin = _initial_state(config, manager, init_rng)
     validator = validation.make_validator(config, workdir, cfg_lib.model_config(config), is_main)
