@@ -178,6 +178,22 @@ def test_bad_validation_set_fails_before_any_step(tmp_path):
   assert not (tmp_path / 'work' / wd.CONFIG_FILE).exists()
 
 
+def test_every_pixel_decoding_equals_the_query_decoder():
+  config = small_test_config()
+  model = step_lib.build(config).model
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(5))
+  batch = pipeline.host_batch(config, 0)
+  x = np.concatenate([batch['image'], batch['seg']], -1)
+  b, s = x.shape[0], x.shape[1]
+  variables = state.variables()
+  plain = model.clone(bn_axis_name=None)
+  want = plain.apply(variables, x, *step_lib.queries(s, b)).reshape(b, s, s)
+  feature_map = plain.apply(variables, x, method=type(model).features)
+  got = step_lib.decode_every_pixel(plain, variables, feature_map, s)
+  assert got.shape == (b, s, s)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mixed precision.
 

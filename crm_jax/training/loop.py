@@ -8,8 +8,10 @@ between. The workdir's layout is in ``workdir.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Any, Optional
 
 import jax
 
@@ -64,6 +66,82 @@ def _export(workdir: str, state: TrainState, config, logger) -> None:
   logger.line(f'done: {int(state.step)} steps; model exported to {path}')
 
 
+@dataclasses.dataclass
+class Run:
+  """A started run: what the loop needs, made by ``start_run``; ``close()`` releases it."""
+
+  config: Any
+  workdir: str
+  is_main: bool
+  num_steps: int
+  trainer: Any  # step.Trainer
+  manager: Any  # orbax CheckpointManager
+  state: TrainState  # host state to start from
+  dropout_rng: Any
+  validator: Optional[validation.Validator] = None
+  logger: Optional[log_lib.Logger] = None
+  preemption: Optional[Preemption] = None
+  loader: Optional[pipeline.TrainLoader] = None
+
+  def close(self) -> None:
+    for part in (self.loader, self.preemption, self.logger):
+      if part is not None:
+        part.close()
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def start_run(config, workdir: str) -> Run:
+  """Checks everything that can be checked before a step (the config, the devices, the
+  workdir, the dataset, the checkpoint or ``config.init``, the validation set), restores the
+  state, then records the config in the workdir: from here on it belongs to this config."""
+  cfg_lib.check_config(config)
+  multi_process = maybe_initialize_distributed()
+  is_main = jax.process_index() == 0
+  per_device = cfg_lib.check_batch_size(int(config.batch_size), jax.device_count(),
+                                        jax.process_count())
+  workdir = wd.prepare(workdir, is_main)
+  source = pipeline.make_source(config)  # fails early and clearly on a missing dataset
+  root = jax.random.PRNGKey(int(config.seed))
+  init_rng, dropout_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+  manager = ckpt.checkpoint_manager(workdir, config.keep_checkpoints)
+  run = Run(config, workdir, is_main, int(config.num_steps), build(config), manager, None,
+            dropout_rng)
+  try:
+    if manager.latest_step() == 0:  # a run that never stepped binds nothing: start afresh
+      manager.delete(0)
+    wd.check_config(workdir, config, manager.latest_step() is not None)
+    run.state, origin = _initial_state(config, manager, init_rng)
+    run.validator = validation.make_validator(config, workdir, cfg_lib.model_config(config),
+                                              is_main)
+    if is_main:
+      wd.record_config(workdir, config)
+    start = int(run.state.step)
+    run.logger = log_lib.Logger(workdir, start, run.num_steps, is_main)
+    run.logger.line(f'{workdir}: {origin}; steps {start} -> {run.num_steps}, global batch '
+                    f'{config.batch_size} = {jax.device_count()} device(s) x {per_device}, '
+                    f'{jax.process_count()} process(es)')
+    run.preemption = Preemption(multi_process)
+    run.loader = pipeline.TrainLoader(config, start, source=source)
+    return run
+  except BaseException:
+    run.close()
+    raise
+
+
+def _log(run: Run, done: int, window, seconds: float) -> None:
+  s = log_lib.summarize(log_lib.fetch_window(window))
+  rate = len(window) / max(seconds, 1e-9)
+  run.logger.line(log_lib.format_train_line(done, run.num_steps, s, rate))
+  run.logger.scalars(done, {f'train/{k}': v for k, v in s.items()} | {'train/steps_per_s': rate})
+
+
+def _picture(run: Run, done: int, state: TrainState, batch) -> None:
+  image = log_lib.example_picture(cfg_lib.model_config(run.config), state.variables(), batch)
+  run.logger.image(done, 'examples/image_seg_pred_gt', image)
+  write_image(os.path.join(run.workdir, wd.IMAGES_DIR, f'step_{done:07d}.png'), image)
+
+
 def train_and_evaluate(config, workdir: str) -> TrainState:
   """Trains CRM as ``config`` says, in ``workdir``; returns the final host TrainState.
 
@@ -80,81 +158,47 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       state is saved first).
     pipeline.DatasetError: a missing or unprepared dataset.
   """
-  cfg_lib.check_config(config)
-  multi_process = maybe_initialize_distributed()
-  is_main, num_steps = jax.process_index() == 0, int(config.num_steps)
-  per_device = cfg_lib.check_batch_size(int(config.batch_size), jax.device_count(),
-                                        jax.process_count())
-  workdir = wd.prepare(workdir, is_main)
-  source = pipeline.make_source(config)  # fails early and clearly on a missing dataset
-  trainer = build(config)
-  root = jax.random.PRNGKey(int(config.seed))
-  init_rng, dropout_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-  manager = ckpt.checkpoint_manager(workdir, config.keep_checkpoints)
-  logger = preemption = loader = None
+  run = start_run(config, workdir)
   try:
-    if manager.latest_step() == 0:  # a run that never stepped binds nothing: start afresh
-      manager.delete(0)
-    wd.check_config(workdir, config, manager.latest_step() is not None)
-    state, origin = _initial_state(config, manager, init_rng)
-    validator = validation.make_validator(config, workdir, cfg_lib.model_config(config), is_main)
-    if is_main:  # the run has started: from here on the workdir belongs to this config.
-      wd.record_config(workdir, config)
-    start = int(state.step)
-    logger = log_lib.Logger(workdir, start, num_steps, is_main)
-    logger.line(f'{workdir}: {origin}; steps {start} -> {num_steps}, global batch '
-                f'{config.batch_size} = {jax.device_count()} device(s) x {per_device}, '
-                f'{jax.process_count()} process(es)')
-    preemption = Preemption(multi_process)
-    loader = pipeline.TrainLoader(config, start, source=source)
-    r_state, guard = devices.replicate(state), devices.replicate(Guard.clear())
+    r_state, guard = devices.replicate(run.state), devices.replicate(Guard.clear())
     window, t_window = [], time.time()
-    for step, batch, device_batch in devices.prefetch(loader):
-      r_state, guard, metrics = trainer.p_step(r_state, guard, device_batch, dropout_rng)
+    for step, batch, device_batch in devices.prefetch(run.loader):
+      r_state, guard, metrics = run.trainer.p_step(r_state, guard, device_batch,
+                                                   run.dropout_rng)
       window.append(metrics)
       done = step + 1
-      logger.advance()
-      stop = preemption.reached(done) and done < num_steps
-      checkpoint = _every(config, 'checkpoint_every', done) or done == num_steps
-      picture = is_main and _every(config, 'image_every', done)
-      validate = validator is not None and validation.wanted(config, done, num_steps)
-      log = _every(config, 'log_every', done) or done == num_steps
+      run.logger.advance()
+      stop = run.preemption.reached(done) and done < run.num_steps
+      checkpoint = _every(config, 'checkpoint_every', done) or done == run.num_steps
+      picture = run.is_main and _every(config, 'image_every', done)
+      validate = run.validator is not None and validation.wanted(config, done, run.num_steps)
+      log = _every(config, 'log_every', done) or done == run.num_steps
       if not (stop or checkpoint or picture or validate or log):
         continue  # no look at the devices: the next step is dispatched at once.
-      _stop_if_non_finite(guard, r_state, manager, config)
+      _stop_if_non_finite(guard, r_state, run.manager, config)
       if log:
-        s = log_lib.summarize(log_lib.fetch_window(window))
-        rate = len(window) / max(time.time() - t_window, 1e-9)
-        logger.line(log_lib.format_train_line(done, num_steps, s, rate))
-        logger.scalars(done, {f'train/{k}': v for k, v in s.items()}
-                       | {'train/steps_per_s': rate})
+        _log(run, done, window, time.time() - t_window)
         window, t_window = [], time.time()
-      if picture or validate or checkpoint or stop:
-        state = devices.unreplicate(r_state)
+      state = devices.unreplicate(r_state) if (picture or validate or checkpoint or stop) else None
       if picture:
-        image = log_lib.example_picture(cfg_lib.model_config(config), state.variables(), batch)
-        logger.image(done, 'examples/image_seg_pred_gt', image)
-        write_image(os.path.join(workdir, wd.IMAGES_DIR, f'step_{done:07d}.png'), image)
+        _picture(run, done, state, batch)
       if validate:
-        scores = validator(state.variables(), done)
-        logger.line(validator.line(done, scores))
-        logger.scalars(done, scores)
+        scores = run.validator(state.variables(), done)
+        run.logger.line(run.validator.line(done, scores))
+        run.logger.scalars(done, scores)
         t_window = time.time()  # steps/s counts training only
       if checkpoint or stop:
-        ckpt.save_checkpoint(manager, state, config)
+        ckpt.save_checkpoint(run.manager, state, config)
       if stop:
-        logger.line(f'{preemption.name}: stopped after step {done}; checkpoint saved in '
-                    f'{manager.directory}; run again with the same --workdir to resume')
+        run.logger.line(f'{run.preemption.name}: stopped after step {done}; checkpoint saved '
+                        f'in {run.manager.directory}; run again with the same --workdir to '
+                        'resume')
         return state
     state = devices.unreplicate(r_state)  # also when the run had nothing left to do
-    ckpt.save_checkpoint(manager, state, config)
-    if is_main:
-      _export(workdir, state, config, logger)
+    ckpt.save_checkpoint(run.manager, state, config)
+    if run.is_main:
+      _export(run.workdir, state, config, run.logger)
     barrier('crm_jax.training: exported')  # nobody leaves before the export is complete.
     return state
   finally:
-    for part in (loader, preemption, logger):
-      if part is not None:
-        part.close()
-    manager.wait_until_finished()
-    manager.close()
+    run.close()

@@ -10,8 +10,8 @@ running averages are averaged after the step, so that every device holds the sam
 
 Mixed precision. ``config.compute_dtype='bfloat16'`` casts the parameters and the input to
 bfloat16 inside the loss function, so the encoder and the fusion compute in bfloat16 while the
-query coordinates, the parameters, the BatchNorm statistics, the optimiser state, the gradients and
-the loss stay float32 (the decoder's MLP computes in the promoted dtype of its inputs).
+parameters, the BatchNorm statistics, the optimiser state, the gradients and the loss stay float32;
+the implicit decoder runs in float32 (with the bfloat16-rounded weights).
 """
 
 from __future__ import annotations
@@ -82,6 +82,21 @@ def queries(crop_size: int, batch: int) -> Tuple[jax.Array, jax.Array]:
   return coord, cell
 
 
+def decode_every_pixel(model: CRM, variables, feature_map: jax.Array, size: int) -> jax.Array:
+  """float32 logits ``[B, size, size]`` at every pixel centre of a ``size`` crop (cell
+  2/size), from F ``[B, h, w, C]``.
+
+  The same function as ``model(x, *queries(size, B))``, computed as the bucketed refinement
+  does (``CRM.project`` then ``CRM.decode_grid``): the first decoder layer is applied to F
+  before the nearest-feature look-up, so the look-up (and its gradient) moves 32 values per
+  query instead of 262. The decoder runs in float32.
+  """
+  projected = model.apply(variables, feature_map, method=CRM.project).astype(jnp.float32)
+  rows = jnp.arange(size, dtype=jnp.int32)
+  return jax.vmap(lambda p: model.apply(variables, p, rows, (size, size),
+                                        method=CRM.decode_grid))(projected)
+
+
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                model: CRM, tx: optax.GradientTransformation, schedule: optax.Schedule,
                weights: Dict[str, float], sync_batch_norm: bool = True,
@@ -111,14 +126,13 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   b, s = image.shape[0], image.shape[1]
   dtype = jnp.dtype(compute_dtype)
   x = jnp.concatenate([image, seg], axis=-1).astype(dtype)
-  coord, cell = queries(s, b)
 
   def loss_fn(params):
-    params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
-    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                  x, coord, cell, train=True,
-                                  rngs={'dropout': step_rng}, mutable=['batch_stats'])
-    logits = logits.reshape(b, s, s, 1).astype(jnp.float32)
+    variables = {'params': jax.tree_util.tree_map(lambda p: p.astype(dtype), params),
+                 'batch_stats': state.batch_stats}
+    feature_map, updates = model.apply(variables, x, True, method=CRM.features,
+                                       rngs={'dropout': step_rng}, mutable=['batch_stats'])
+    logits = decode_every_pixel(model, variables, feature_map, s).reshape(b, s, s, 1)
     total, parts = losses.crm_loss(logits, gt, **weights)
     return total, (parts, updates['batch_stats'], logits)
 
