@@ -265,6 +265,17 @@ def test_unusable_workdir_is_a_one_line_error(tmp_path):
     training.train_and_evaluate(small_test_config(), str(a_file / 'sub'))
 
 
+def test_workdir_that_refuses_writes_is_a_one_line_error(tmp_path, monkeypatch):
+  # What a read-only folder gives a non-root user (root writes anyway: see the next test).
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, 'Permission denied')
+
+  monkeypatch.setattr(wd.tempfile, 'mkstemp', refuse)
+  with pytest.raises(training.TrainingError,
+                     match=r'work: the workdir is not writable \(Permission denied\)$'):
+    training.train_and_evaluate(small_test_config(), str(tmp_path / 'work'))
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
 def test_read_only_workdir_is_a_one_line_error(tmp_path):
   os.chmod(tmp_path, 0o555)

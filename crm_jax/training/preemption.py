@@ -3,7 +3,8 @@
 One process: a signal handler sets a flag that the loop reads after every step. Several
 processes: JAX's preemption sync point (``multihost_utils.reached_preemption_sync_point``), so
 that every process stops at the same step; there SIGINT is turned into a SIGTERM of this
-process, which JAX's preemption service sees.
+process, which JAX's preemption service sees (where that service is not running, the SIGTERM
+ends the process as SIGINT would have).
 """
 
 from __future__ import annotations
