@@ -157,7 +157,8 @@ def test_validation_runs_at_eval_every_and_writes_its_scalars(tmp_path, capsys):
   for tag in ('val/iou_0.5', 'val/iou_1.0', 'val/mba_0.5', 'val/mba_1.0'):
     assert sorted(scalars[tag]) == [2, 4], tag
   # The scores are evaluate.py's for the same weights: the exported model at step 4.
-  result = evaluation.evaluate(str(tmp_path / 'validation_data'), str(tmp_path / 'model'),
+  held_out = tmp_path / 'validation_data' / 'synthetic_2x64px_seed0'
+  result = evaluation.evaluate(str(held_out), str(tmp_path / 'model'),
                                str(tmp_path / 'eval'), (0.5, 1.0), progress=False,
                                log=lambda _: None)
   for s in ('0.5', '1.0'):
@@ -166,7 +167,13 @@ def test_validation_runs_at_eval_every_and_writes_its_scalars(tmp_path, capsys):
                                                                     abs=1e-6)
       assert scalars[f'val/{m}_{s}'][4] == pytest.approx(result['scales'][s][m], abs=1e-6)
   # The held-out set is not training data; nothing temporary is left in the workdir.
-  assert sorted(os.listdir(tmp_path / 'validation_data'))[0] == 'held_out_000_gt.png'
+  assert sorted(os.listdir(held_out))[0] == 'held_out_000_gt.png'
+  from crm_jax.data.synthetic import SyntheticSource
+  from crm_jax.io import read_mask
+  train_pairs = SyntheticSource(2, 64, 64, seed=int(config.seed))
+  for i in range(2):
+    held = read_mask(str(held_out / f'held_out_{i:03d}_gt.png'))
+    assert not any(np.array_equal(held, train_pairs[j]['mask']) for j in range(2))
   assert not [f for f in os.listdir(tmp_path) if f.startswith('.tmp-')]
 
 

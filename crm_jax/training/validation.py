@@ -7,7 +7,7 @@
   (``crm_big``) in ``config.data_dir``;
 - ``'synthetic'``: a held-out synthetic set (``crm_jax.data.synthetic`` pairs drawn from a seed
   sequence that training never uses, coarse masks from a low-resolution segmenter), written
-  once into ``WORKDIR/validation_data``.
+  once into ``WORKDIR/validation_data/synthetic_<num>x<size>px_seed<seed>``.
 
 Every ``config.eval_every`` steps the current weights refine every object at
 ``config.eval_scales`` through ``crm_jax.evaluation.evaluate``, the code ``evaluate.py`` runs;
@@ -78,9 +78,10 @@ class Validator:
     self.tfds_data_dir: Optional[str] = None
     self.split: Optional[str] = None
     if self.data == SYNTHETIC:
-      folder = os.path.join(workdir, wd.VALIDATION_DATA_DIR)
-      make_held_out_set(folder, int(config.eval_synthetic_num_examples),
-                        int(config.eval_synthetic_size), int(config.seed))
+      num, size = int(config.eval_synthetic_num_examples), int(config.eval_synthetic_size)
+      folder = os.path.join(workdir, wd.VALIDATION_DATA_DIR,
+                            f'synthetic_{num}x{size}px_seed{int(config.seed)}')
+      make_held_out_set(folder, num, size, int(config.seed))
       self.data = folder
     elif self.data.startswith(TFDS_PREFIX):
       name, _, split = self.data[len(TFDS_PREFIX):].partition(':')

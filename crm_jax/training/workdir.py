@@ -8,7 +8,7 @@ Layout (only process 0 writes files other than checkpoints)::
     WORKDIR/tensorboard/        TensorBoard event files (tensorboardX)
     WORKDIR/images/             example predictions, step_<step>.png
     WORKDIR/validation.json     validation scores per evaluated step and the best step
-    WORKDIR/validation_data/    the held-out synthetic set (config.eval_data = 'synthetic')
+    WORKDIR/validation_data/    held-out synthetic sets (config.eval_data = 'synthetic')
     WORKDIR/model/              the final model (crm_jax.checkpoint.save_model), readable by
                                 crm_jax.refine.Refiner.from_checkpoint
 """
@@ -35,7 +35,7 @@ MODEL_DIR = model_ckpt.EXPORT_DIR  # load_model also accepts the workdir itself.
 # What an interrupted atomic write leaves (crm_jax.io.atomic_write: '.tmp-*' files;
 # crm_jax.checkpoint.save_model: '<name>.tmp-*' folders), in the folders the trainer writes.
 _LEFTOVERS = ('.tmp-*', '*.tmp-*')
-_WRITTEN_DIRS = ('', IMAGES_DIR, VALIDATION_DATA_DIR)
+_WRITTEN_DIRS = ('', IMAGES_DIR, os.path.join(VALIDATION_DATA_DIR, '*'))
 
 
 def prepare(workdir: str, is_main: bool) -> str:
