@@ -1,4 +1,4 @@
-"""The published CRM training recipe (``shared/crm_spec.md`` sections 7 and 8).
+"""The published CRM training recipe (docs/training.md and docs/data.md).
 
     python train.py --config configs/crm_resnet50.py --workdir runs/crm_resnet50 \
         [--config.data_dir ~/tensorflow_datasets] [--config.init checkpoints/imagenet_init]
@@ -12,6 +12,7 @@ Any field can be overridden on the command line as ``--config.FIELD=VALUE``.
 
 import ml_collections
 
+from crm_jax import constants
 from crm_jax.data import tfds_builders
 from crm_jax.models import fusion
 
@@ -73,11 +74,30 @@ def get_config() -> ml_collections.ConfigDict:
   # pure function of (seed, t, j)).
   c.seed = 0
 
-  # Logging and checkpointing (workdir layout: see crm_jax/train_lib.py).
+  # Logging and checkpointing (workdir layout: see crm_jax/training/workdir.py). Each must be
+  # positive (image_every: 0 for no pictures).
   c.log_every = 100  # console line and TensorBoard scalars every this many steps.
   c.checkpoint_every = 2_500  # training checkpoint every this many steps (and at the end).
   c.keep_checkpoints = 3  # how many of the latest training checkpoints are kept.
   c.image_every = 2_500  # TensorBoard / PNG prediction examples every this many steps.
+
+  # Validation during training (crm_jax/training/validation.py): every eval_every steps (0:
+  # never) and at the end, the multi-scale loop on every object of eval_data with the current
+  # weights, IoU and mBA per scale to TensorBoard and the console, the best step in
+  # WORKDIR/validation.json. eval_data: a BIG-layout folder, 'tfds:NAME[:SPLIT]' (a prepared
+  # TFDS set with seg/gt features, e.g. 'tfds:crm_big:test', in data_dir) or 'synthetic' (a
+  # held-out synthetic set of eval_synthetic_num_examples pairs of eval_synthetic_size pixels,
+  # written into the workdir). Upstream validates nothing during training: off here.
+  c.eval_every = 0
+  c.eval_data = ml_collections.config_dict.placeholder(str)
+  c.eval_scales = constants.SCALES  # evaluate.py's scales.
+  c.eval_best_metric = 'mba'  # 'iou' or 'mba' at the finest scale picks the best step.
+  c.eval_synthetic_num_examples = 8
+  c.eval_synthetic_size = 384
+
+  # The network's compute dtype in training: 'float32' (the published recipe) or 'bfloat16'
+  # (encoder and fusion in bfloat16; parameters, optimiser state and loss stay float32).
+  c.compute_dtype = 'float32'
 
   # BatchNorm statistics synchronised over all devices (True) or per device (False: upstream's
   # effective behaviour under DataParallel).

@@ -40,4 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.image_every = 500
+  # Validation on 8 held-out synthetic pairs of 384x384 (seeds training never draws).
+  c.eval_every = 500
+  c.eval_data = 'synthetic'
   return c

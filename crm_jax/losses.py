@@ -1,4 +1,4 @@
-"""Training loss and IoU counts of CRM (``../shared/crm_spec.md``, section 7).
+"""Training loss and IoU counts of CRM (docs/training.md).
 
 Layouts are NHWC. ``logits``, ``gt``, ``seg`` and ``prob`` are ``[B, H, W, 1]``
 float32; ``gt`` is the soft mask in [0, 1], ``seg`` the coarse input in [-1, 1].

@@ -16,7 +16,7 @@ WEIGHTS = dict(ce_weight=1.0, l1_weight=0.5, l2_weight=0.5, grad_weight=2.0)
 
 
 def _torch_sobel(x):
-  """The spec's sobel in PyTorch, NCHW."""
+  """The published sobel (docs/training.md) in PyTorch, NCHW."""
   import torch
   import torch.nn.functional as F
   kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]) / 4

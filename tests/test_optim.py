@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import crm_resnet50
 from crm_jax.optim import make_optimizer
 from crm_jax.optim import make_optimizer_from_config
 from crm_jax.optim import make_schedule
@@ -130,7 +131,8 @@ def test_weight_decay_is_l2_added_to_gradient():
   # With zero gradients, Adam's first step moves every parameter by
   # lr * sign(wd * param) (Adam normalises wd * param): L2, not AdamW's
   # lr * wd * param.
-  tx, _ = make_optimizer(learning_rate=0.1, weight_decay=1e-3, milestones=(100,))
+  tx, _ = make_optimizer(learning_rate=0.1, weight_decay=1e-3, milestones=(100,), gamma=0.1,
+                         b1=0.9, b2=0.999, eps=1e-8)
   params = {'a': jnp.array([2.0, -3.0, 0.5])}
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   np.testing.assert_allclose(np.asarray(updates['a']), [-0.1, 0.1, -0.1], rtol=1e-4)
@@ -156,8 +158,9 @@ def test_schedule_matches_torch_multisteplr():
     sched.step()
 
 
-def test_published_defaults():
-  _, schedule = make_optimizer()
+def test_published_recipe():
+  # configs/crm_resnet50.py is the one place for the published values.
+  _, schedule = make_optimizer_from_config(crm_resnet50.get_config())
   assert float(schedule(0)) == pytest.approx(2.25e-4, rel=1e-6)
   assert float(schedule(22_499)) == pytest.approx(2.25e-4, rel=1e-6)
   assert float(schedule(22_500)) == pytest.approx(2.25e-5, rel=1e-6)
@@ -167,8 +170,11 @@ def test_published_defaults():
 
 
 def test_from_config():
-  _, schedule = make_optimizer_from_config({'learning_rate': 1.0, 'lr_milestones': [2],
-                                            'lr_gamma': 0.5})
+  config = dict(crm_resnet50.get_config(), learning_rate=1.0, lr_milestones=[2], lr_gamma=0.5)
+  _, schedule = make_optimizer_from_config(config)
   assert [float(schedule(i)) for i in range(4)] == [1.0, 1.0, 0.5, 0.5]
   with pytest.raises(ValueError):
     make_schedule(1.0, (0,), 0.1)
+  del config['adam_eps']  # no silent default for a missing field
+  with pytest.raises(KeyError, match='adam_eps'):
+    make_optimizer_from_config(config)

@@ -21,7 +21,12 @@ import optax
 import pytest
 
 from crm_jax import checkpoint as ckpt
-from crm_jax import train_lib
+from crm_jax import training
+from crm_jax.training import checkpoints
+from crm_jax.training import config as cfg_lib
+from crm_jax.training import devices
+from crm_jax.training import step as step_lib
+from crm_jax.training import workdir
 from crm_jax.data import pipeline
 from crm_jax.refine import Refiner
 from tests.train_config import small_test_config
@@ -102,7 +107,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
   config = small_test_config(dataset='tfds_mixture', data_dir=str(tmp_path),
                              tfds_sets=('duts_tr', 'ecssd'))
   with pytest.raises(pipeline.DatasetError, match=r'duts_tr, ecssd not prepared') as e:
-    train_lib.train_and_evaluate(config, str(tmp_path / 'work'))
+    training.train_and_evaluate(config, str(tmp_path / 'work'))
   assert str(tmp_path) in str(e.value)
   with pytest.raises(pipeline.DatasetError, match='unknown config.dataset'):
     pipeline.make_source(small_test_config(dataset='imagenet'))
@@ -122,23 +127,24 @@ def _no_dropout(next_fun, args, kwargs, context):
 
 def test_pmapped_step_equals_one_device_with_the_whole_batch():
   config = small_test_config()
-  model, _, schedule, _, _ = train_lib.build(config)
+  trainer = step_lib.build(config)
+  model, schedule = trainer.model, trainer.schedule
   # SGD with rate 1: the update is minus the gradient, compared without Adam's normalisation.
   tx = optax.sgd(1.0)
-  state = train_lib.create_train_state(config, jax.random.PRNGKey(3))
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(3))
   state = state.replace(opt_state=tx.init(state.params))
   batch = pipeline.host_batch(config, 0)
-  step = functools.partial(train_lib.train_step, model=model, tx=tx, schedule=schedule,
-                           weights=train_lib.loss_weights(config))
+  step = functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
+                           weights=cfg_lib.loss_weights(config))
   rng = jax.random.PRNGKey(0)
   with nn.intercept_methods(_no_dropout):
     four = jax.pmap(step, axis_name='batch', in_axes=(0, 0, None))
-    s4, m4 = four(train_lib.replicate(state), train_lib.shard(batch, 4), rng)
+    s4, m4 = four(devices.replicate(state), devices.shard(batch, 4), rng)
     one_dev = [jax.local_devices()[0]]
     one = jax.pmap(step, axis_name='batch', in_axes=(0, 0, None), devices=one_dev)
-    s1, m1 = one(train_lib.replicate(state, one_dev), train_lib.shard(batch, 1), rng)
-  s4, s1 = train_lib.unreplicate(s4), train_lib.unreplicate(s1)
-  m4, m1 = train_lib.unreplicate(m4), train_lib.unreplicate(m1)
+    s1, m1 = one(devices.replicate(state, one_dev), devices.shard(batch, 1), rng)
+  s4, s1 = devices.unreplicate(s4), devices.unreplicate(s1)
+  m4, m1 = devices.unreplicate(m4), devices.unreplicate(m1)
   grad4 = jax.tree_util.tree_map(lambda new, old: old - new, s4.params, state.params)
   grad1 = jax.tree_util.tree_map(lambda new, old: old - new, s1.params, state.params)
   scale = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grad1))
@@ -157,16 +163,17 @@ def test_pmapped_step_equals_one_device_with_the_whole_batch():
 
 def test_loss_falls_on_a_fixed_batch():
   config = small_test_config()
-  _, _, _, p_step, _ = train_lib.build(config)
-  state = train_lib.replicate(train_lib.create_train_state(config, jax.random.PRNGKey(0)))
-  batch = train_lib.shard(pipeline.host_batch(config, 0), 4)
+  p_step = step_lib.build(config).p_step
+  state = devices.replicate(step_lib.create_train_state(config, jax.random.PRNGKey(0)))
+  guard = devices.replicate(step_lib.Guard.clear())
+  batch = devices.shard(pipeline.host_batch(config, 0), 4)
   losses = []
   for _ in range(30):
-    state, metrics = p_step(state, batch, jax.random.PRNGKey(1))
+    state, guard, metrics = p_step(state, guard, batch, jax.random.PRNGKey(1))
     losses.append(float(metrics['total'][0]))
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
-  assert int(train_lib.unreplicate(state).step) == 30
+  assert int(devices.unreplicate(state).step) == 30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,11 +181,11 @@ def test_loss_falls_on_a_fixed_batch():
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-  straight = train_lib.train_and_evaluate(small_test_config(num_steps=6, image_every=3),
+  straight = training.train_and_evaluate(small_test_config(num_steps=6, image_every=3),
                                           str(tmp_path / 'a'))
-  first = train_lib.train_and_evaluate(small_test_config(num_steps=3), str(tmp_path / 'b'))
+  first = training.train_and_evaluate(small_test_config(num_steps=3), str(tmp_path / 'b'))
   assert int(first.step) == 3
-  resumed = train_lib.train_and_evaluate(small_test_config(num_steps=6), str(tmp_path / 'b'))
+  resumed = training.train_and_evaluate(small_test_config(num_steps=6), str(tmp_path / 'b'))
   assert int(straight.step) == int(resumed.step) == 6
   for part in ('params', 'batch_stats', 'opt_state'):
     a, b = _flat(getattr(straight, part)), _flat(getattr(resumed, part))
@@ -194,7 +201,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(work / 'tensorboard'))
   assert sorted(os.listdir(work / 'images')) == ['step_0000003.png', 'step_0000006.png']
   refiner = Refiner.from_checkpoint(str(work / 'model'))
-  assert refiner.config == train_lib.model_config(small_test_config())
+  assert refiner.config == cfg_lib.model_config(small_test_config())
   _, variables = ckpt.load_model(str(work / 'model'))
   _assert_trees_close(variables['params'], straight.params, rtol=0, atol=0)
 
@@ -202,28 +209,28 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 def test_config_dropout_rate_reaches_the_model():
   config = small_test_config()
   config.dropout_rate = None  # the preset's rate: the published one
-  assert train_lib.model_config(config).dropout_rate == 0.5
+  assert cfg_lib.model_config(config).dropout_rate == 0.5
   config.dropout_rate = 0.0
-  assert train_lib.model_config(config).dropout_rate == 0.0
+  assert cfg_lib.model_config(config).dropout_rate == 0.0
   config.dropout_rate = 1.5
-  with pytest.raises(train_lib.TrainingError, match='dropout_rate'):
-    train_lib.model_config(config)
+  with pytest.raises(training.TrainingError, match='dropout_rate'):
+    cfg_lib.model_config(config)
 
 
 def test_init_checkpoint_is_loaded(tmp_path):
   config = small_test_config()
-  init = train_lib.create_train_state(config, jax.random.PRNGKey(42))
-  ckpt.save_model(str(tmp_path / 'init'), init.variables(), train_lib.model_config(config))
+  init = step_lib.create_train_state(config, jax.random.PRNGKey(42))
+  ckpt.save_model(str(tmp_path / 'init'), init.variables(), cfg_lib.model_config(config))
   config.init = str(tmp_path / 'init')
-  state = train_lib.create_train_state(config, jax.random.PRNGKey(0))
-  loaded = train_lib.load_init(config, state)
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(0))
+  loaded = checkpoints.load_init(config, state)
   _assert_trees_close(loaded.params, init.params, rtol=0, atol=0)
   config.dropout_rate = 0.0  # a training-only setting, not another architecture
-  loaded = train_lib.load_init(config, state)
+  loaded = checkpoints.load_init(config, state)
   _assert_trees_close(loaded.params, init.params, rtol=0, atol=0)
   config.model = 'small'
-  with pytest.raises(train_lib.TrainingError, match='another architecture'):
-    train_lib.load_init(config, state)
+  with pytest.raises(training.TrainingError, match='another architecture'):
+    checkpoints.load_init(config, state)
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, monkeypatch):
@@ -236,26 +243,26 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path, monkeypatch):
     return batch
 
   monkeypatch.setattr(pipeline.StepBatch, '__call__', poisoned)
-  with pytest.raises(train_lib.TrainingError, match=r'non-finite loss at step 2\b'):
-    train_lib.train_and_evaluate(small_test_config(num_steps=5, checkpoint_every=100),
+  with pytest.raises(training.TrainingError, match=r'non-finite loss at step 2\b'):
+    training.train_and_evaluate(small_test_config(num_steps=5, checkpoint_every=100),
                                  str(tmp_path))
   assert os.listdir(tmp_path / 'checkpoints') == ['2']  # the last good state
   assert not (tmp_path / 'model').exists()
 
 
 def test_batch_size_must_divide_the_devices(tmp_path):
-  with pytest.raises(train_lib.TrainingError, match=r'batch_size 6 .* devices \(4'):
-    train_lib.train_and_evaluate(small_test_config(batch_size=6), str(tmp_path))
+  with pytest.raises(training.TrainingError, match=r'batch_size 6 .* devices \(4'):
+    training.train_and_evaluate(small_test_config(batch_size=6), str(tmp_path))
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):
-  train_lib.check_workdir_config(str(tmp_path), small_test_config())
+  training.train_and_evaluate(small_test_config(num_steps=2), str(tmp_path))
   # num_steps and bookkeeping fields may change ...
-  train_lib.check_workdir_config(str(tmp_path), small_test_config(num_steps=60, log_every=7))
+  workdir.check_config(str(tmp_path), small_test_config(num_steps=60, log_every=7), True)
   # ... the recipe may not.
   changed = small_test_config(learning_rate=0.5, crop_size=48)
-  with pytest.raises(train_lib.TrainingError, match='crop_size: 32 -> 48; learning_rate'):
-    train_lib.train_and_evaluate(changed, str(tmp_path))
+  with pytest.raises(training.TrainingError, match='crop_size: 32 -> 48; learning_rate'):
+    training.train_and_evaluate(changed, str(tmp_path))
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -331,7 +338,7 @@ def test_sigterm_checkpoints_the_step_and_the_run_resumes_exactly(tmp_path):
   try:
     # Meanwhile (sharing no files with the worker) an uninterrupted run of `steps` steps.
     config = small_test_config(num_steps=steps)
-    straight = train_lib.train_and_evaluate(config, str(tmp_path / 'straight'))
+    straight = training.train_and_evaluate(config, str(tmp_path / 'straight'))
     proc.wait(timeout=300)
   finally:
     if proc.poll() is None:
@@ -355,10 +362,10 @@ def test_sigterm_checkpoints_the_step_and_the_run_resumes_exactly(tmp_path):
   assert not (work / 'model').exists()
   assert os.listdir(work / 'checkpoints') == [str(k)]
   # The checkpoint holds the state that the worker returned at step k.
-  manager = train_lib.checkpoint_manager(str(work), 2)
+  manager = checkpoints.checkpoint_manager(str(work), 2)
   try:
-    saved = train_lib.restore_checkpoint(
-        manager, train_lib.create_train_state(config, jax.random.PRNGKey(0)))
+    saved = checkpoints.restore_checkpoint(
+        manager, step_lib.create_train_state(config, jax.random.PRNGKey(0)))
   finally:
     manager.close()
   returned = np.load(tmp_path / 'out.npz')
@@ -370,9 +377,9 @@ def test_sigterm_checkpoints_the_step_and_the_run_resumes_exactly(tmp_path):
   if k + 2 > steps:  # a late signal: a longer uninterrupted run (compiled by now, so quick).
     steps = k + 2
     config = small_test_config(num_steps=steps)
-    straight = train_lib.train_and_evaluate(config, str(tmp_path / 'straight_long'))
+    straight = training.train_and_evaluate(config, str(tmp_path / 'straight_long'))
   # Resuming (num_steps and the bookkeeping fields may change) equals the uninterrupted run.
-  resumed = train_lib.train_and_evaluate(config, str(work))
+  resumed = training.train_and_evaluate(config, str(work))
   assert int(resumed.step) == int(straight.step) == steps
   for part in ('params', 'batch_stats', 'opt_state'):
     a, b = _flat(getattr(straight, part)), _flat(getattr(resumed, part))

@@ -22,6 +22,7 @@ def small_test_config(**overrides):
   c.checkpoint_every = 2
   c.keep_checkpoints = 2
   c.image_every = 0
+  c.eval_every = 0
   c.learning_rate = 1e-2  # the TINY model moves visibly within a few dozen steps.
   c.lr_milestones = (4,)
   for k, v in overrides.items():

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv):
   import jax
   import numpy as np
-  from crm_jax import train_lib
+  from crm_jax import training
   from tests import train_config
 
   workdir, out, num_steps = argv[1], argv[2], int(argv[3])
@@ -25,7 +25,7 @@ def main(argv):
   for item in argv[4:]:
     key, value = item.split('=', 1)
     config[key] = ast.literal_eval(value)
-  state = train_lib.train_and_evaluate(config, workdir)
+  state = training.train_and_evaluate(config, workdir)
   flat = {jax.tree_util.keystr(p): np.asarray(v)
           for p, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
   np.savez(out, step=np.asarray(state.step), **flat)

@@ -1,0 +1,66 @@
+"""Training checkpoints (orbax) and the initial weights of ``config.init``.
+
+Resume order (``loop.train_and_evaluate``): the latest checkpoint in the workdir; else
+``config.init`` (a crm_jax model checkpoint) for params and batch_stats; else a fresh
+initialisation from ``config.seed``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from crm_jax import checkpoint as model_ckpt
+from crm_jax.training import workdir as wd
+from crm_jax.training.config import TrainingError, model_config
+from crm_jax.training.step import TrainState, build
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """Keeps the last ``keep`` checkpoints; temporary folders of a killed save are removed."""
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), wd.CHECKPOINT_DIR),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
+                                           cleanup_tmp_directories=True),
+      item_names=('state', 'data'))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, config) -> None:
+  """Saves a host TrainState and the data position (the step) at ``state.step``."""
+  step = int(state.step)
+  if manager.latest_step() == step:
+    return
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave({'next_step': step, 'seed': int(config.seed),
+                              'batch_size': int(config.batch_size)})))
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState) -> TrainState:
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+  state = restored['state']
+  if int(state.step) != step or int(restored['data']['next_step']) != step:
+    raise TrainingError(f'{manager.directory}/{step}: inconsistent checkpoint (holds step '
+                        f'{int(state.step)}, data position {restored["data"]["next_step"]})')
+  return jax.tree_util.tree_map(np.asarray, state)
+
+
+def load_init(config, target: TrainState) -> TrainState:
+  """The state at step 0 with the params and batch_stats of the checkpoint ``config.init``."""
+  path = os.path.expanduser(str(config.init))
+  init_cfg, variables = model_ckpt.load_model(path)
+  want = model_config(config)
+  # Training-only fields (the dropout rate) are the config's, whatever the checkpoint says.
+  if init_cfg.architecture() != want.architecture():
+    raise TrainingError(f'{path}: config.init holds another architecture ({init_cfg}) than '
+                        f'config.model ({want})')
+  params = jax.tree_util.tree_map(np.asarray, variables['params'])
+  batch_stats = jax.tree_util.tree_map(np.asarray, variables['batch_stats'])
+  opt_state = jax.device_get(build(config).tx.init(params))
+  return target.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)

@@ -1,0 +1,118 @@
+"""The training config's fields, checked before anything runs, and what is derived from them.
+
+The configs in ``configs/`` are the one place for hyperparameter defaults; this module only reads
+them. A field that is missing or out of range is a ``TrainingError`` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, Tuple
+
+from crm_jax.models.crm import RESNET50, SMALL, TINY, ModelConfig
+
+MODEL_PRESETS = {'resnet50': RESNET50, 'small': SMALL, 'tiny': TINY}
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+EVAL_BEST_METRICS = ('iou', 'mba')
+
+# Fields that may differ when a run is resumed: they change neither the model nor the data nor
+# the optimisation (num_steps may only extend a run; the others are bookkeeping).
+RESUMABLE_FIELDS = ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+                    'image_every', 'num_workers', 'eval_every', 'eval_data', 'eval_scales',
+                    'eval_best_metric', 'eval_synthetic_num_examples', 'eval_synthetic_size')
+# The optimiser's fields (crm_jax.optim.make_optimizer_from_config).
+OPTIMIZER_FIELDS = ('learning_rate', 'weight_decay', 'lr_milestones', 'lr_gamma', 'adam_b1',
+                    'adam_b2', 'adam_eps')
+LOSS_FIELDS = ('ce_weight', 'l1_weight', 'l2_weight', 'grad_weight')
+# Integer fields and the smallest value each may take.
+_MINIMA = {'num_steps': 1, 'batch_size': 1, 'crop_size': 1, 'log_every': 1,
+           'checkpoint_every': 1, 'keep_checkpoints': 1, 'image_every': 0, 'eval_every': 0,
+           'num_workers': 0, 'seed': 0}
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot start or go on; the message is one line and says why."""
+
+
+def _get(config, name: str, default=None):
+  return config[name] if name in config else default
+
+
+def check_config(config) -> None:
+  """Raises TrainingError naming the first field that is missing or out of range."""
+  for name, low in _MINIMA.items():
+    if name not in config:
+      raise TrainingError(f'config.{name} is missing')
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise TrainingError(f'config.{name} must be an integer >= {low}, got {value!r}')
+  for name in OPTIMIZER_FIELDS + LOSS_FIELDS:
+    if name not in config:
+      raise TrainingError(f'config.{name} is missing')
+  dtype = _get(config, 'compute_dtype', 'float32')
+  if dtype not in COMPUTE_DTYPES:
+    raise TrainingError(f'config.compute_dtype must be one of {", ".join(COMPUTE_DTYPES)}, '
+                        f'got {dtype!r}')
+  best = _get(config, 'eval_best_metric', 'mba')
+  if best not in EVAL_BEST_METRICS:
+    raise TrainingError(f'config.eval_best_metric must be one of {", ".join(EVAL_BEST_METRICS)}'
+                        f', got {best!r}')
+  if config['eval_every'] and not _get(config, 'eval_data'):
+    raise TrainingError('config.eval_every > 0 needs config.eval_data (a BIG-layout folder, '
+                        "'tfds:NAME[:SPLIT]' or 'synthetic')")
+  model_config(config)
+
+
+def model_config(config) -> ModelConfig:
+  """``config.model``: a preset name ('resnet50', 'small', 'tiny') or a dict of fields.
+
+  ``config.dropout_rate``, where the config has it, replaces the model's dropout rate.
+  """
+  m = config.model
+  if isinstance(m, str):
+    if m not in MODEL_PRESETS:
+      raise TrainingError(f"config.model {m!r} is not a preset ({', '.join(MODEL_PRESETS)}) "
+                          'nor a dict of ModelConfig fields')
+    cfg = MODEL_PRESETS[m]
+  else:
+    try:
+      cfg = ModelConfig.from_dict(dict(m))
+    except (TypeError, ValueError) as e:
+      raise TrainingError(f'config.model: {e}') from None
+  rate = _get(config, 'dropout_rate')
+  if rate is not None:
+    if not 0.0 <= float(rate) < 1.0:
+      raise TrainingError(f'config.dropout_rate must be in [0, 1), got {rate}')
+    cfg = dataclasses.replace(cfg, dropout_rate=float(rate))
+  return cfg
+
+
+def compute_dtype(config) -> str:
+  """``config.compute_dtype`` ('float32' when absent)."""
+  return str(_get(config, 'compute_dtype', 'float32'))
+
+
+def loss_weights(config) -> Dict[str, float]:
+  return {n: float(config[n]) for n in LOSS_FIELDS}
+
+
+def optimizer_key(config) -> Tuple:
+  """The optimiser's fields as a hashable tuple of ``(name, value)``."""
+  return tuple((n, tuple(int(m) for m in config[n]) if n == 'lr_milestones'
+                else float(config[n])) for n in OPTIMIZER_FIELDS)
+
+
+def config_to_json(config) -> Dict[str, Any]:
+  """The config as plain JSON values (tuples become lists)."""
+  d = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def check_batch_size(batch_size: int, device_count: int, process_count: int) -> int:
+  """The per-device batch size; a TrainingError unless the batch splits evenly."""
+  if batch_size <= 0 or batch_size % device_count or batch_size % process_count:
+    raise TrainingError(
+        f'config.batch_size {batch_size} is the global batch and must be a positive multiple '
+        f'of the number of devices ({device_count}, over {process_count} process(es))')
+  return batch_size // device_count

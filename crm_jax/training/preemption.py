@@ -1,0 +1,61 @@
+"""SIGTERM and SIGINT (Ctrl-C) -> stop at the next step boundary, after a checkpoint.
+
+One process: a signal handler sets a flag that the loop reads after every step. Several
+processes: JAX's preemption sync point (``multihost_utils.reached_preemption_sync_point``), so
+that every process stops at the same step; there SIGINT is turned into a SIGTERM of this
+process, which JAX's preemption service sees (where that service is not running, the SIGTERM
+ends the process as SIGINT would have).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Optional
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preemption:
+  """Installs the handlers (main thread only) until ``close``; ``reached(step)`` says whether to
+  stop after ``step`` and ``name`` which signal asked for it."""
+
+  def __init__(self, multi_process: bool):
+    self.multi_process = multi_process
+    self.name: Optional[str] = None
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      return
+    if multi_process:  # SIGTERM is JAX's; SIGINT is forwarded to it.
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward)
+    else:
+      for sig in SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handler)
+
+  def _handler(self, signum, frame):
+    del frame
+    if self.name is None:
+      self.name = signal.Signals(signum).name
+
+  def _forward(self, signum, frame):
+    del signum, frame
+    self.name = 'SIGINT'
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  def reached(self, step: int) -> bool:
+    if self.multi_process:
+      try:
+        from jax.experimental import multihost_utils
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.name = self.name or 'SIGTERM'
+          return True
+      except RuntimeError:  # no preemption service in this JAX setup.
+        pass
+      return False
+    return self.name is not None
+
+  def close(self) -> None:
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
