@@ -1,7 +1,7 @@
 """The ``crm-evaluate`` and ``crm-train`` commands (``evaluate.py`` and ``train.py`` in a checkout).
 
 Each parses flags and calls one library function: ``crm_jax.evaluation.evaluate`` and
-``crm_jax.train_lib.train_and_evaluate``. ``crm-refine`` is ``crm_jax.refine.main`` and
+``crm_jax.training.train_and_evaluate``. ``crm-refine`` is ``crm_jax.refine.main`` and
 ``crm-convert`` is ``crm_jax.convert.main``.
 
     crm-evaluate --data DIR --checkpoint CKPT --output OUT [--scales 0.125 0.25 0.5 1.0]
@@ -90,23 +90,59 @@ def _config_import_roots(argv):
   return roots
 
 
+def _fail(message) -> None:
+  """One ``error:`` line and exit status 1 (the train command's errors)."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _train_flags():
+  """absl's FLAGS with ``--config`` and ``--workdir`` (defined once per process)."""
+  from absl import flags
+  from ml_collections import config_flags
+  if "workdir" not in flags.FLAGS:
+    config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the model.")
+    flags.mark_flags_as_required(["config", "workdir"])
+  return flags.FLAGS
+
+
+def _parse_train_flags(argv):
+  """absl's flag parsing, with a bad flag, config file or field as a one-line error."""
+  from absl import flags
+  all_flags = _train_flags()
+  try:
+    rest = all_flags(argv)
+    "num_steps" in all_flags.config  # noqa: B015  (a config file that failed to load raises here)
+  except flags.Error as e:
+    _fail(e)
+  except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.FIELD
+    _fail(f"--config: the config has no field {str(e).strip(chr(34)).strip(chr(39))!r}")
+  except TypeError as e:  # a --config.A.B path through a field that is not a dict
+    _fail(f"--config: a field override does not fit the config ({e})")
+  except (OSError, SyntaxError, ImportError) as e:  # a missing or broken config file
+    lines = [l.strip() for l in str(e.__cause__ or e).splitlines() if l.strip()]
+    _fail(f"--config: {lines[-1] if lines else type(e).__name__}")
+  return rest
+
+
 def train_main(argv=None) -> None:
   """Trains CRM (docs/training.md): ``--config`` (an ``ml_collections`` config file; fields can be
   overridden as ``--config.FIELD=VALUE``) and ``--workdir`` (created; a run started again in the
-  same workdir resumes from its last checkpoint).
+  same workdir resumes from its last checkpoint). All the work is
+  ``crm_jax.training.train_and_evaluate``.
 
   ``argv`` is the whole command line, program name first (``sys.argv`` when None). The current
   folder and the folder above the config file's go first on ``sys.path`` (as for ``python
   train.py`` in a checkout), so that config files importing ``configs.*`` load from anywhere.
   Multi-host runs set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
-  (see ``crm_jax.train_lib``). Errors print one line and exit with status 1.
+  (see ``crm_jax/training/distributed.py``). Errors (a missing config file, an unknown or bad
+  field, an unusable workdir or dataset) print one line and exit with status 1.
   """
   from absl import app
-  from absl import flags
   from absl import logging
-  from ml_collections import config_flags
 
-  from crm_jax import train_lib
+  from crm_jax import training
   from crm_jax.checkpoint import CheckpointError
   from crm_jax.data.pipeline import DatasetError
   from crm_jax.io import InputError
@@ -114,20 +150,16 @@ def train_main(argv=None) -> None:
   for root in _config_import_roots(sys.argv if argv is None else argv):
     if root not in sys.path:
       sys.path.insert(0, root)
-  if "workdir" not in flags.FLAGS:  # defined once per process
-    config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the model.")
-    flags.mark_flags_as_required(["config", "workdir"])
 
   def run(args):
+    all_flags = _train_flags()
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
-    if not flags.FLAGS["verbosity"].present:  # no INFO chatter unless --verbosity asks for it
+    if not all_flags["verbosity"].present:  # no INFO chatter unless --verbosity asks for it
       logging.set_verbosity(logging.WARNING)
     try:
-      train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (train_lib.TrainingError, DatasetError, CheckpointError, InputError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
+      training.train_and_evaluate(all_flags.config, all_flags.workdir)
+    except (training.TrainingError, DatasetError, CheckpointError, InputError) as e:
+      _fail(e)
 
-  app.run(run, argv=argv)
+  app.run(run, argv=argv, flags_parser=_parse_train_flags)
