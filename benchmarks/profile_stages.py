@@ -61,7 +61,6 @@ def stage_flops(config, target, scales):
 def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
   """GFLOP/s of a float32 ``n x n`` matmul (the floor's rate)."""
   import jax
-  import jax.numpy as jnp
   a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32))
   f = jax.jit(lambda x: x @ x)
   jax.block_until_ready(f(a))

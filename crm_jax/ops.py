@@ -8,7 +8,6 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from crm_jax.geometry import align_corners_table, coord_axis
 

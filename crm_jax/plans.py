@@ -29,7 +29,7 @@ nearest feature indices) are bit-identical since the host makes them.
 
 import functools
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ from crm_jax.geometry import (NUM_LEVELS, ScaleGeometry, bands, batch_size_rung,
                               scale_geometry, scaled_size)
 from crm_jax.models.crm import CRM, ModelConfig
 from crm_jax.models.encoder import LEVEL_INPUT, LEVEL_X1, LEVEL_X2, LEVEL_X3, Bottleneck, Encoder
-from crm_jax.models.fusion import FUSION_INPUTS, Fusion
+from crm_jax.models.fusion import Fusion
 from crm_jax.models.implicit_decoder import ImplicitDecoder
 from crm_jax.ops import mask_valid, resize_bilinear_align_corners, resize_cols, resize_rows
 from crm_jax.preprocess import prob_to_seg

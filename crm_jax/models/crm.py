@@ -5,7 +5,7 @@ Layouts: network input ``[B, H, W, 4]`` (normalised RGB, seg), F
 """
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax

@@ -13,7 +13,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from crm_jax.constants import BN_EPSILON, BN_MOMENTUM
 from crm_jax.ops import mask_valid
