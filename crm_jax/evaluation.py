@@ -354,9 +354,13 @@ def start_output(out_dir: str, inputs: Sequence[str], settings: Callable[[], Dic
   return run_together(processes, step, _SETUP_ERRORS)
 
 
-def load_refiners(checkpoint: Optional[str], devices: Optional[int] = None, **kwargs) -> list:
-  """One ``crm_jax.refine.Refiner`` per local device (``devices``: the first N; default all),
-  the checkpoint read once; keyword arguments go to ``Refiner``."""
+def load_refiners(refiner, checkpoint: Optional[str], devices: Optional[int] = None,
+                  **kwargs) -> list:
+  """``refiner`` as a list (``as_refiners``) or, when it is None, one
+  ``crm_jax.refine.Refiner`` per local device (``devices``: the first N; default all) with the
+  checkpoint read once; keyword arguments go to ``Refiner``."""
+  if refiner is not None:
+    return as_refiners(refiner)
   from crm_jax import checkpoint as ckpt  # JAX is imported only here.
   from crm_jax.sharding import local_refiners
 
@@ -364,6 +368,16 @@ def load_refiners(checkpoint: Optional[str], devices: Optional[int] = None, **kw
     raise InputError("no --checkpoint given")
   config, variables = ckpt.load_model(checkpoint)
   return local_refiners(config, variables, devices, **kwargs)
+
+
+def join_processes(batch_size: int, refiner) -> Processes:
+  """Checks ``batch_size``, then joins the other processes of a multi-host run (unless a
+  ``refiner`` was given: tests) and returns this process's place."""
+  if batch_size < 1:
+    raise InputError(f"batch size {batch_size}: must be at least 1")
+  if refiner is None:
+    initialize_from_env()
+  return Processes()
 
 
 def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
@@ -417,13 +431,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
                           progress)
   if not data:
     raise InputError("no data given")
-  if batch_size < 1:
-    raise InputError(f"batch size {batch_size}: must be at least 1")
-  if refiner is None:
-    initialize_from_env()
-  processes = Processes()
-  if not processes.is_main:
-    progress = False
+  processes = join_processes(batch_size, refiner)
+  progress = progress and processes.is_main
   state = {}
 
   def settings():
@@ -431,8 +440,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
       state["objects"], state["problems"] = tfds_objects(data, tfds_data_dir, split)
     else:
       state["objects"], state["problems"] = folder_objects(data)
-    state["refiners"] = (as_refiners(refiner) if refiner is not None else
-                         load_refiners(checkpoint, devices, dtype=dtype, plan=plan))
+    state["refiners"] = load_refiners(refiner, checkpoint, devices, dtype=dtype, plan=plan)
     return run_settings(state["refiners"][0], scales, checkpoint)
 
   inputs = [tfds_data_dir if tfds_data_dir else data]

@@ -32,8 +32,7 @@ from crm_jax.constants import SCALES
 from crm_jax.io import InputError, read_image, read_mask, write_image
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales
-from crm_jax.sharding import (Job, Processes, file_image_size, host_lines, initialize_from_env,
-                              refine_jobs, run_together)
+from crm_jax.sharding import Job, file_image_size, host_lines, refine_jobs, run_together
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXT = ".png"
@@ -149,19 +148,14 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
   """
   start = time.time()
   scales = check_scales(scales)
-  if batch_size < 1:
-    raise InputError(f"batch size {batch_size}: must be at least 1")
-  if refiner is None:
-    initialize_from_env()
-  processes = Processes()
-  if not processes.is_main:
-    progress = False
+  processes = evaluation.join_processes(batch_size, refiner)
+  progress = progress and processes.is_main
   state = {}
 
   def settings():
     state["pairs"], state["problems"] = pair_folders(images, masks, suffix)
-    state["refiners"] = (evaluation.as_refiners(refiner) if refiner is not None else
-                         evaluation.load_refiners(checkpoint, devices, dtype=dtype, plan=plan))
+    state["refiners"] = evaluation.load_refiners(refiner, checkpoint, devices, dtype=dtype,
+                                                 plan=plan)
     return evaluation.run_settings(state["refiners"][0], scales, checkpoint)
 
   blob = evaluation.start_output(out_dir, [images, masks], settings, overwrite, log, processes,
