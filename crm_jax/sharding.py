@@ -44,6 +44,9 @@ from crm_jax.io import InputError, read_bytes
 
 Log = Callable[[str], None]
 POLL_SECONDS = 5.0  # how often process 0 looks for the other processes' finished objects
+_WAIT_MS = 7 * 24 * 3600 * 1000  # how long a process waits for the others (a dead one ends the
+                                 # run sooner: the coordination service's heartbeats)
+_KV_CHUNK = 1 << 20  # characters per value in the coordination service's key-value store
 
 _BAR_FORMAT = ("{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {remaining} "
                "left{postfix}")
@@ -185,7 +188,7 @@ class Processes:
       import jax
       index, count = jax.process_index(), jax.process_count()
     self.index, self.count = index, count
-    self._calls = 0
+    self._calls = 0  # allgather calls so far: the same sequence on every process
 
   @property
   def is_main(self) -> bool:
@@ -193,19 +196,30 @@ class Processes:
 
   def allgather(self, value) -> list:
     """Every process's ``value`` (anything JSON can write), in process order; a barrier: no
-    process returns before every process has called it."""
+    process returns before every process has called it.
+
+    Through the key-value store of JAX's coordination service (the ``jax.distributed`` client,
+    a private attribute of JAX 0.10), not a collective: a collective on the CPU (gloo) gives up
+    after 30 s, and processes wait here for each other's whole share.
+    """
     if self.count == 1:
       return [value]
-    from jax.experimental import multihost_utils
+    from jax._src import distributed
 
+    client = distributed.global_state.client
     self._calls += 1
-    data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64)))
-    buf = np.zeros(int(lengths.max()), np.uint8)
-    buf[:data.size] = data
-    every = np.asarray(multihost_utils.process_allgather(buf))
-    return [json.loads(every[i, :int(lengths[i, 0])].tobytes().decode("utf-8"))
-            for i in range(self.count)]
+    prefix = f"crm_jax/allgather/{self._calls}"
+    text = json.dumps(value)
+    chunks = [text[i:i + _KV_CHUNK] for i in range(0, len(text), _KV_CHUNK)] or [""]
+    for k, chunk in enumerate(chunks):
+      client.key_value_set(f"{prefix}/{self.index}/{k}", chunk)
+    client.key_value_set(f"{prefix}/{self.index}/n", str(len(chunks)))
+    out = []
+    for i in range(self.count):
+      n = int(client.blocking_key_value_get(f"{prefix}/{i}/n", _WAIT_MS))
+      out.append(json.loads("".join(client.blocking_key_value_get(f"{prefix}/{i}/{k}", _WAIT_MS)
+                                    for k in range(n))))
+    return out
 
   def agree(self, error: Optional[str] = None) -> None:
     """A barrier that fails together: ``InputError`` on every process when any process passes

@@ -25,6 +25,11 @@ os.environ.setdefault('CRM_JAX_CACHE_DIR', tempfile.mkdtemp(prefix='crm_jax_test
 SLOW = frozenset({
     'test_bundled.py::test_bundled_checkpoint_improves_mba_on_a_bundled_image',
     'test_evaluate.py',
+    'test_multidevice.py::test_four_devices_equal_one_device',
+    'test_multidevice.py::test_folder_mode_refines_reports_and_resumes',
+    'test_multidevice.py::test_folder_mode_exits_nonzero_only_when_nothing_is_refined',
+    'test_multidevice.py::test_two_processes_equal_one_process',
+    'test_multidevice.py::test_killed_process_then_both_restarted_complete_the_run',
     'test_refine_buckets.py::test_bucketed_equals_plain_loop',
     'test_refine_buckets.py::test_bucketed_empty_mask_gives_zeros',
     'test_refine_buckets.py::test_compilations_are_bounded',
