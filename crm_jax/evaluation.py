@@ -18,7 +18,13 @@ and ``metrics.json``::
 
     {"scales": {"0.125": {"iou", "mba", "old_iou", "old_mba", "num_images", ...}, ...},
      "model": {the manifest}, "num_images": N, "seconds": S, "skipped": ["name: reason", ...],
-     ...}
+     "refined": n, "already_complete": m, "object_seconds": {name: s}, "hosts": [...], ...}
+
+Devices and hosts (``crm_jax.sharding``): the objects are refined on every local device (one
+``Refiner`` each, largest first) and, with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID`` set, by every process, each its share, into the shared output folder; process 0
+removes leftovers and writes the manifest before anyone refines, and computes the metrics from
+the files and writes ``metrics.json`` after everyone has finished.
 
 Provenance. The manifest is written before the first mask. A run into a folder that holds
 outputs made with another fingerprint (``crm_jax.checkpoint.fingerprint``: the model's content),
@@ -60,7 +66,8 @@ from crm_jax.metrics import scale_key
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales
 from crm_jax.sharding import (Job, Processes, RunSummary, encoded_size, file_image_size,
-                              host_lines, initialize_from_env, refine_jobs, run_together)
+                              host_lines, initialize_from_env, one_line as _one_line,
+                              refine_jobs, run_together)
 
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
@@ -103,10 +110,6 @@ def _read_triple(triple: folders.BigTriple):
   gt = read_mask(triple.gt)
   _check_sizes(image, seg, gt, (os.path.basename(triple.image), triple.seg, triple.gt))
   return image, seg, gt
-
-
-def _one_line(e: BaseException) -> str:
-  return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def _describe_unmatched(report: folders.ScanReport) -> List[str]:

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crm_jax.io import InputError, read_bytes
+from crm_jax.scales import check_scales
 
 Log = Callable[[str], None]
 POLL_SECONDS = 5.0  # how often process 0 looks for the other processes' finished objects
@@ -273,7 +274,8 @@ class RunSummary:
     return self.seconds / len(self.refined) if self.refined else None
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+  """An error's message on one line."""
   return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
@@ -292,7 +294,6 @@ class _Run:
     self.failed: List[str] = []
     self.object_seconds: Dict[str, float] = {}
     self.pixels = 0
-    self.done: set = set()
     self.error: Optional[BaseException] = None
 
   def say(self, msg: str) -> None:
@@ -301,7 +302,7 @@ class _Run:
 
   def fail(self, name: str, e: BaseException) -> None:
     # RuntimeError: XLA errors such as running out of device memory on one huge image.
-    reason = _one_line(e)
+    reason = one_line(e)
     if not isinstance(e, InputError):
       reason = f"{type(e).__name__}: {reason}"
     with self.lock:
@@ -310,7 +311,6 @@ class _Run:
 
   def finished(self, names: Sequence[str], pixels: int = 0) -> None:
     with self.lock:
-      self.done.update(names)
       self.pixels += pixels
       if self.bar is not None:
         self.bar.update(len(names))
@@ -323,7 +323,6 @@ class _Run:
         loaded = item.job.load()
       for w in caught:
         self.say(f"warning: {w.message}")
-      from crm_jax.scales import check_scales
       check_scales(self.scales, loaded[0].shape[:2])
       return loaded
     except (InputError, MemoryError, RuntimeError) as e:
@@ -465,8 +464,8 @@ def _error_line(e: BaseException) -> str:
     from crm_jax.io import os_error_line
     return os_error_line(e)
   if isinstance(e, ValueError):  # InputError, CheckpointError: their message says it all
-    return _one_line(e)
-  return f"{type(e).__name__}: {_one_line(e)}"
+    return one_line(e)
+  return f"{type(e).__name__}: {one_line(e)}"
 
 
 def _poll_others(others: List[Item], run: _Run) -> int:
