@@ -455,7 +455,9 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
                            progress=progress, log=log, batch_size=batch_size,
                            processes=processes)
   skipped = state["problems"] + summary.failed
-  names = summary.skipped_complete + summary.refined
+  # In the data's order, however the work was spread or resumed: the metrics' sums run in it.
+  done = set(summary.skipped_complete) | set(summary.refined)
+  names = [o.name for o in state["objects"] if o.name in done]
   per = summary.seconds_per_object
   extra = {"refined": len(summary.refined), "already_complete": len(summary.skipped_complete),
            "refine_seconds": summary.seconds, "seconds_per_object": per,
