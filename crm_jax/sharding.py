@@ -294,6 +294,8 @@ class _Run:
     self.failed: List[str] = []
     self.object_seconds: Dict[str, float] = {}
     self.pixels = 0
+    self.other_pixels = 0  # of the other processes' objects seen complete (process 0's bar)
+    self.start = time.time()
     self.error: Optional[BaseException] = None
 
   def say(self, msg: str) -> None:
@@ -309,10 +311,14 @@ class _Run:
       self.failed.append(f"{name}: {reason}")
     self.say(f"skipped {name}: {reason}")
 
-  def finished(self, names: Sequence[str], pixels: int = 0) -> None:
+  def finished(self, names: Sequence[str], pixels: int = 0, other: bool = False) -> None:
     with self.lock:
-      self.pixels += pixels
+      if other:
+        self.other_pixels += pixels
+      else:
+        self.pixels += pixels
       if self.bar is not None:
+        _set_rate(self.bar, self.pixels + self.other_pixels, time.time() - self.start)
         self.bar.update(len(names))
 
   def load(self, item: Item):
@@ -423,17 +429,15 @@ def refine_jobs(jobs: Sequence[Job], scales: Sequence[float], refiners: Sequence
     threads = [threading.Thread(target=run.work, args=(r,), daemon=True) for r in refiners]
     for t in threads:
       t.start()
+    # Process 0's bar counts the other processes' objects too, until every result is gathered.
     others = [it for k, share in enumerate(shares) if k != processes.index
               for batch in share for it in batch]
-    seen_pixels = 0
-    while True:
-      alive = [t for t in threads if t.is_alive()]
-      if not alive:
-        break
-      alive[0].join(timeout=POLL_SECONDS)
-      if show:
-        seen_pixels += _poll_others(others, run)
-        _set_rate(bar, run.pixels + seen_pixels, time.time() - start)
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_others, args=(others, run, stop), daemon=True)
+    if show and others:
+      poller.start()
+    for t in threads:
+      t.join()
     local_seconds = time.time() - start
     error = run.error
     mine_result = {"process": processes.index, "refined": run.refined, "failed": run.failed,
@@ -441,6 +445,9 @@ def refine_jobs(jobs: Sequence[Job], scales: Sequence[float], refiners: Sequence
                    "pixels": run.pixels, "devices": len(refiners),
                    "error": None if error is None else _error_line(error)}
     every = processes.allgather(mine_result)
+    stop.set()
+    if poller.is_alive():
+      poller.join()
     if show:
       bar.update(len(todo) - bar.n)
       _set_rate(bar, sum(r["pixels"] for r in every), time.time() - start)
@@ -468,32 +475,33 @@ def _error_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {one_line(e)}"
 
 
-def _poll_others(others: List[Item], run: _Run) -> int:
-  """Counts the other processes' objects that became complete since the last poll (process 0's
-  progress); returns their pixels and removes them from ``others``."""
-  found, pixels = [], 0
-  for it in list(others):
-    if it.job.is_complete():
-      found.append(it.job.name)
-      pixels += it.pixels
-      others.remove(it)
-  if found:
-    run.finished(found)
-  return pixels
+def _poll_others(others: List[Item], run: _Run, stop: threading.Event) -> None:
+  """Every ``POLL_SECONDS`` until ``stop``: counts the other processes' objects that became
+  complete (process 0's progress)."""
+  while others and not stop.wait(POLL_SECONDS):
+    found = [it for it in others if it.job.is_complete()]
+    if found:
+      names = {it.job.name for it in found}
+      others[:] = [it for it in others if it.job.name not in names]
+      run.finished(sorted(names), sum(it.pixels for it in found), other=True)
+
+
+def _rate(pixels: int, seconds: float) -> str:
+  rate = pixels / seconds if seconds > 0 else 0.0
+  return f"{rate / 1e6:.2f} Mpixel/s" if rate >= 1e6 else f"{rate / 1e3:.1f} kpixel/s"
 
 
 def _set_rate(bar, pixels: int, seconds: float) -> None:
-  if seconds > 0:
-    bar.set_postfix_str(f"{pixels / seconds / 1e6:.2f} Mpixel/s", refresh=False)
+  bar.set_postfix_str(_rate(pixels, seconds), refresh=False)
 
 
 def host_lines(summary: RunSummary) -> List[str]:
   """One line per process: objects refined and failed, seconds, pixels per second."""
   lines = []
   for h in summary.hosts:
-    rate = h["pixels"] / h["seconds"] / 1e6 if h["seconds"] > 0 else 0.0
-    lines.append(f"process {h['process']} ({h['devices']} device(s)): refined {h['refined']} object(s), {h['failed']} "
-                 f"skipped, {h['seconds']:.1f} s, {rate:.2f} Mpixel/s")
+    lines.append(f"process {h['process']} ({h['devices']} device(s)): refined {h['refined']} "
+                 f"object(s), {h['failed']} skipped, {h['seconds']:.1f} s, "
+                 f"{_rate(h['pixels'], h['seconds'])}")
   return lines
 
 
