@@ -26,6 +26,7 @@ SLOW = frozenset({
     'test_bundled.py::test_bundled_checkpoint_improves_mba_on_a_bundled_image',
     'test_evaluate.py',
     'test_multidevice.py::test_four_devices_equal_one_device',
+    'test_multidevice.py::test_batches_of_one_bucket_on_two_devices_equal_one_device',
     'test_multidevice.py::test_folder_mode_refines_reports_and_resumes',
     'test_multidevice.py::test_folder_mode_exits_nonzero_only_when_nothing_is_refined',
     'test_multidevice.py::test_two_processes_equal_one_process',

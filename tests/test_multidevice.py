@@ -144,6 +144,18 @@ def test_four_devices_equal_one_device(world, tmp_path):
                         progress=False, log=_quiet, devices=5)
 
 
+def test_batches_of_one_bucket_on_two_devices_equal_one_device(world, tmp_path):
+  """--batch-size 2 with the fused plan: the same batches (made before the work is spread) on
+  two devices as on one, so the same bytes."""
+  buckets = [Refiner.from_checkpoint(world["ckpt"]).bucket_of(hw) for hw in SIZES.values()]
+  assert len(set(buckets)) < len(buckets)  # real batches of two happen
+  for n in (1, 2):
+    evaluation.evaluate(world["data"], world["ckpt"], str(tmp_path / f"dev{n}"), SCALES,
+                        progress=False, log=_quiet, devices=n, plan="fused", batch_size=2)
+  assert _masks(tmp_path / "dev1") == _masks(tmp_path / "dev2")
+  assert json.load(open(tmp_path / "dev2" / "metrics.json"))["num_images"] == 8
+
+
 # ---------------------------------------------------------------------------------------------
 # Folder mode.
 
