@@ -395,6 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   elif args.masks is None or args.mask is not None:
     parser.error("--images needs --masks (and --mask goes with --image)")
   io.show_warnings_as_lines()
+  enable_compilation_cache()
   try:
     if args.image is not None:
       _refine_one(args)

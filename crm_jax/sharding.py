@@ -168,16 +168,20 @@ def assign_shares(batches: Sequence[List[Item]], count: int) -> List[List[List[I
 
 def initialize_from_env() -> None:
   """``jax.distributed.initialize`` from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID`` when the first is set (``crm_jax.train_lib.maybe_initialize_distributed``,
-  the function ``train.py`` uses); call before anything touches a JAX backend. A bad variable is
-  an ``InputError``."""
+  ``JAX_PROCESS_ID`` when the first is set (``maybe_initialize_distributed``, the function
+  ``train.py`` uses); call before anything touches a JAX backend. A bad variable is an
+  ``InputError``."""
   if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return
-  from crm_jax import train_lib  # imported only for multi-process runs
+  try:  # imported only for multi-process runs
+    from crm_jax.training.config import TrainingError
+    from crm_jax.training.distributed import maybe_initialize_distributed
+  except ImportError:  # before the training package was split out of train_lib
+    from crm_jax.train_lib import TrainingError, maybe_initialize_distributed
 
   try:
-    train_lib.maybe_initialize_distributed()
-  except train_lib.TrainingError as e:
+    maybe_initialize_distributed()
+  except TrainingError as e:
     raise InputError(str(e)) from None
 
 
