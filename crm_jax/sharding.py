@@ -45,8 +45,9 @@ from crm_jax.scales import check_scales
 
 Log = Callable[[str], None]
 POLL_SECONDS = 5.0  # how often process 0 looks for the other processes' finished objects
-_WAIT_MS = 7 * 24 * 3600 * 1000  # how long a process waits for the others (a dead one ends the
-                                 # run sooner: the coordination service's heartbeats)
+# How long a process waits for the others. A dead process ends the run sooner: the coordination
+# service misses its heartbeats and terminates the others (about 100 s, measured).
+_WAIT_MS = 7 * 24 * 3600 * 1000
 _KV_CHUNK = 1 << 20  # characters per value in the coordination service's key-value store
 
 _BAR_FORMAT = ("{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {remaining} "
