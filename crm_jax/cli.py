@@ -25,6 +25,11 @@ def evaluate_main(argv=None) -> int:
   objects that are already complete, one with others is refused unless --overwrite. Bad objects
   are reported and skipped; the exit status is non-zero only when nothing could be evaluated or
   an argument is bad (2 and one line, no traceback).
+
+  Objects are refined on every local device (--devices N: the first N), largest first; with
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (as for crm-train), each
+  process refines its share into the shared OUT and process 0 writes OUT/metrics.json
+  (crm_jax.sharding).
   """
   from crm_jax.checkpoint import CheckpointError
   from crm_jax.constants import SCALES
@@ -50,6 +55,8 @@ def evaluate_main(argv=None) -> int:
                            "accelerator whose memory holds it)")
   parser.add_argument("--batch-size", type=int, default=1,
                       help="objects of one size bucket refined as one batch (fused plan)")
+  parser.add_argument("--devices", type=int, default=None,
+                      help="refine on the first N local devices (default: all of them)")
   parser.add_argument("--overwrite", action="store_true",
                       help="--output holds masks of another model or settings: remove them and "
                            "refine everything again")
@@ -65,7 +72,8 @@ def evaluate_main(argv=None) -> int:
     evaluate(args.data, args.checkpoint, args.output, args.scales,
              metrics_only=args.metrics_only, progress=not args.no_progress,
              tfds_data_dir=args.tfds_data_dir, split=args.split, dtype=args.dtype,
-             overwrite=args.overwrite, plan=args.plan, batch_size=args.batch_size)
+             overwrite=args.overwrite, plan=args.plan, batch_size=args.batch_size,
+             devices=args.devices)
   except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

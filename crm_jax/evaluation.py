@@ -18,7 +18,13 @@ and ``metrics.json``::
 
     {"scales": {"0.125": {"iou", "mba", "old_iou", "old_mba", "num_images", ...}, ...},
      "model": {the manifest}, "num_images": N, "seconds": S, "skipped": ["name: reason", ...],
-     ...}
+     "refined": n, "already_complete": m, "object_seconds": {name: s}, "hosts": [...], ...}
+
+Devices and hosts (``crm_jax.sharding``): the objects are refined on every local device (one
+``Refiner`` each, largest first) and, with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID`` set, by every process, each its share, into the shared output folder; process 0
+removes leftovers and writes the manifest before anyone refines, and computes the metrics from
+the files and writes ``metrics.json`` after everyone has finished.
 
 Provenance. The manifest is written before the first mask. A run into a folder that holds
 outputs made with another fingerprint (``crm_jax.checkpoint.fingerprint``: the model's content),
@@ -46,14 +52,12 @@ import dataclasses
 import json
 import os
 import time
-import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from crm_jax import metrics
-from crm_jax.checkpoint import fingerprint
+from crm_jax.checkpoint import CheckpointError, fingerprint
 from crm_jax.constants import SCALES
 from crm_jax.data import folders
 from crm_jax.io import (InputError, check_output_dir, read_image, read_mask, remove_leftovers,
@@ -61,6 +65,9 @@ from crm_jax.io import (InputError, check_output_dir, read_image, read_mask, rem
 from crm_jax.metrics import scale_key
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales
+from crm_jax.sharding import (Job, Processes, RunSummary, encoded_size, file_image_size,
+                              host_lines, initialize_from_env, one_line as _one_line,
+                              refine_jobs, run_together)
 
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
@@ -69,6 +76,7 @@ SETTINGS = ("fingerprint", "scales", "dtype", "plan")  # what the masks depend o
 DEFAULT_PLAN = "banded"  # for a refiner that does not name its execution plan
 
 Log = Callable[[str], None]
+_SETUP_ERRORS = (InputError, OSError, CheckpointError)  # stop every process before any work
 
 
 
@@ -79,9 +87,12 @@ Log = Callable[[str], None]
 @dataclasses.dataclass(frozen=True)
 class EvalObject:
   """One object: its name and how to load ``(image RGB uint8 [H, W, 3], seg uint8 [H, W],
-  gt uint8 [H, W])``; ``load`` raises ``InputError`` naming the file and the problem."""
+  gt uint8 [H, W])``; ``load`` raises ``InputError`` naming the file and the problem. ``size``:
+  the image's ``(H, W)`` from its header, or None (``crm_jax.sharding.encoded_size``), for the
+  schedule (largest first, buckets)."""
   name: str
   load: Callable[[], Tuple[np.ndarray, np.ndarray, np.ndarray]]
+  size: Optional[Tuple[int, int]] = None
 
 
 def _check_sizes(image: np.ndarray, seg: np.ndarray, gt: np.ndarray,
@@ -99,10 +110,6 @@ def _read_triple(triple: folders.BigTriple):
   gt = read_mask(triple.gt)
   _check_sizes(image, seg, gt, (os.path.basename(triple.image), triple.seg, triple.gt))
   return image, seg, gt
-
-
-def _one_line(e: BaseException) -> str:
-  return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def _describe_unmatched(report: folders.ScanReport) -> List[str]:
@@ -143,7 +150,8 @@ def list_objects(data_dir: str) -> Tuple[List[folders.BigTriple], List[str]]:
 def folder_objects(data_dir: str) -> Tuple[List[EvalObject], List[str]]:
   """``list_objects`` as ``EvalObject`` s (loading checks that the sizes agree)."""
   triples, problems = list_objects(data_dir)
-  return [EvalObject(t.name, lambda t=t: _read_triple(t)) for t in triples], problems
+  return [EvalObject(t.name, lambda t=t: _read_triple(t), file_image_size(t.image))
+          for t in triples], problems
 
 
 def _text(x) -> str:
@@ -196,8 +204,11 @@ def tfds_objects(name: str, data_dir: str,
 
   objects = []
   for i in range(len(raw)):
-    obj_name = _text(raw[i]["name"]).replace("/", "_").replace(os.sep, "_")
-    objects.append(EvalObject(obj_name, lambda i=i: load(i)))
+    record = raw[i]
+    obj_name = _text(record["name"]).replace("/", "_").replace(os.sep, "_")
+    encoded = record["image"]
+    size = encoded_size(encoded.item() if isinstance(encoded, np.ndarray) else encoded)
+    objects.append(EvalObject(obj_name, lambda i=i: load(i), size))
   return objects, []
 
 
@@ -210,105 +221,47 @@ def write_json(path: str, blob) -> None:
   write_text(path, json.dumps(blob, indent=2, allow_nan=False) + "\n")
 
 
-@dataclasses.dataclass
-class RefineSummary:
-  refined: List[str]
-  skipped_complete: List[str]
-  failed: List[str]  # "name: reason"
-  seconds: float
-
-  @property
-  def seconds_per_object(self) -> Optional[float]:
-    return self.seconds / len(self.refined) if self.refined else None
+def _write_object(out_dir: str, name: str, scales: Sequence[float], loaded,
+                  probs: Dict[float, np.ndarray]) -> None:
+  """The masks, then the copies of the image, seg and gt (so the gt copy completes it)."""
+  for s in scales:
+    write_image(metrics.mask_path(out_dir, name, s), prob_to_uint8(probs[s]))
+  for role, pixels in zip(metrics.COPY_ROLES, loaded):
+    write_image(metrics.copy_path(out_dir, name, role), pixels)
 
 
-_BAR_FORMAT = ("{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {remaining} "
-               "left, {rate_inv_fmt}{postfix}")
+def object_jobs(objects: Sequence[EvalObject], out_dir: str,
+                scales: Sequence[float]) -> List[Job]:
+  """The objects as ``crm_jax.sharding.Job`` s writing the published layout into ``out_dir``."""
+  scales = tuple(scales)
+  return [Job(o.name, o.load,
+              lambda loaded, probs, n=o.name: _write_object(out_dir, n, scales, loaded, probs),
+              lambda n=o.name: metrics.is_complete(out_dir, n, scales),
+              lambda o=o: o.size) for o in objects]
+
+
+def as_refiners(refiner) -> list:
+  """One refiner, or a sequence of them (one per device), as a list."""
+  return list(refiner) if isinstance(refiner, (list, tuple)) else [refiner]
 
 
 def refine_objects(objects: Sequence[EvalObject], out_dir: str, scales: Sequence[float],
-                   refiner, *, progress: bool = True, log: Log = print,
-                   batch_size: int = 1) -> RefineSummary:
-  """Refines every object that is not complete in ``out_dir`` at every scale.
+                   refiner, *, progress: bool = True, log: Log = print, batch_size: int = 1,
+                   processes: Optional[Processes] = None) -> RunSummary:
+  """Refines every object that is not complete in ``out_dir`` at every scale
+  (``crm_jax.sharding.refine_jobs``: this process's share of the objects, largest first, on
+  every refiner).
 
-  ``refiner``: anything with ``refine_all_scales(image, mask, scales) -> {s: prob [H, W]}``
-  (``crm_jax.refine.Refiner``); with ``batch_size > 1`` also ``bucket_of(size)`` and
-  ``refine_batch_all_scales``: objects are grouped by bucket and each group of ``batch_size``
-  is refined as one batch (the fused plan runs it as one program; the results equal refining
-  one by one). Objects that fail (bad input) are reported through ``log`` and listed in
-  ``failed``; a mask rule that guessed is logged as a ``warning:`` line.
+  ``refiner``: one ``crm_jax.refine.Refiner`` or a list of them (one per local device), or
+  anything with ``refine_all_scales(image, mask, scales) -> {s: prob [H, W]}``; with
+  ``batch_size > 1`` also ``bucket_of(size)`` and ``refine_batch_all_scales``: objects of one
+  bucket are refined together, ``batch_size`` at a time (the fused plan runs them as one
+  program; the results equal refining one by one, to float rounding). Objects that fail (bad
+  input) are reported through ``log`` and listed in ``failed``; a mask rule that guessed is
+  logged as a ``warning:`` line.
   """
-  complete = [o.name for o in objects if metrics.is_complete(out_dir, o.name, scales)]
-  done = set(complete)
-  todo = [o for o in objects if o.name not in done]
-  if complete:
-    log(f"{len(complete)} object(s) already complete in {out_dir}: skipped")
-  refined: List[str] = []
-  failed: List[str] = []
-  pending: Dict[object, List[tuple]] = {}
-  start = time.time()  # compilation counts, loading the checkpoint does not
-  with tqdm(total=len(todo), desc="refining", unit="object", disable=not progress,
-            bar_format=_BAR_FORMAT, dynamic_ncols=True) as bar:
-    def say(msg: str) -> None:
-      with tqdm.external_write_mode():
-        log(msg)
-
-    def fail(name: str, e: BaseException) -> None:
-      # RuntimeError: XLA errors such as running out of device memory on one huge image.
-      reason = _one_line(e)
-      if not isinstance(e, InputError):
-        reason = f"{type(e).__name__}: {reason}"
-      failed.append(f"{name}: {reason}")
-      say(f"skipped {name}: {reason}")
-
-    def refine_group(group: List[tuple]) -> None:
-      t0 = time.time()
-      try:
-        if batch_size == 1:
-          results = [refiner.refine_all_scales(group[0][1], group[0][2], scales)]
-        else:
-          results = refiner.refine_batch_all_scales([g[1] for g in group],
-                                                    [g[2] for g in group], scales)
-      except (InputError, MemoryError, RuntimeError) as e:
-        bad = getattr(e, "bad", None)  # crm_jax.refine.BatchInputError: the others were refined
-        if bad is None:
-          results = [None] * len(group)
-          for item in group:
-            fail(item[0].name, e)
-        else:
-          results = e.results
-          for i, message in bad.items():
-            fail(group[i][0].name, InputError(message))
-      for (obj, image, seg, gt), probs in zip(group, results):
-        if probs is None:
-          continue
-        for s in scales:
-          write_image(metrics.mask_path(out_dir, obj.name, s), prob_to_uint8(probs[s]))
-        for role, pixels in zip(metrics.COPY_ROLES, (image, seg, gt)):
-          write_image(metrics.copy_path(out_dir, obj.name, role), pixels)
-        refined.append(obj.name)
-      bar.set_postfix_str(f"last {(time.time() - t0) / len(group):.1f} s/object")
-      bar.update(len(group))
-
-    for obj in todo:
-      try:
-        with warnings.catch_warnings(record=True) as caught:
-          warnings.simplefilter("always")
-          image, seg, gt = obj.load()
-        for w in caught:
-          say(f"warning: {w.message}")
-        check_scales(scales, image.shape[:2])
-      except (InputError, MemoryError, RuntimeError) as e:
-        fail(obj.name, e)
-        bar.update(1)
-        continue
-      key = refiner.bucket_of(image.shape[:2]) if batch_size > 1 else None
-      pending.setdefault(key, []).append((obj, image, seg, gt))
-      if len(pending[key]) >= batch_size:
-        refine_group(pending.pop(key))
-    for group in pending.values():
-      refine_group(group)
-  return RefineSummary(refined, complete, failed, time.time() - start)
+  return refine_jobs(object_jobs(objects, out_dir, scales), scales, as_refiners(refiner),
+                     batch_size=batch_size, progress=progress, log=log, processes=processes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,24 +310,27 @@ def _differences(old: Optional[Dict], new: Dict) -> str:
   return "made with " + "; ".join(diffs)
 
 
-def prepare_output(out_dir: str, settings: Dict, overwrite: bool = False,
-                   log: Log = print) -> None:
+def prepare_output(out_dir: str, settings: Dict, overwrite: bool = False, log: Log = print, *,
+                   is_output: Callable[[str], bool] = metrics.is_output_file,
+                   results_file: str = METRICS_FILE) -> None:
   """Makes ``out_dir`` hold outputs of ``settings`` only, then writes its manifest.
 
-  Outputs made with other settings (or without a manifest) raise ``InputError``, or with
-  ``overwrite`` are removed (with ``metrics.json``) so that every object is refined again.
+  Outputs (files for which ``is_output(name)`` holds) made with other settings (or without a
+  manifest) raise ``InputError``, or with ``overwrite`` are removed (with ``results_file``) so
+  that every object is refined again.
   """
   old = read_manifest(out_dir)
   same = old is not None and all(old.get(k) == settings[k] for k in SETTINGS)
   if same:
     return
-  existing = sorted(f for f in os.listdir(out_dir) if metrics.is_output_file(f))
+  existing = sorted(f for f in os.listdir(out_dir)
+                    if is_output(f) and os.path.isfile(os.path.join(out_dir, f)))
   if existing:
     if not overwrite:
       raise InputError(f"{out_dir}: holds {len(existing)} output file(s) "
                        f"{_differences(old, settings)}; choose another --output, or pass "
                        "--overwrite to refine everything again")
-    for f in [METRICS_FILE] + existing:
+    for f in [results_file] + existing:
       if os.path.exists(os.path.join(out_dir, f)):
         os.remove(os.path.join(out_dir, f))
     log(f"--overwrite: removed {len(existing)} output file(s) of another run from {out_dir}")
@@ -385,11 +341,54 @@ def prepare_output(out_dir: str, settings: Dict, overwrite: bool = False,
 # The whole run.
 
 
+def start_output(out_dir: str, inputs: Sequence[str], settings: Callable[[], Dict],
+                 overwrite: bool, log: Log, processes: Processes, **prepare) -> Dict:
+  """The output folder made ready on every process: checked (``check_output_dir``), then on
+  process 0 the leftovers of killed runs removed and the manifest prepared (``prepare_output``,
+  keyword arguments passed on), while no process writes; an error on any process stops all.
+  Returns the settings (``settings()``, called on every process)."""
+  def step():
+    check_output_dir(out_dir, inputs)
+    blob = settings()
+    if processes.is_main:
+      remove_leftovers(out_dir)
+      prepare_output(out_dir, blob, overwrite, log, **prepare)
+    return blob
+  return run_together(processes, step, _SETUP_ERRORS)
+
+
+def load_refiners(refiner, checkpoint: Optional[str], devices: Optional[int] = None,
+                  **kwargs) -> list:
+  """``refiner`` as a list (``as_refiners``) or, when it is None, one
+  ``crm_jax.refine.Refiner`` per local device (``devices``: the first N; default all) with the
+  checkpoint read once; keyword arguments go to ``Refiner``."""
+  if refiner is not None:
+    return as_refiners(refiner)
+  from crm_jax import checkpoint as ckpt  # JAX is imported only here.
+  from crm_jax.sharding import local_refiners
+
+  if not checkpoint:
+    raise InputError("no --checkpoint given")
+  config, variables = ckpt.load_model(checkpoint)
+  return local_refiners(config, variables, devices, **kwargs)
+
+
+def join_processes(batch_size: int, refiner) -> Processes:
+  """Checks ``batch_size``, then joins the other processes of a multi-host run (unless a
+  ``refiner`` was given: tests) and returns this process's place."""
+  if batch_size < 1:
+    raise InputError(f"batch size {batch_size}: must be at least 1")
+  if refiner is None:
+    initialize_from_env()
+  return Processes()
+
+
 def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
              scales: Sequence[float] = SCALES, metrics_only: bool = False,
              progress: bool = True, log: Log = print, *, tfds_data_dir: Optional[str] = None,
              split: Optional[str] = None, refiner=None, dtype: str = "float32",
-             overwrite: bool = False, plan: str = "auto", batch_size: int = 1) -> Dict:
+             overwrite: bool = False, plan: str = "auto", batch_size: int = 1,
+             devices: Optional[int] = None) -> Dict:
   """Refines ``data`` into ``out_dir`` (unless ``metrics_only``), computes the metrics, prints
   the table and writes ``out_dir/metrics.json``; returns what it wrote.
 
@@ -401,12 +400,19 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     metrics_only: only recompute the metrics of every object already in ``out_dir``.
     tfds_data_dir, split: where the TFDS dataset is prepared, and which split (may be left out
       when there is one).
-    refiner: an already loaded ``crm_jax.refine.Refiner`` (instead of ``checkpoint``).
+    refiner: an already loaded ``crm_jax.refine.Refiner``, or a list of them (one per device),
+      instead of ``checkpoint``.
     dtype: the network's compute dtype, ``float32`` (exact) or ``bfloat16`` (accelerators).
     overwrite: outputs in ``out_dir`` made by another model or settings are removed and every
       object refined again (without it they are refused; see the module docstring).
     plan: the execution plan (``crm_jax.refine.Refiner``: auto, plain, banded, fused).
     batch_size: objects of one bucket refined together (``refine_objects``).
+    devices: how many local devices refine (default: all; one Refiner each).
+
+  Every local device, every host (``crm_jax.sharding``): objects are refined on every local
+  device, and with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set
+  by every process, each its share, into the shared ``out_dir``; process 0 then computes the
+  metrics from the files and writes ``metrics.json``, and every process returns them.
 
   With refinement, the metrics cover the objects of ``data`` that are complete in ``out_dir``
   (refined now or before); ``--metrics-only`` covers every ``<name>_gt.png`` in ``out_dir``.
@@ -419,48 +425,71 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
   """
   start = time.time()
   scales = check_scales(scales)
-  skipped: List[str] = []
-  names = None
-  extra: Dict = {}
   if metrics_only:
     if not os.path.isdir(out_dir):
       raise InputError(f"{out_dir}: no such folder (nothing to evaluate)")
     check_output_dir(out_dir)
     remove_leftovers(out_dir)
-    settings = read_manifest(out_dir)
-  else:
-    if not data:
-      raise InputError("no data given")
+    return _write_metrics(out_dir, scales, None, [], read_manifest(out_dir), {}, start, log,
+                          progress)
+  if not data:
+    raise InputError("no data given")
+  processes = join_processes(batch_size, refiner)
+  progress = progress and processes.is_main
+  state = {}
+
+  def settings():
     if tfds_data_dir:
-      objects, problems = tfds_objects(data, tfds_data_dir, split)
-      inputs = [tfds_data_dir]
+      state["objects"], state["problems"] = tfds_objects(data, tfds_data_dir, split)
     else:
-      objects, problems = folder_objects(data)
-      inputs = [data]
-    check_output_dir(out_dir, inputs)
-    remove_leftovers(out_dir)
-    if refiner is None:
-      from crm_jax.refine import Refiner  # JAX is imported only here.
-      refiner = Refiner.from_checkpoint(checkpoint, dtype=dtype, plan=plan)
-    settings = run_settings(refiner, scales, checkpoint)
-    prepare_output(out_dir, settings, overwrite, log)
-    for p in problems:
+      state["objects"], state["problems"] = folder_objects(data)
+    state["refiners"] = load_refiners(refiner, checkpoint, devices, dtype=dtype, plan=plan)
+    return run_settings(state["refiners"][0], scales, checkpoint)
+
+  inputs = [tfds_data_dir if tfds_data_dir else data]
+  settings = start_output(out_dir, inputs, settings, overwrite, log, processes)
+  if processes.is_main:
+    for p in state["problems"]:
       log(f"skipped {p}")
-    if batch_size < 1:
-      raise InputError(f"batch size {batch_size}: must be at least 1")
-    summary = refine_objects(objects, out_dir, scales, refiner, progress=progress, log=log,
-                             batch_size=batch_size)
-    skipped = problems + summary.failed
-    names = summary.skipped_complete + summary.refined
-    per = summary.seconds_per_object
+  summary = refine_objects(state["objects"], out_dir, scales, state["refiners"],
+                           progress=progress, log=log, batch_size=batch_size,
+                           processes=processes)
+  skipped = state["problems"] + summary.failed
+  # In the data's order, however the work was spread or resumed: the metrics' sums run in it.
+  done = set(summary.skipped_complete) | set(summary.refined)
+  names = [o.name for o in state["objects"] if o.name in done]
+  per = summary.seconds_per_object
+  extra = {"refined": len(summary.refined), "already_complete": len(summary.skipped_complete),
+           "refine_seconds": summary.seconds, "seconds_per_object": per,
+           "object_seconds": summary.object_seconds, "hosts": summary.hosts}
+
+  def finish():
+    if not processes.is_main:
+      return None
+    if processes.count > 1:
+      for line in host_lines(summary):
+        log(line)
     log(f"refined {len(summary.refined)} object(s) in {summary.seconds:.1f} s"
         + (f" ({per:.2f} s/object)" if per is not None else "")
         + f", {len(summary.skipped_complete)} already complete, {len(skipped)} skipped")
-    extra = {"refined": len(summary.refined), "already_complete": len(summary.skipped_complete),
-             "refine_seconds": summary.seconds, "seconds_per_object": per}
     if not names:
       raise InputError(f"{data}: nothing could be evaluated: every object was skipped "
                        f"({len(skipped)})")
+    return _write_metrics(out_dir, scales, names, skipped, settings, extra, start, log,
+                          progress)
+
+  result = run_together(processes, finish)
+  if result is None:  # not process 0: what process 0 wrote
+    with open(os.path.join(out_dir, METRICS_FILE)) as f:
+      result = json.load(f)
+  return result
+
+
+def _write_metrics(out_dir: str, scales, names: Optional[List[str]], skipped: List[str],
+                   settings: Optional[Dict], extra: Dict, start: float, log: Log,
+                   progress: bool) -> Dict:
+  """The metrics of ``names`` in ``out_dir`` (``metrics.evaluate_folder``), written to
+  ``metrics.json`` and shown as a table."""
   result = metrics.evaluate_folder(out_dir, scales, names=names, progress=progress, log=log)
   result["skipped"] = skipped + result["skipped"]
   if result["num_images"] == 0:

@@ -5,6 +5,12 @@ Command line, one image::
     python -m crm_jax.refine --image IMG --mask MASK --output OUT.png \
         [--checkpoint DIR] [--scales 0.125 0.25 0.5 1.0] [--dtype bfloat16] [--plan auto]
 
+Folder mode, every image of IMAGES with its mask MASKS/<name><suffix>.png, on every local device
+and host (``crm_jax.folder_refine``, ``crm_jax.sharding``)::
+
+    python -m crm_jax.refine --images IMAGES --masks MASKS --output DIR [--mask-suffix SUFFIX] \
+        [--devices N] [--batch-size B] [--overwrite] [same model flags]
+
 Per scale ``s`` (docs/refinement.md): the reflect-padded image and the current
 seg are resized (bilinear, align_corners=True) to ``(round(H*s), round(W*s))``,
 the encoder and fusion give F once, and the implicit decoder is queried at
@@ -304,16 +310,23 @@ class Refiner:
       raise
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """``python -m crm_jax.refine``: one image. Bad arguments, files and checkpoints, and OS errors,
-  end in one ``error:`` line naming the path (exit status 2); the output is checked before the
-  checkpoint is loaded, and is never one of the inputs."""
-  parser = argparse.ArgumentParser(prog="python -m crm_jax.refine",
-                                   description="Refine one coarse mask with CRM.")
-  parser.add_argument("--image", required=True)
-  parser.add_argument("--mask", required=True,
-                      help="the coarse mask (encodings: see the README's Input rules)")
-  parser.add_argument("--output", required=True, help="PNG of the refined mask (0-255)")
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m crm_jax.refine",
+      description="Refine one coarse mask (--image --mask --output OUT.png), or every image of a "
+                  "folder with its mask from another folder (--images --masks --output DIR) on "
+                  "every local device and host.")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--image", help="one image")
+  source.add_argument("--images", help="folder of images (folder mode; pairing: README)")
+  parser.add_argument("--mask", help="the coarse mask of --image (encodings: see the README's "
+                                     "Input rules)")
+  parser.add_argument("--masks", help="folder of coarse masks <name><suffix>.png (folder mode)")
+  parser.add_argument("--mask-suffix", default="",
+                      help="folder mode: the mask of IMAGES/<name>.jpg is "
+                           "MASKS/<name><suffix>.png (default: no suffix)")
+  parser.add_argument("--output", required=True,
+                      help="PNG of the refined mask (0-255); folder mode: the output folder")
   parser.add_argument("--checkpoint", default=None,
                       help="model checkpoint directory (default: the bundled small one, trained "
                            "on synthetic data)")
@@ -323,35 +336,79 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--plan", choices=PLAN_CHOICES, default="auto",
                       help="execution plan (default auto: banded on the CPU, fused on an "
                            "accelerator whose memory holds it)")
+  folder = parser.add_argument_group("folder mode")
+  folder.add_argument("--devices", type=int, default=None,
+                      help="refine on the first N local devices (default: all of them)")
+  folder.add_argument("--batch-size", type=int, default=1,
+                      help="pairs of one size bucket refined as one batch (fused plan)")
+  folder.add_argument("--overwrite", action="store_true",
+                      help="--output holds masks of another model or settings: remove them and "
+                           "refine everything again")
+  folder.add_argument("--no-progress", action="store_true")
+  return parser
+
+
+def _checkpoint_path(path: Optional[str]) -> str:
+  if path is None:
+    path = default_checkpoint()
+    print(f"note: no --checkpoint given: using the bundled small checkpoint ({path}), trained "
+          "on synthetic data only; for real photographs convert the published weights (README: "
+          "Convert the published checkpoint and evaluate on BIG)", file=sys.stderr)
+  return path
+
+
+def _refine_one(args) -> None:
+  """The single-image mode: the output is checked before the checkpoint is loaded, and is never
+  one of the inputs."""
+  from crm_jax.folder_refine import read_pair
+
+  scales = check_scales(args.scales)
+  io.check_output_file(args.output, inputs=(args.image, args.mask))
+  io.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
+  image, mask = read_pair(args.image, args.mask)
+  check_scales(scales, image.shape[:2])
+  refiner = Refiner.from_checkpoint(_checkpoint_path(args.checkpoint), dtype=args.dtype,
+                                    plan=args.plan)
+  prob = refiner.refine(image, mask, scales)
+  io.write_image(args.output, prob_to_uint8(prob))
+  print(f"wrote {args.output}")
+
+
+def _refine_folder(args) -> None:
+  from crm_jax.folder_refine import refine_folder
+
+  refine_folder(args.images, args.masks, args.output, _checkpoint_path(args.checkpoint),
+                suffix=args.mask_suffix, scales=args.scales, dtype=args.dtype, plan=args.plan,
+                batch_size=args.batch_size, devices=args.devices, overwrite=args.overwrite,
+                progress=not args.no_progress)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """``python -m crm_jax.refine``: one image (``--image --mask --output OUT.png``) or a folder
+  (``--images --masks --output DIR``: ``crm_jax.folder_refine``). Bad arguments, files and
+  checkpoints, and OS errors, end in one ``error:`` line naming the path (exit status 2); in
+  folder mode a bad pair is reported and skipped, and the status is 2 only when nothing could
+  be refined."""
+  parser = _parser()
   args = parser.parse_args(argv)
+  if args.image is not None:
+    if args.mask is None or args.masks is not None:
+      parser.error("--image needs --mask (and --masks goes with --images)")
+  elif args.masks is None or args.mask is not None:
+    parser.error("--images needs --masks (and --mask goes with --image)")
   io.show_warnings_as_lines()
   enable_compilation_cache()
   try:
-    scales = check_scales(args.scales)
-    io.check_output_file(args.output, inputs=(args.image, args.mask))
-    io.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
-    image = io.read_image(args.image)
-    mask = io.read_mask(args.mask)
-    if image.shape[:2] != mask.shape:
-      raise InputError(f"{args.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but "
-                       f"{args.image} is {image.shape[1]}x{image.shape[0]}")
-    check_scales(scales, image.shape[:2])
-    path = args.checkpoint
-    if path is None:
-      path = default_checkpoint()
-      print(f"note: no --checkpoint given: using the bundled small checkpoint ({path}), trained "
-            "on synthetic data only; for real photographs convert the published weights (README: "
-            "Convert the published checkpoint and evaluate on BIG)", file=sys.stderr)
-    refiner = Refiner.from_checkpoint(path, dtype=args.dtype, plan=args.plan)
-    prob = refiner.refine(image, mask, scales)
-    io.write_image(args.output, prob_to_uint8(prob))
+    if args.image is not None:
+      _refine_one(args)
+    else:
+      _refine_folder(args)
   except (InputError, ckpt.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except OSError as e:
     print(f"error: {io.os_error_line(e)}", file=sys.stderr)
     return 2
-  print(f"wrote {args.output}")
   return 0
 
 

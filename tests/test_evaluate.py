@@ -433,17 +433,18 @@ sys.exit(evaluate.main(sys.argv[2:]))
 
 def test_killed_run_resumes_and_its_leftovers_are_removed(world, refiner, tmp_path):
   """Point 8 (and the resume guarantee): a run killed in the middle of writing obj_b's masks
-  leaves a temporary file; the next run removes it, keeps obj_a and refines the rest."""
+  leaves a temporary file; the next run removes it, keeps obj_c and refines the rest."""
   out = str(tmp_path / "out")
-  # Renames: 1 the manifest, 2-8 obj_a's four masks and three copies, 9 obj_b's first mask.
+  # One device, largest first. Renames: 1 the manifest, 2-8 obj_c's four masks and three
+  # copies, 9 obj_b's first mask.
   proc = subprocess.run(
       [sys.executable, "-c", _KILLED_EVALUATE, "10", "--data", world["data"], "--checkpoint",
-       world["ckpt"], "--output", out, "--no-progress"], cwd=REPO,
+       world["ckpt"], "--output", out, "--no-progress", "--devices", "1"], cwd=REPO,
       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO), capture_output=True,
       text=True, timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert len([f for f in os.listdir(out) if f.startswith(".tmp-")]) == 1
-  assert metrics.is_complete(out, "obj_a", SCALES)
+  assert metrics.is_complete(out, "obj_c", SCALES)
   assert not metrics.is_complete(out, "obj_b", SCALES)
   counting = CountingRefiner(refiner)
   res = evaluation.evaluate(world["data"], world["ckpt"], out, progress=False, log=_quiet,

@@ -1,0 +1,43 @@
+"""Multi-host start-up from the environment, shared by training and refinement.
+
+``maybe_initialize_distributed`` calls ``jax.distributed.initialize`` when the environment sets
+``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0's coordinator), together with
+``JAX_NUM_PROCESSES`` (the number of processes) and ``JAX_PROCESS_ID`` (this process, 0-based);
+optionally ``JAX_LOCAL_DEVICE_IDS`` (comma-separated local device ids). On CPU the cross-process
+collectives use gloo (``jax_cpu_collectives_implementation``). Needs only JAX (no training
+packages), so the refinement path can use it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from crm_jax.io import InputError
+
+_STATE = {'initialized': False}
+
+
+def maybe_initialize_distributed() -> bool:
+  """Returns whether a multi-process run was set up (now or before). Must run before anything
+  touches a JAX backend. Bad variables are an ``InputError``."""
+  address = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if not address:
+    return False
+  if _STATE['initialized']:
+    return True
+  try:
+    num_processes = int(os.environ['JAX_NUM_PROCESSES'])
+    process_id = int(os.environ['JAX_PROCESS_ID'])
+  except (KeyError, ValueError):
+    raise InputError('JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and '
+                     'JAX_PROCESS_ID must be set to integers too') from None
+  local = os.environ.get('JAX_LOCAL_DEVICE_IDS')
+  local_ids = [int(i) for i in local.split(',')] if local else None
+  # CPU collectives across processes (no effect on GPU/TPU collectives).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                             process_id=process_id, local_device_ids=local_ids)
+  _STATE['initialized'] = True
+  return True
