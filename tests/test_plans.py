@@ -1,6 +1,7 @@
 """The execution plans (``crm_jax.plans``): equal results, batches, compilation bounds, ``auto``."""
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -279,3 +280,29 @@ def test_bucket_ladder():
   for n in (65, 1000, 2113, 6064):
     side = geometry.bucket_side(n)
     assert n <= side <= 1.19 * n + 16
+
+
+def test_refinement_runs_without_the_training_packages():
+  """Accelerator images lack grain, TFDS, ml_collections and tensorboardX: the refinement path
+  (Refiner, plans, evaluation, the multi-device runner, the folder mode) must not need them."""
+  import subprocess
+  import sys
+  code = """
+import sys
+for m in ("grain", "tensorflow_datasets", "ml_collections", "tensorboardX", "tensorflow"):
+  sys.modules[m] = None  # importing any of them now fails
+import jax, numpy as np
+import crm_jax.cli, crm_jax.evaluation, crm_jax.folder_refine, crm_jax.sharding
+from crm_jax.models import CRM, TINY, init_variables
+from crm_jax.refine import Refiner
+variables = init_variables(CRM(TINY), jax.random.PRNGKey(0))
+image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+mask = np.zeros((40, 48), np.uint8); mask[10:30, 12:36] = 255
+for plan in ("banded", "fused"):
+  assert Refiner(TINY, variables, plan=plan).refine(image, mask, (0.5, 1.0)).shape == (40, 48)
+print("refined")
+"""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                        timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0 and "refined" in proc.stdout, proc.stderr[-2000:]
