@@ -373,13 +373,17 @@ def load_refiners(refiner, checkpoint: Optional[str], devices: Optional[int] = N
   return local_refiners(config, variables, devices, **kwargs)
 
 
-def join_processes(batch_size: int, refiner) -> Processes:
-  """Checks ``batch_size``, then joins the other processes of a multi-host run (unless a
-  ``refiner`` was given: tests) and returns this process's place."""
+def join_processes(batch_size: int, refiner, all_processes: Optional[bool] = None) -> Processes:
+  """Checks ``batch_size``, then this process's place: among every process of a multi-host run
+  (``all_processes``; by default when no ``refiner`` was given, the command line's case), or
+  alone (a caller's own refiners, e.g. tests)."""
   if batch_size < 1:
     raise InputError(f"batch size {batch_size}: must be at least 1")
-  if refiner is None:
-    initialize_from_env()
+  if all_processes is None:
+    all_processes = refiner is None
+  if not all_processes:
+    return Processes(0, 1)
+  initialize_from_env()
   return Processes()
 
 
@@ -388,7 +392,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
              progress: bool = True, log: Log = print, *, tfds_data_dir: Optional[str] = None,
              split: Optional[str] = None, refiner=None, dtype: str = "float32",
              overwrite: bool = False, plan: str = "auto", batch_size: int = 1,
-             devices: Optional[int] = None) -> Dict:
+             devices: Optional[int] = None, all_processes: Optional[bool] = None) -> Dict:
   """Refines ``data`` into ``out_dir`` (unless ``metrics_only``), computes the metrics, prints
   the table and writes ``out_dir/metrics.json``; returns what it wrote.
 
@@ -408,6 +412,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     plan: the execution plan (``crm_jax.refine.Refiner``: auto, plain, banded, fused).
     batch_size: objects of one bucket refined together (``refine_objects``).
     devices: how many local devices refine (default: all; one Refiner each).
+    all_processes: share the work with every process of a multi-host run (default: when no
+      ``refiner`` is given); every process must then call ``evaluate`` with the same data.
 
   Every local device, every host (``crm_jax.sharding``): objects are refined on every local
   device, and with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set
@@ -434,7 +440,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
                           progress)
   if not data:
     raise InputError("no data given")
-  processes = join_processes(batch_size, refiner)
+  processes = join_processes(batch_size, refiner, all_processes)
   progress = progress and processes.is_main
   state = {}
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -178,6 +179,9 @@ def initialize_from_env() -> None:
   maybe_initialize_distributed()
 
 
+_ALLGATHER_CALLS = itertools.count(1)
+
+
 class Processes:
   """This process's place among the processes of the run (one when not distributed)."""
 
@@ -186,7 +190,6 @@ class Processes:
       import jax
       index, count = jax.process_index(), jax.process_count()
     self.index, self.count = index, count
-    self._calls = 0  # allgather calls so far: the same sequence on every process
 
   @property
   def is_main(self) -> bool:
@@ -205,8 +208,9 @@ class Processes:
     from jax._src import distributed
 
     client = distributed.global_state.client
-    self._calls += 1
-    prefix = f"crm_jax/allgather/{self._calls}"
+    # Numbered over the whole process (every process makes the same sequence of calls), so a
+    # second run in the same processes (validation during training) never reuses a key.
+    prefix = f"crm_jax/allgather/{next(_ALLGATHER_CALLS)}"
     text = json.dumps(value)
     chunks = [text[i:i + _KV_CHUNK] for i in range(0, len(text), _KV_CHUNK)] or [""]
     for k, chunk in enumerate(chunks):

@@ -292,7 +292,10 @@ def test_two_processes_hold_identical_parameters(tmp_path):
                JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
                JAX_PROCESS_ID=str(pid), JAX_PLATFORMS='cpu')
     cmd = [sys.executable, os.path.join(ROOT, 'tests', 'train_worker.py'),
-           str(tmp_path / 'work'), str(tmp_path / f'p{pid}.npz'), '2', 'checkpoint_every=100']
+           str(tmp_path / 'work'), str(tmp_path / f'p{pid}.npz'), '2', 'checkpoint_every=100',
+           # Validation at the end, shared by both processes (crm_jax.sharding).
+           'eval_every=2', "eval_data='synthetic'", 'eval_synthetic_num_examples=3',
+           'eval_synthetic_size=64', 'eval_scales=(0.5, 1.0)']
     procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   outputs = []
@@ -312,6 +315,10 @@ def test_two_processes_hold_identical_parameters(tmp_path):
   for k in a.files:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert (tmp_path / 'work' / 'model' / 'config.json').exists()
+  assert 'validation at step 2 (3 objects)' in outputs[0]
+  record = json.loads((tmp_path / 'work' / 'validation.json').read_text())
+  assert list(record['steps']) == ['2'] and record['steps']['2']['num_images'] == 3
+  assert not [f for f in os.listdir(tmp_path / 'work') if f.startswith('.tmp-')]
 
 
 @pytest.mark.slow

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -69,7 +68,8 @@ def make_held_out_set(folder: str, num: int, size: int, seed: int) -> None:
 class Validator:
   """The validation set of a run; ``__call__(variables, step)`` scores the weights."""
 
-  def __init__(self, config, workdir: str, model_cfg):
+  def __init__(self, config, workdir: str, model_cfg, is_main: bool = True):
+    self.is_main = is_main
     self.data = str(config.eval_data)
     self.model_cfg = model_cfg
     self.workdir = workdir
@@ -112,17 +112,21 @@ class Validator:
   def __call__(self, variables, step: int) -> Dict[str, float]:
     """Refines every object with ``variables`` and returns ``{'val/iou_<s>': .., 'val/mba_<s>':
     ..}``; records the step (and the best one) in ``validation.json``."""
-    from crm_jax.refine import Refiner  # JAX-heavy; only where validation runs
-    refiner = Refiner(self.model_cfg, variables)
-    out_dir = tempfile.mkdtemp(prefix='.tmp-validation-', dir=self.workdir)
+    from crm_jax import sharding  # JAX-heavy; only where validation runs
+    # Every local device of every process refines its share (crm_jax.sharding), into one folder
+    # of the shared workdir; process 0 computes the metrics and every process gets them.
+    refiners = sharding.local_refiners(self.model_cfg, variables)
+    out_dir = os.path.join(self.workdir, f'.tmp-validation-{step}')
     try:
       result = evaluation.evaluate(self.data, None, out_dir, self.scales, progress=False,
                                    log=lambda _: None, tfds_data_dir=self.tfds_data_dir,
-                                   split=self.split, refiner=refiner)
+                                   split=self.split, refiner=refiners, overwrite=True,
+                                   all_processes=True)
     except InputError as e:
       raise TrainingError(f'validation at step {step}: {e}') from None
     finally:
-      shutil.rmtree(out_dir, ignore_errors=True)
+      if self.is_main:
+        shutil.rmtree(out_dir, ignore_errors=True)
     scores = {}
     for s in self.scales:
       r = result['scales'][scale_key(s)]
@@ -138,7 +142,8 @@ class Validator:
     rec['steps'][str(step)] = dict(scores, num_images=num_images)
     if rec['best'] is None or scores[key] > rec['best']['value']:
       rec['best'] = {'step': step, 'value': scores[key]}
-    write_text(self.path, json.dumps(rec, indent=2, sort_keys=True) + '\n')
+    if self.is_main:
+      write_text(self.path, json.dumps(rec, indent=2, sort_keys=True) + '\n')
 
   def line(self, step: int, scores: Dict[str, float]) -> str:
     """``validation at step N (K objects): IoU 0.125 a | ... mBA ...; best step B``."""
@@ -152,10 +157,10 @@ class Validator:
 
 
 def make_validator(config, workdir: str, model_cfg, is_main: bool) -> Optional[Validator]:
-  """The run's Validator on process 0 when ``config.eval_every > 0``, else None."""
-  if not int(config.get('eval_every') or 0) or not is_main:
+  """The run's Validator (on every process) when ``config.eval_every > 0``, else None."""
+  if not int(config.get('eval_every') or 0):
     return None
-  return Validator(config, workdir, model_cfg)
+  return Validator(config, workdir, model_cfg, is_main)
 
 
 def wanted(config, done: int, num_steps: int) -> bool:
