@@ -16,6 +16,22 @@ import os
 import sys
 
 
+def exit_status(run) -> int:
+  """``run()``, then 0; a bad input, checkpoint or OS error is one ``error:`` line and 2 (the
+  refine and evaluate commands' rule: no traceback)."""
+  from crm_jax.checkpoint import CheckpointError
+  from crm_jax.io import InputError, os_error_line
+  try:
+    run()
+  except (InputError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: {os_error_line(e)}", file=sys.stderr)
+    return 2
+  return 0
+
+
 def evaluate_main(argv=None) -> int:
   """Refines BIG-style data at every scale and reports IoU and mBA (docs/refinement.md,
   docs/metrics.md).
@@ -31,10 +47,9 @@ def evaluate_main(argv=None) -> int:
   process refines its share into the shared OUT and process 0 writes OUT/metrics.json
   (crm_jax.sharding).
   """
-  from crm_jax.checkpoint import CheckpointError
   from crm_jax.constants import SCALES
   from crm_jax.evaluation import evaluate
-  from crm_jax.io import InputError, os_error_line, show_warnings_as_lines
+  from crm_jax.io import show_warnings_as_lines
 
   parser = argparse.ArgumentParser(
       description="Refines BIG-style data at every scale and reports IoU and mBA.")
@@ -68,19 +83,11 @@ def evaluate_main(argv=None) -> int:
   from crm_jax.refine import enable_compilation_cache  # JAX is imported only here.
   if not args.metrics_only:
     enable_compilation_cache()
-  try:
-    evaluate(args.data, args.checkpoint, args.output, args.scales,
-             metrics_only=args.metrics_only, progress=not args.no_progress,
-             tfds_data_dir=args.tfds_data_dir, split=args.split, dtype=args.dtype,
-             overwrite=args.overwrite, plan=args.plan, batch_size=args.batch_size,
-             devices=args.devices)
-  except (InputError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: {os_error_line(e)}", file=sys.stderr)
-    return 2
-  return 0
+  return exit_status(lambda: evaluate(
+      args.data, args.checkpoint, args.output, args.scales, metrics_only=args.metrics_only,
+      progress=not args.no_progress, tfds_data_dir=args.tfds_data_dir, split=args.split,
+      dtype=args.dtype, overwrite=args.overwrite, plan=args.plan, batch_size=args.batch_size,
+      devices=args.devices))
 
 
 

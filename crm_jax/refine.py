@@ -398,18 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error("--images needs --masks (and --mask goes with --image)")
   io.show_warnings_as_lines()
   enable_compilation_cache()
-  try:
-    if args.image is not None:
-      _refine_one(args)
-    else:
-      _refine_folder(args)
-  except (InputError, ckpt.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: {io.os_error_line(e)}", file=sys.stderr)
-    return 2
-  return 0
+  from crm_jax.cli import exit_status
+  return exit_status(lambda: (_refine_one if args.image is not None else _refine_folder)(args))
 
 
 if __name__ == "__main__":
