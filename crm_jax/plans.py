@@ -517,18 +517,18 @@ def device_memory(device=None) -> Optional[int]:
 
 def choose_plan(plan: str, config: ModelConfig, bucket: Tuple[int, int], max_scale: float,
                 dtype_bytes: int, queries: int, memory_budget: Optional[int] = None,
-                batch: int = 1, platform: Optional[str] = None) -> str:
+                batch: int = 1, platform: Optional[str] = None, device=None) -> str:
   """The plan to run: ``plan`` itself unless it is ``auto``.
 
   ``auto``: ``banded`` on the CPU; on an accelerator ``fused`` when its
-  memory (``memory_budget`` bytes, else ``device_memory()``) holds
+  memory (``memory_budget`` bytes, else ``device_memory(device)``) holds
   ``fused_peak_bytes``, else ``banded``.
   """
   if plan != "auto":
     return plan
-  if (platform or jax.default_backend()) == "cpu":
+  if (platform or (device.platform if device is not None else jax.default_backend())) == "cpu":
     return "banded"
-  budget = memory_budget if memory_budget is not None else device_memory()
+  budget = memory_budget if memory_budget is not None else device_memory(device)
   if budget is None:
     return "fused"
   peak = fused_peak_bytes(config, bucket, max_scale, batch, dtype_bytes, queries)

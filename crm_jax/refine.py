@@ -159,7 +159,7 @@ class Refiner:
     self.dtype = name
     self.plan = plan
     self.memory_budget = memory_budget
-    self.query_chunk = query_chunk or plans.queries_per_chunk(jax.default_backend())
+    self.query_chunk = query_chunk or plans.queries_per_chunk(self.device.platform)
     self.pad = pad
     self.bucket_steps = bucket_steps
     self.band_elements = band_elements
@@ -208,7 +208,7 @@ class Refiner:
   def _bucket_plan(self, bucket: Tuple[int, int], scales: Sequence[float], batch: int) -> str:
     return plans.choose_plan(self.plan, self.config, bucket, max(scales),
                              jnp.dtype(self.dtype).itemsize, self.query_chunk,
-                             self.memory_budget, batch)
+                             self.memory_budget, batch, device=self.device)
 
   # -- refinement ---------------------------------------------------------------------------
 
