@@ -18,12 +18,11 @@ import evaluate as evaluate_cli
 from crm_jax import evaluation, metrics
 from crm_jax.checkpoint import fingerprint, load_model, save_model
 from crm_jax.constants import SCALES
-from crm_jax.data.synthesis import lowres_segmenter_mask
-from crm_jax.data.synthetic import make_synthetic_pair
 from crm_jax.io import InputError, read_grey, read_image, read_mask
 from crm_jax.models.crm import CRM, TINY, init_variables
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.refine import Refiner
+from tests.big_objects import object_triple
 
 pytestmark = pytest.mark.slow  # one subprocess run and a few JAX compilations: about a minute
 
@@ -38,11 +37,7 @@ def _quiet(_msg):
 
 def _make_object(folder, name, h, w, rng):
   """Writes <name>_im.jpg, _seg.png, _gt.png; the seg is not small (the rule stays off)."""
-  while True:
-    image, gt = make_synthetic_pair(h, w, rng)
-    seg = lowres_segmenter_mask(gt, rng)
-    if seg.sum() >= 50 * 255 and 0 < (gt > 128).mean() < 1:
-      break
+  image, seg, gt = object_triple(h, w, rng)
   assert cv2.imwrite(os.path.join(folder, f"{name}_im.jpg"), image[:, :, ::-1])
   assert cv2.imwrite(os.path.join(folder, f"{name}_seg.png"), seg)
   assert cv2.imwrite(os.path.join(folder, f"{name}_gt.png"), gt)

@@ -22,12 +22,11 @@ import pytest
 from crm_jax import evaluation, folder_refine, sharding
 from crm_jax import refine as refine_cli
 from crm_jax.checkpoint import save_model
-from crm_jax.data.synthesis import lowres_segmenter_mask
-from crm_jax.data.synthetic import make_synthetic_pair
 from crm_jax.io import InputError, read_image, read_mask
 from crm_jax.models.crm import CRM, TINY, init_variables
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.refine import Refiner
+from tests.big_objects import object_triple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALES = (0.5, 1.0)
@@ -44,14 +43,6 @@ def _quiet(_msg):
   pass
 
 
-def _pair(h, w, rng):
-  while True:
-    image, gt = make_synthetic_pair(h, w, rng)
-    seg = lowres_segmenter_mask(gt, rng)
-    if seg.sum() >= 50 * 255 and 0 < (gt > 128).mean() < 1:
-      return image, seg, gt
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   """A BIG-layout folder of eight objects and a TINY checkpoint."""
@@ -60,7 +51,7 @@ def world(tmp_path_factory):
   data.mkdir()
   rng = np.random.default_rng(1)
   for name, (h, w) in SIZES.items():
-    image, seg, gt = _pair(h, w, rng)
+    image, seg, gt = object_triple(h, w, rng)
     assert cv2.imwrite(str(data / f"{name}_im.jpg"), image[:, :, ::-1])
     assert cv2.imwrite(str(data / f"{name}_seg.png"), seg)
     assert cv2.imwrite(str(data / f"{name}_gt.png"), gt)
@@ -172,11 +163,11 @@ def folders(world):
   pairs = {}
   for name, ext, (h, w) in (("a", ".jpg", (64, 80)), ("b", ".png", (100, 90)),
                             ("c", ".JPEG", (72, 120))):
-    image, seg, _ = _pair(h, w, rng)
+    image, seg, _ = object_triple(h, w, rng)
     assert cv2.imwrite(str(images / f"{name}{ext}"), image[:, :, ::-1])
     assert cv2.imwrite(str(masks / f"{name}_m.png"), seg)
     pairs[name] = (read_image(str(images / f"{name}{ext}")), seg)
-  image, seg, _ = _pair(64, 64, rng)
+  image, seg, _ = object_triple(64, 64, rng)
   assert cv2.imwrite(str(images / "lonely.jpg"), image[:, :, ::-1])  # no mask
   assert cv2.imwrite(str(masks / "orphan_m.png"), seg)  # no image
   (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
