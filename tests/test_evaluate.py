@@ -22,7 +22,7 @@ from crm_jax.io import InputError, read_grey, read_image, read_mask
 from crm_jax.models.crm import CRM, TINY, init_variables
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.refine import Refiner
-from tests.big_objects import object_triple
+from tests.big_objects import make_world
 
 pytestmark = pytest.mark.slow  # one subprocess run and a few JAX compilations: about a minute
 
@@ -33,14 +33,6 @@ KEYS = [metrics.scale_key(s) for s in SCALES]
 
 def _quiet(_msg):
   pass
-
-
-def _make_object(folder, name, h, w, rng):
-  """Writes <name>_im.jpg, _seg.png, _gt.png; the seg is not small (the rule stays off)."""
-  image, seg, gt = object_triple(h, w, rng)
-  assert cv2.imwrite(os.path.join(folder, f"{name}_im.jpg"), image[:, :, ::-1])
-  assert cv2.imwrite(os.path.join(folder, f"{name}_seg.png"), seg)
-  assert cv2.imwrite(os.path.join(folder, f"{name}_gt.png"), gt)
 
 
 def _copy_object(src, dst, name, new_name=None):
@@ -54,19 +46,14 @@ def _copy_object(src, dst, name, new_name=None):
 def world(tmp_path_factory):
   """The data folder, a TINY checkpoint, and one run of evaluate.py as a subprocess."""
   root = tmp_path_factory.mktemp("evaluate")
-  data = root / "data"
-  data.mkdir()
-  rng = np.random.default_rng(0)
-  for name, (h, w) in SIZES.items():
-    _make_object(str(data), name, h, w, rng)
-  ckpt = save_model(str(root / "ckpt"), init_variables(CRM(TINY), jax.random.key(0)), TINY)
+  data, ckpt = make_world(root, SIZES, seed=0)
   out = root / "out_cli"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "evaluate.py"), "--data", str(data), "--checkpoint",
        ckpt, "--output", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
       timeout=600)
-  return {"root": root, "data": str(data), "ckpt": ckpt, "out": str(out), "proc": proc}
+  return {"root": root, "data": data, "ckpt": ckpt, "out": str(out), "proc": proc}
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,10 @@ import pytest
 
 from crm_jax import evaluation, folder_refine, sharding
 from crm_jax import refine as refine_cli
-from crm_jax.checkpoint import save_model
 from crm_jax.io import InputError, read_image, read_mask
-from crm_jax.models.crm import CRM, TINY, init_variables
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.refine import Refiner
-from tests.big_objects import object_triple
+from tests.big_objects import make_world, object_triple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALES = (0.5, 1.0)
@@ -47,16 +45,8 @@ def _quiet(_msg):
 def world(tmp_path_factory):
   """A BIG-layout folder of eight objects and a TINY checkpoint."""
   root = tmp_path_factory.mktemp("multidevice")
-  data = root / "data"
-  data.mkdir()
-  rng = np.random.default_rng(1)
-  for name, (h, w) in SIZES.items():
-    image, seg, gt = object_triple(h, w, rng)
-    assert cv2.imwrite(str(data / f"{name}_im.jpg"), image[:, :, ::-1])
-    assert cv2.imwrite(str(data / f"{name}_seg.png"), seg)
-    assert cv2.imwrite(str(data / f"{name}_gt.png"), gt)
-  ckpt = save_model(str(root / "ckpt"), init_variables(CRM(TINY), jax.random.key(0)), TINY)
-  return {"root": root, "data": str(data), "ckpt": ckpt}
+  data, ckpt = make_world(root, SIZES, seed=1)
+  return {"root": root, "data": data, "ckpt": ckpt}
 
 
 def _files(folder):
