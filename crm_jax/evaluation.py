@@ -60,13 +60,12 @@ from crm_jax import metrics
 from crm_jax.checkpoint import CheckpointError, fingerprint
 from crm_jax.constants import SCALES
 from crm_jax.data import folders
-from crm_jax.io import (InputError, check_output_dir, read_image, read_mask, remove_leftovers,
-                        write_image, write_text)
+from crm_jax.io import (InputError, check_output_dir, encoded_size, file_image_size, read_image,
+                        read_mask, remove_leftovers, write_image, write_text)
 from crm_jax.metrics import scale_key
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales
-from crm_jax.sharding import (Job, Processes, RunSummary, encoded_size, file_image_size,
-                              host_lines, initialize_from_env, one_line as _one_line,
+from crm_jax.sharding import (Job, Processes, RunSummary, host_lines, initialize_from_env, one_line as _one_line,
                               refine_jobs, run_together)
 
 METRICS_FILE = "metrics.json"
@@ -88,7 +87,7 @@ _SETUP_ERRORS = (InputError, OSError, CheckpointError)  # stop every process bef
 class EvalObject:
   """One object: its name and how to load ``(image RGB uint8 [H, W, 3], seg uint8 [H, W],
   gt uint8 [H, W])``; ``load`` raises ``InputError`` naming the file and the problem. ``size``:
-  the image's ``(H, W)`` from its header, or None (``crm_jax.sharding.encoded_size``), for the
+  the image's ``(H, W)`` from its header, or None (``crm_jax.io.encoded_size``), for the
   schedule (largest first, buckets)."""
   name: str
   load: Callable[[], Tuple[np.ndarray, np.ndarray, np.ndarray]]

@@ -32,7 +32,8 @@ from crm_jax.constants import SCALES
 from crm_jax.io import InputError, read_image, read_mask, write_image
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales
-from crm_jax.sharding import Job, file_image_size, host_lines, refine_jobs, run_together
+from crm_jax.io import file_image_size
+from crm_jax.sharding import Job, host_lines, refine_jobs, run_together
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXT = ".png"

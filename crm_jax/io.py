@@ -430,6 +430,57 @@ def remove_leftovers(directory: str, stem: str = "") -> List[str]:
   return removed
 
 
+# ---------------------------------------------------------------------------------------------
+# Sizes from file headers (for scheduling work without decoding).
+
+
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers
+_HEAD_BYTES = 1 << 16
+
+
+def encoded_size(data: bytes) -> Optional[Tuple[int, int]]:
+  """``(H, W)`` from the header of PNG or JPEG bytes; None for other formats or a header that
+  ends early (the object is then loaded to learn its size)."""
+  if data.startswith(_PNG_MAGIC) and len(data) >= 24 and data[12:16] == b"IHDR":
+    w, h = struct.unpack(">II", data[16:24])
+    return int(h), int(w)
+  if not data.startswith(b"\xff\xd8"):
+    return None
+  pos = 2
+  while pos + 4 <= len(data):
+    if data[pos] != 0xFF:
+      return None
+    code = data[pos + 1]
+    if code == 0xFF:  # fill byte
+      pos += 1
+      continue
+    if 0xD0 <= code <= 0xD9 or code == 0x01:  # markers without a length
+      pos += 2
+      continue
+    length = int.from_bytes(data[pos + 2:pos + 4], "big")
+    if code in _JPEG_SOF:
+      if pos + 9 > len(data):
+        return None
+      h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
+      return int(h), int(w)
+    pos += 2 + length
+  return None
+
+
+def file_image_size(path: str) -> Optional[Tuple[int, int]]:
+  """``(H, W)`` of an image file from its header (``encoded_size``), reading the whole file only
+  when the header is not in its first 64 KiB; None when it cannot be told."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(_HEAD_BYTES)
+    size = encoded_size(head)
+    if size is None and len(head) == _HEAD_BYTES:
+      size = encoded_size(read_bytes(path))
+  except (OSError, InputError):
+    return None
+  return size
+
+
 def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from crm_jax import evaluation, folder_refine, sharding
+from crm_jax import evaluation, folder_refine, io, sharding
 from crm_jax import refine as refine_cli
 from crm_jax.io import InputError, read_image, read_mask
 from crm_jax.preprocess import prob_to_uint8
@@ -96,9 +96,9 @@ def test_sizes_from_headers(tmp_path):
   for ext in (".png", ".jpg"):
     path = str(tmp_path / f"a{ext}")
     assert cv2.imwrite(path, img)
-    assert sharding.file_image_size(path) == (37, 53)
+    assert io.file_image_size(path) == (37, 53)
   (tmp_path / "bad.jpg").write_bytes(b"not an image")
-  assert sharding.file_image_size(str(tmp_path / "bad.jpg")) is None
+  assert io.file_image_size(str(tmp_path / "bad.jpg")) is None
 
 
 # ---------------------------------------------------------------------------------------------
