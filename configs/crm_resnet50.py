@@ -67,6 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
   # px; crm_jax.data.augment.SOFT_SEG_SIGMA_RANGE), like the seg of every scale after the first
   # in the multi-scale loop; 0 is the published recipe (binary segs only).
   c.soft_seg_fraction = 0.0
+  # (low, high) or None: every training pair is first resized by a factor drawn log-uniformly in
+  # [low, high] (crm_jax.data.augment.random_rescale), so that objects and boundaries are seen at
+  # the pixel sizes the multi-scale loop shows on small and large images; None is the published
+  # recipe.
+  c.rescale_range = ml_collections.config_dict.placeholder(tuple)
   # Data-loading worker processes per host (grain mp_prefetch); 0 loads in the main process.
   c.num_workers = 8
 

@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   # first in the multi-scale loop (a 600-step fine-tune with it: demo IoU / mBA at scale 1.0
   # 0.946 / 0.811, without it 0.935 / 0.735; see the README).
   c.soft_seg_fraction = 0.5
+  # Every pair resized by a factor log-uniform in [1/16, 2] before the crop: objects from about
+  # 20 to 700 pixels across, as the multi-scale loop shows them on images from a few hundred
+  # pixels to 6K (without it, the checkpoint fell apart on images under 1024 px; see the README).
+  c.rescale_range = (0.0625, 2.0)
   c.num_workers = 1
   c.log_every = 100
   c.checkpoint_every = 500

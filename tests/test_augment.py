@@ -204,10 +204,12 @@ def test_lowres_fraction_option():
   from crm_jax.data.synthetic import make_synthetic_pair
   image, gt = make_synthetic_pair(256, 256, np.random.default_rng(5))
   plain = augment.make_training_example(image, gt, np.random.default_rng(1), 96)
-  zero = augment.make_training_example(image, gt, np.random.default_rng(1), 96, 0.0)
+  zero = augment.make_training_example(image, gt, np.random.default_rng(1), 96,
+                                     augment.Options(lowres_fraction=0.0))
   for k in plain:
     np.testing.assert_array_equal(plain[k], zero[k])
-  lowres = augment.make_training_example(image, gt, np.random.default_rng(1), 96, 1.0)
+  lowres = augment.make_training_example(image, gt, np.random.default_rng(1), 96,
+                                       augment.Options(lowres_fraction=1.0))
   seg, g = lowres["seg"][..., 0], lowres["gt"][..., 0]
   assert set(np.unique(seg)) <= {-1.0, 1.0}
   assert not np.array_equal(seg, plain["seg"][..., 0])
@@ -223,10 +225,12 @@ def test_soft_seg_fraction_option():
   from crm_jax.data.synthetic import make_synthetic_pair
   image, gt = make_synthetic_pair(256, 256, np.random.default_rng(5))
   plain = augment.make_training_example(image, gt, np.random.default_rng(3), 96)
-  zero = augment.make_training_example(image, gt, np.random.default_rng(3), 96, 0.0, 0.0)
+  zero = augment.make_training_example(image, gt, np.random.default_rng(3), 96,
+                                     augment.Options(0.0, 0.0))
   for k in plain:
     np.testing.assert_array_equal(plain[k], zero[k])
-  soft = augment.make_training_example(image, gt, np.random.default_rng(3), 96, 0.0, 1.0)
+  soft = augment.make_training_example(image, gt, np.random.default_rng(3), 96,
+                                     augment.Options(soft_seg_fraction=1.0))
   np.testing.assert_array_equal(soft["image"], plain["image"])
   np.testing.assert_array_equal(soft["gt"], plain["gt"])
   binary, blurred = plain["seg"][..., 0], soft["seg"][..., 0]
@@ -240,3 +244,57 @@ def test_soft_seg_fraction_option():
   dist_out = cv2.distanceTransform((binary <= 0).astype(np.uint8), cv2.DIST_L2, 5)
   far = np.maximum(dist, dist_out) > 4 * augment.SOFT_SEG_SIGMA_RANGE[1] + 1
   np.testing.assert_allclose(blurred[far], binary[far], atol=1e-3)
+
+
+def test_random_rescale_draws_one_factor_for_every_array():
+  """Every array is resized to the same size, log-uniformly in the range (both ends reached
+  over many draws), dtypes and ranks kept; a binary mask comes back soft only at its edge."""
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+  gt = np.zeros((60, 80), np.uint8)
+  gt[10:50, 20:60] = 255
+  factors = []
+  for _ in range(400):
+    im2, gt2, seg2 = augment.random_rescale(rng, (0.25, 2.0), image, gt, gt[..., None])
+    assert im2.shape[:2] == gt2.shape == seg2.shape[:2] and seg2.ndim == 3 and im2.ndim == 3
+    assert im2.dtype == gt2.dtype == np.uint8
+    factors.append(gt2.shape[1] / 80)
+  factors = np.array(factors)
+  assert factors.min() >= 0.25 - 1 / 80 and factors.max() <= 2.0 + 1 / 80
+  assert factors.min() < 0.3 and factors.max() > 1.8
+  # log-uniform: about as many draws below the geometric mean (0.707) as above
+  assert 0.4 < (factors < 2 ** -0.5).mean() < 0.6
+  small, = augment.random_rescale(np.random.default_rng(1), (0.5, 0.5), gt)
+  assert small.shape == (30, 40) and small[15, 20] == 255 and small[0, 0] == 0
+
+
+def test_rescale_option():
+  """rescale_range None draws nothing (the published stream); a range below crop_size / size
+  leaves the whole pair inside the crop with zero padding around it, and the lowres and soft
+  options combine with it (the lowres seg made at full size, resized with the pair and kept
+  binary)."""
+  from crm_jax.data.synthetic import make_synthetic_pair
+  image, gt = make_synthetic_pair(256, 256, np.random.default_rng(5))
+  plain = augment.make_training_example(image, gt, np.random.default_rng(3), 96)
+  none = augment.make_training_example(image, gt, np.random.default_rng(3), 96,
+                                       augment.Options(rescale_range=None))
+  for k in plain:
+    np.testing.assert_array_equal(plain[k], none[k])
+  small = augment.make_training_example(image, gt, np.random.default_rng(3), 96,
+                                        augment.Options(rescale_range=(0.25, 0.25)))
+  g = small["gt"][..., 0]
+  rows, cols = np.nonzero((small["image"] != small["image"][0, 0]).any(-1))
+  assert rows.max() - rows.min() + 1 == 64 and cols.max() - cols.min() + 1 == 64
+  assert g.sum() > 0 and np.isclose(g.sum() * 16, (gt / 255.0).sum(), rtol=0.02)
+  lowres = augment.make_training_example(
+      image, gt, np.random.default_rng(4), 96,
+      augment.Options(lowres_fraction=1.0, rescale_range=(0.25, 0.25)))
+  seg = lowres["seg"][..., 0]
+  assert set(np.unique(seg)) <= {-1.0, 1.0}
+  inter = ((seg > 0) & (lowres["gt"][..., 0] > 0.5)).sum()
+  union = ((seg > 0) | (lowres["gt"][..., 0] > 0.5)).sum()
+  assert inter / union > 0.5
+  with pytest.raises(ValueError, match="rescale_range"):
+    augment.Options(rescale_range=(0.0, 1.0))
+  with pytest.raises(ValueError, match="rescale_range"):
+    augment.Options(rescale_range=(2.0, 1.0))

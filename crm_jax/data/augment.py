@@ -1,6 +1,8 @@
 """Per-sample training augmentation (docs/data.md), in NumPy/OpenCV, NHWC.
 
 Per sample, in this order:
+0. optionally (``Options.rescale_range``, off in the published recipe), image and gt resized
+   together by a random factor;
 1. the same random ``crop_size`` crop (zero padding when the image is smaller) and the same
    horizontal flip (p 0.5) for image and gt;
 2. image only: colour jitter (brightness 0.2, contrast 0.05, saturation 0.05, hue 0) and random
@@ -15,7 +17,9 @@ transforms to PIL images; the semantics are reproduced, the random streams are n
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import dataclasses
+import math
+from typing import Any, Dict, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -34,6 +38,51 @@ LOWRES_TRAIN_FACTORS = (8, 16)
 # Gaussian sigma range, in pixels, of the optional soft coarse masks (soft_seg_fraction).
 SOFT_SEG_SIGMA_RANGE = (0.5, 4.0)
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L").
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What the training examples add to the published recipe; the defaults are the recipe itself
+  (each option off draws nothing from the example's random stream).
+
+  Attributes:
+    lowres_fraction: share of examples whose coarse seg is ``synthesis.lowres_segmenter_mask`` of
+      the whole pair's gt (factor drawn from ``LOWRES_TRAIN_FACTORS``, with its random error
+      field), made before the rescale and the crop and resized and cropped with the pair: the
+      errors of a low-resolution segmenter rather than the training perturbation.
+    soft_seg_fraction: share of examples whose coarse seg is blurred (Gaussian, sigma uniform in
+      ``SOFT_SEG_SIGMA_RANGE`` pixels) into a continuous mask, like the ``(prob - 0.5) * 2`` seg
+      that every scale after the first receives in the multi-scale loop (upstream trains on
+      binary segs only).
+    rescale_range: ``(low, high)`` or None. Every pair is first resized by a factor drawn
+      log-uniformly in [low, high] (``random_rescale``), so the network sees objects and
+      boundaries at the pixel sizes that the multi-scale loop shows it on small and large images
+      (a factor below ``crop_size / size`` leaves zero padding around the whole pair).
+  """
+  lowres_fraction: float = 0.0
+  soft_seg_fraction: float = 0.0
+  rescale_range: Optional[Tuple[float, float]] = None
+
+  def __post_init__(self):
+    for name in ("lowres_fraction", "soft_seg_fraction"):
+      value = getattr(self, name)
+      if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if self.rescale_range is not None:
+      r = tuple(float(x) for x in self.rescale_range)
+      if len(r) != 2 or not (math.isfinite(r[0]) and math.isfinite(r[1]) and 0 < r[0] <= r[1]):
+        raise ValueError(f"rescale_range must be (low, high) with 0 < low <= high, got "
+                         f"{self.rescale_range!r}")
+      object.__setattr__(self, "rescale_range", r)
+
+  @classmethod
+  def from_config(cls, config: Any) -> "Options":
+    """From a training config's ``lowres_mask_fraction``, ``soft_seg_fraction`` and
+    ``rescale_range`` (each optional)."""
+    get = lambda name, default: config[name] if name in config else default  # noqa: E731
+    r = get("rescale_range", None)
+    return cls(float(get("lowres_mask_fraction", 0.0)), float(get("soft_seg_fraction", 0.0)),
+               None if r is None else tuple(r))
 
 
 
@@ -64,6 +113,24 @@ def _crop_or_pad_1d(n: int, size: int, rng: np.random.Generator) -> Tuple[slice,
   if n >= size:
     return slice(offset, offset + size), slice(0, size)
   return slice(0, n), slice(offset, offset + n)
+
+
+def random_rescale(rng: np.random.Generator, scale_range: Tuple[float, float],
+                   *arrays: np.ndarray) -> Tuple[np.ndarray, ...]:
+  """``arrays`` ([H, W] or [H, W, C], all of one size) resized by one factor drawn
+  log-uniformly in ``scale_range`` (the new side is ``max(1, round(side * factor))``): area
+  interpolation down, bilinear up. Dtypes and ranks are kept (a soft gt stays soft).
+  """
+  low, high = scale_range
+  factor = math.exp(rng.uniform(math.log(low), math.log(high)))
+  h, w = arrays[0].shape[:2]
+  size = (max(1, round(w * factor)), max(1, round(h * factor)))
+  interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+  out = []
+  for a in arrays:
+    resized = cv2.resize(a, size, interpolation=interpolation)
+    out.append(resized.reshape(resized.shape[:2] + a.shape[2:]))
+  return tuple(out)
 
 
 def random_crop(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
@@ -165,8 +232,7 @@ def _gt_to_unit(gt: np.ndarray) -> np.ndarray:
 
 def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
                           crop_size: int = CROP_SIZE,
-                          lowres_fraction: float = 0.0,
-                          soft_seg_fraction: float = 0.0) -> Dict[str, np.ndarray]:
+                          options: Options = Options()) -> Dict[str, np.ndarray]:
   """One training example from an (image, gt) pair, as docs/data.md describes it.
 
   Args:
@@ -174,16 +240,7 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
     gt: grey mask [H, W] (or [H, W, 1]), uint8 in [0, 255] or floating in [0, 1]; may be soft.
     rng: the source of randomness.
     crop_size: S.
-    lowres_fraction: not in the published recipe (0, the default, is upstream's behaviour and
-      draws nothing from ``rng``). With this probability the coarse seg is instead
-      ``synthesis.lowres_segmenter_mask`` of the whole pair's gt (factor drawn from
-      ``LOWRES_TRAIN_FACTORS``, with its random error field), cropped and flipped with it: the
-      errors of a low-resolution segmenter rather than the training perturbation.
-    soft_seg_fraction: not in the published recipe either (0, the default, draws nothing).
-      With this probability the coarse seg is blurred (Gaussian, sigma uniform in
-      ``SOFT_SEG_SIGMA_RANGE`` pixels) into a continuous mask, like the ``(prob - 0.5) * 2``
-      seg that every scale after the first receives in the multi-scale loop (upstream trains
-      on binary segs only).
+    options: what is added to the published recipe (``Options``; the default adds nothing).
 
   Returns:
     dict with ``image`` float32 [S, S, 3] normalised, ``seg`` float32 [S, S, 1] in [-1, 1] (the
@@ -194,9 +251,16 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
   if gt.dtype != np.uint8 and not np.issubdtype(gt.dtype, np.floating):
     raise ValueError(f"gt must be uint8 in [0, 255] or floating in [0, 1], got {gt.dtype}")
   lowres_seg = None
-  if lowres_fraction > 0 and rng.random() < lowres_fraction:
+  if options.lowres_fraction > 0 and rng.random() < options.lowres_fraction:
     factor = int(rng.choice(LOWRES_TRAIN_FACTORS))
     lowres_seg = synthesis.lowres_segmenter_mask(gt, rng, factor)
+  if options.rescale_range is not None:
+    if lowres_seg is None:
+      image, gt = random_rescale(rng, options.rescale_range, image, gt)
+    else:
+      image, gt, lowres_seg = random_rescale(rng, options.rescale_range, image, gt, lowres_seg)
+      lowres_seg = np.where(lowres_seg > 127, 255, 0).astype(np.uint8)  # binary, as made
+  if lowres_seg is not None:
     both = np.stack([gt.astype(np.float32), lowres_seg.astype(np.float32)], axis=-1)
     image, both = random_crop(image, both, rng, crop_size)
     image, both = random_hflip(image, both, rng)
@@ -207,7 +271,7 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
   image = color_jitter(image, rng)
   image = random_grayscale(image, rng)
   seg = synthesis.synthesize_coarse_mask(gt, rng) if lowres_seg is None else lowres_seg
-  if soft_seg_fraction > 0 and rng.random() < soft_seg_fraction:
+  if options.soft_seg_fraction > 0 and rng.random() < options.soft_seg_fraction:
     sigma = float(rng.uniform(*SOFT_SEG_SIGMA_RANGE))
     seg = cv2.GaussianBlur(seg.astype(np.float32), (0, 0), sigma,
                            borderType=cv2.BORDER_REPLICATE).reshape(seg.shape)

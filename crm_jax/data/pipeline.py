@@ -1,7 +1,7 @@
 """The seeded, deterministic, multi-process training loader (docs/training.md, docs/data.md).
 
 Determinism. Example ``j`` (0 <= j < global batch B) of global step ``t`` is a pure function of
-``(seed, t, j)`` (and of the source and ``crop_size``):
+``(seed, t, j)`` (and of the source, ``crop_size`` and the ``augment.Options``):
 
 - its record is ``perm_e[g mod N]`` with ``g = t * B + j`` the global sample number, ``N`` the
   source size, ``e = g // N`` the epoch and ``perm_e`` a permutation drawn from ``(seed, e)``:
@@ -109,17 +109,15 @@ def record_index(seed: int, step: int, j: int, batch_size: int, num_records: int
 
 
 def make_example(source, seed: int, step: int, j: int, batch_size: int,
-                 crop_size: int, lowres_fraction: float = 0.0,
-                 soft_seg_fraction: float = 0.0) -> Dict[str, np.ndarray]:
+                 crop_size: int, options: augment.Options = augment.Options()
+                 ) -> Dict[str, np.ndarray]:
   """Example ``j`` of global step ``step``: ``{'image' [S,S,3], 'seg' [S,S,1], 'gt' [S,S,1]}``.
 
-  ``lowres_fraction``, ``soft_seg_fraction``: see ``augment.make_training_example`` (0: the
-  published synthesis).
+  ``options``: what is added to the published recipe (``augment.Options``; default nothing).
   """
   item = source[record_index(seed, step, j, batch_size, len(source))]
   rng = np.random.default_rng([seed, _EXAMPLE_STREAM, step, j])
-  return augment.make_training_example(item['image'], item['mask'], rng, crop_size,
-                                       lowres_fraction, soft_seg_fraction)
+  return augment.make_training_example(item['image'], item['mask'], rng, crop_size, options)
 
 
 def host_slice(batch_size: int, process_index: int, process_count: int) -> range:
@@ -137,10 +135,9 @@ class StepBatch:
   """Picklable ``step -> host batch`` function (the grain map transform)."""
 
   def __init__(self, source, seed: int, batch_size: int, crop_size: int, indices: Sequence[int],
-               lowres_fraction: float = 0.0, soft_seg_fraction: float = 0.0):
+               options: augment.Options = augment.Options()):
     self.source = source
-    self.lowres_fraction = float(lowres_fraction)
-    self.soft_seg_fraction = float(soft_seg_fraction)
+    self.options = options
     self.seed = int(seed)
     self.batch_size = int(batch_size)
     self.crop_size = int(crop_size)
@@ -148,7 +145,7 @@ class StepBatch:
 
   def __call__(self, step: int) -> Dict[str, np.ndarray]:
     examples = [make_example(self.source, self.seed, int(step), j, self.batch_size,
-                             self.crop_size, self.lowres_fraction, self.soft_seg_fraction)
+                             self.crop_size, self.options)
                 for j in self.indices]
     return {k: np.stack([e[k] for e in examples]) for k in ('image', 'seg', 'gt')}
 
@@ -164,8 +161,7 @@ def host_batch(config: Any, step: int, process_index: int = 0, process_count: in
 def step_batch_fn(config: Any, source, indices: Sequence[int]) -> StepBatch:
   """The ``step -> host batch`` function of a config, for the examples ``indices``."""
   return StepBatch(source, config.seed, config.batch_size, config.crop_size, indices,
-                   _get(config, 'lowres_mask_fraction', 0.0),
-                   _get(config, 'soft_seg_fraction', 0.0))
+                   augment.Options.from_config(config))
 
 
 class TrainLoader:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 from typing import Any, Dict, Tuple
 
+from crm_jax.data import augment
 from crm_jax.models.crm import RESNET50, SMALL, TINY, ModelConfig
 
 MODEL_PRESETS = {'resnet50': RESNET50, 'small': SMALL, 'tiny': TINY}
@@ -61,6 +62,10 @@ def check_config(config) -> None:
   if config['eval_every'] and not _get(config, 'eval_data'):
     raise TrainingError('config.eval_every > 0 needs config.eval_data (a BIG-layout folder, '
                         "'tfds:NAME[:SPLIT]' or 'synthetic')")
+  try:
+    augment.Options.from_config(config)
+  except (TypeError, ValueError) as e:
+    raise TrainingError(f'config: {e}') from None
   model_config(config)
 
 
