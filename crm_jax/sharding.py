@@ -151,14 +151,15 @@ class Processes:
     process returns before every process has called it.
 
     Through the key-value store of JAX's coordination service (the ``jax.distributed`` client,
-    a private attribute of JAX 0.10), not a collective: a collective on the CPU (gloo) gives up
-    after 30 s, and processes wait here for each other's whole share.
+    ``coordination_client``), not a collective: a collective on the CPU (gloo) gives up after
+    30 s, and processes wait here for each other's whole share. Where a JAX version no longer
+    exposes that client, a collective (``allgather_by_collective``) does the same.
     """
     if self.count == 1:
       return [value]
-    from jax._src import distributed
-
-    client = distributed.global_state.client
+    client = coordination_client()
+    if client is None:
+      return allgather_by_collective(value)
     # Numbered over the whole process (every process makes the same sequence of calls), so a
     # second run in the same processes (validation during training) never reuses a key.
     prefix = f"crm_jax/allgather/{next(_ALLGATHER_CALLS)}"
@@ -181,6 +182,38 @@ class Processes:
     for i, e in enumerate(errors):
       if e is not None:
         raise InputError(e if self.count == 1 or i == self.index else f"process {i}: {e}")
+
+
+def coordination_client():
+  """The ``jax.distributed`` coordination-service client, or None where there is none.
+
+  JAX has no public handle on it: it is ``jax._src.distributed.global_state.client`` (present,
+  with ``key_value_set`` and ``blocking_key_value_get``, in JAX 0.10 and 0.11). A JAX without it
+  gives None, and ``Processes.allgather`` uses a collective instead.
+  """
+  try:
+    from jax._src import distributed
+    client = distributed.global_state.client
+  except (ImportError, AttributeError):
+    return None
+  if client is None or not all(hasattr(client, m)
+                               for m in ("key_value_set", "blocking_key_value_get")):
+    return None
+  return client
+
+
+def allgather_by_collective(value) -> list:
+  """``Processes.allgather`` through ``multihost_utils.process_allgather`` (public JAX): every
+  process's ``value`` as JSON bytes, padded to the longest, in process order. A collective: on
+  the CPU (gloo) it fails when a process arrives more than 30 s after the others."""
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32)))
+  lengths = lengths.reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [json.loads(bytes(rows[i, :n]).decode("utf-8")) for i, n in enumerate(lengths)]
 
 
 def run_together(processes: Processes, step: Callable[[], object],

@@ -303,6 +303,49 @@ def _wait(procs, timeout=500):
   return outs
 
 
+_ALLGATHER_SCRIPT = """
+import json, sys
+from crm_jax import sharding
+sharding.initialize_from_env()
+processes = sharding.Processes()
+value = {"process": processes.index, "text": "\u00e9" * (3000 * (processes.index + 1))}
+by_store = processes.allgather(value)
+client = sharding.coordination_client()
+sharding.coordination_client = lambda: None  # as on a JAX without the private client
+by_collective = processes.allgather(value)
+with open(sys.argv[1] + str(processes.index), "w") as f:  # not stdout: a full pipe would
+  json.dump({"store": by_store, "collective": by_collective,  # block the exit barrier
+             "had_client": client is not None}, f)
+"""
+
+
+def test_allgather_through_the_store_and_through_a_collective_agree(tmp_path):
+  """Processes.allgather gives every process's value, in process order, on both of its paths:
+  the coordination service's key-value store (JAX 0.10/0.11's private client) and the public
+  collective that replaces it where a JAX has no such client."""
+  port = _free_port()
+  prefix = str(tmp_path / "gathered_")
+  procs = [subprocess.Popen([sys.executable, "-c", _ALLGATHER_SCRIPT, prefix], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid)))
+           for pid in (0, 1)]
+  try:
+    results = [p.communicate(timeout=200) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  expected = [{"process": i, "text": "\u00e9" * (3000 * (i + 1))} for i in (0, 1)]
+  for i, (p, (_, err)) in enumerate(zip(procs, results)):
+    assert p.returncode == 0, err[-3000:]
+    with open(prefix + str(i)) as f:
+      got = json.load(f)
+    assert got["had_client"]
+    assert got["store"] == expected and got["collective"] == expected
+
+
 @pytest.fixture(scope="module")
 def one_process(world):
   """The reference: one process, two devices (the XLA flags of the two-process runs)."""
