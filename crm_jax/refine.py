@@ -101,6 +101,15 @@ def _cast(variables, dtype, device):
       lambda a: jax.device_put(np.asarray(a).astype(dtype), device), variables)
 
 
+def _caller_stacklevel() -> int:
+  """The ``stacklevel`` of the first frame outside this module, for ``warnings.warn`` called
+  here (the caller's line, whichever public method it called)."""
+  frame, level = sys._getframe(1), 1
+  while frame is not None and frame.f_code.co_filename == __file__:
+    frame, level = frame.f_back, level + 1
+  return level
+
+
 class BatchInputError(InputError):
   """Some pairs of a ``refine_batch`` call were bad; the others were refined.
 
@@ -168,6 +177,8 @@ class Refiner:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if name != "float32" and plan == "plain":
       raise ValueError("dtype other than float32 needs a bucketed plan (banded or fused)")
+    self.min_side = check_min_side(min_side)
+    self.warn_small = warn_small
     self.config = config
     self.device = device or jax.devices()[0]
     self.variables = jax.device_put(variables, self.device)
@@ -181,8 +192,6 @@ class Refiner:
     self.bucket_steps = bucket_steps
     self.band_elements = band_elements
     self.batch_ladder = tuple(batch_ladder)
-    self.min_side = check_min_side(min_side)
-    self.warn_small = warn_small
 
   @classmethod
   def from_checkpoint(cls, path: str, **kwargs) -> "Refiner":
@@ -283,7 +292,7 @@ class Refiner:
         self.warn_small = False
         warnings.warn(f"an image of {note}; small images refine better with "
                       f"Refiner(..., min_side={SMALL_SIDE}) (this warning is given once per "
-                      "Refiner)", SmallImageWarning, stacklevel=4)
+                      "Refiner)", SmallImageWarning, stacklevel=_caller_stacklevel())
         return
 
   def _refine_prepared(self, prepared, scales: Tuple[float, ...]) -> List[Dict[float, np.ndarray]]:

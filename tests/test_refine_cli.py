@@ -81,6 +81,7 @@ def test_bad_arguments_fail_in_one_line_before_the_checkpoint_loads(files, capsy
       (good + ["--output", out, "--scales", "nan"], "finite"),
       (good + ["--output", out, "--scales", "1", "0.5"], "increasing"),
       (good + ["--output", out, "--scales", "0.001", "1"], "too small"),
+      (good + ["--output", out, "--min-side", "-1"], "min side -1"),
       (good + ["--output", files["mask"]], "is the input"),
       (good + ["--output", str(tmp_path)], "is a folder"),
       (good + ["--output", str(tmp_path / "refined")], "not an image file name"),
@@ -119,3 +120,30 @@ def test_note_on_the_bundled_checkpoint(files, capsys, tmp_path, monkeypatch):
   assert len(notes) == 1
   assert all(w in notes[0] for w in ("bundled small checkpoint", "synthetic", "published weights",
                                      default_checkpoint()))
+
+
+def test_small_image_warning_line_unless_min_side(files, capsys, tmp_path, monkeypatch):
+  """A small image with the default scales: one warning line naming the file, before the model
+  loads; none with --min-side (which reaches the Refiner) or with one scale."""
+  from crm_jax.scales import SMALL_SIDE
+  loaded = []
+
+  def stop(path, **kwargs):
+    loaded.append(kwargs)
+    raise CheckpointError("stopped by the test")
+
+  monkeypatch.setattr(refine.Refiner, "from_checkpoint", staticmethod(stop))
+  base = ["--image", files["image"], "--mask", files["mask"], "--output",
+          str(tmp_path / "r.png"), "--checkpoint", str(tmp_path)]
+  for extra, warned, min_side in (([], True, 0), (["--min-side", "16"], False, 16),
+                                  (["--scales", "1.0"], False, 0)):
+    code, _, err = _run(capsys, base + extra)
+    assert code == 2 and "stopped by the test" in err.splitlines()[-1]
+    lines = [l for l in err.splitlines() if l.startswith("warning:")]
+    assert len(lines) == int(warned), (extra, err)
+    assert loaded[-1]["min_side"] == min_side and loaded[-1]["warn_small"] is False
+  code, _, err = _run(capsys, base)
+  line = [l for l in err.splitlines() if l.startswith("warning:")][0]
+  assert line.startswith(f"warning: {files['image']} is {W}x{H}: the coarsest scale 0.125 shows "
+                         f"it at {round(W / 8)}x{round(H / 8)} pixels")
+  assert f"--min-side {SMALL_SIDE}" in line
