@@ -1,8 +1,10 @@
 """``python -m crm_jax.refine`` with wrong inputs (issue 13, points 2-5, 7-9): mask encodings,
-scales, truncated files, unusable or overwriting outputs, leftovers and the bundled-model note.
-TINY model, one small image."""
+scales, truncated files, unusable or overwriting outputs, leftovers and the bundled-model note;
+``--min-side`` and the small-image warning. TINY model, one small image."""
 
+import json
 import os
+import shutil
 
 import cv2
 import jax
@@ -147,3 +149,31 @@ def test_small_image_warning_line_unless_min_side(files, capsys, tmp_path, monke
   assert line.startswith(f"warning: {files['image']} is {W}x{H}: the coarsest scale 0.125 shows "
                          f"it at {round(W / 8)}x{round(H / 8)} pixels")
   assert f"--min-side {SMALL_SIDE}" in line
+
+
+@pytest.mark.slow  # three folder-mode runs of the TINY model
+def test_folder_mode_min_side(files, ckpt, capsys, tmp_path):
+  """Folder mode: one summary line for the small images of the default loop, none with
+  --min-side; the manifest records min_side, and --min-side 48 on an 80-pixel image (scales 0.5
+  1.0) gives the bytes of --scales 1.0."""
+  images, masks = tmp_path / "images", tmp_path / "masks"
+  images.mkdir()
+  masks.mkdir()
+  for k in range(2):
+    shutil.copy(files["image"], images / f"p{k}.jpg")
+    shutil.copy(files["mask"], masks / f"p{k}.png")
+  outputs = {}
+  for label, extra in (("default", []), ("min_side", ["--min-side", "48"]),
+                       ("last", ["--scales", "1.0"])):
+    out = tmp_path / label
+    code, stdout, err = _run(capsys, ["--images", str(images), "--masks", str(masks), "--output",
+                                      str(out), "--checkpoint", ckpt, "--no-progress",
+                                      "--devices", "1", "--scales", "0.5", "1.0"] + extra)
+    assert code == 0, err
+    small = [l for l in stdout.splitlines() if "small images" in l]
+    assert len(small) == int(label == "default"), (label, stdout)
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["min_side"] == (48 if label == "min_side" else 0)
+    outputs[label] = {f: open(out / f, "rb").read() for f in ("p0.png", "p1.png")}
+  assert outputs["min_side"] == outputs["last"]
+  assert outputs["default"] != outputs["last"]
