@@ -4,7 +4,8 @@ Each parses flags and calls one library function: ``crm_jax.evaluation.evaluate`
 ``crm_jax.training.train_and_evaluate``. ``crm-refine`` is ``crm_jax.refine.main`` and
 ``crm-convert`` is ``crm_jax.convert.main``.
 
-    crm-evaluate --data DIR --checkpoint CKPT --output OUT [--scales 0.125 0.25 0.5 1.0]
+    crm-evaluate --data DIR --checkpoint CKPT --output OUT [--scales 0.125 0.25 0.5 1.0] \\
+        [--min-side N]
     crm-evaluate --data crm_big --tfds-data-dir TFDS_DIR [--split test] --checkpoint CKPT \\
         --output OUT
     crm-evaluate --metrics-only --output OUT
@@ -37,10 +38,10 @@ def evaluate_main(argv=None) -> int:
   docs/metrics.md).
 
   Writes the published output layout in OUT, OUT/manifest.json (the model's fingerprint, scales,
-  dtype, plan) and OUT/metrics.json; a run started again with the same model and settings skips
-  objects that are already complete, one with others is refused unless --overwrite. Bad objects
-  are reported and skipped; the exit status is non-zero only when nothing could be evaluated or
-  an argument is bad (2 and one line, no traceback).
+  dtype, plan, min side) and OUT/metrics.json; a run started again with the same model and
+  settings skips objects that are already complete, one with others is refused unless
+  --overwrite. Bad objects are reported and skipped; the exit status is non-zero only when
+  nothing could be evaluated or an argument is bad (2 and one line, no traceback).
 
   Objects are refined on every local device (--devices N: the first N), largest first; with
   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (as for crm-train), each
@@ -60,6 +61,10 @@ def evaluate_main(argv=None) -> int:
   parser.add_argument("--checkpoint", help="crm-jax model checkpoint directory")
   parser.add_argument("--output", required=True, help="output folder")
   parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
+  parser.add_argument("--min-side", type=int, default=0,
+                      help="leave out the leading scales at which an image's shorter side is "
+                           "below N pixels; their masks are the coarse mask (default 0: every "
+                           "scale, the published loop; see docs/refinement.md)")
   parser.add_argument("--metrics-only", action="store_true",
                       help="recompute the metrics of the masks already in --output")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -87,7 +92,7 @@ def evaluate_main(argv=None) -> int:
       args.data, args.checkpoint, args.output, args.scales, metrics_only=args.metrics_only,
       progress=not args.no_progress, tfds_data_dir=args.tfds_data_dir, split=args.split,
       dtype=args.dtype, overwrite=args.overwrite, plan=args.plan, batch_size=args.batch_size,
-      devices=args.devices))
+      devices=args.devices, min_side=args.min_side))
 
 
 

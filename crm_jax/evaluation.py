@@ -12,7 +12,7 @@ per scale ``s``, ``uint8(prob * 255)``, and ``<name>_im.png``, ``<name>_seg.png`
 it unchanged; plus ``manifest.json``, which says what made the masks::
 
     {"format": "crm-jax-output", "fingerprint": "sha256:...", "scales": ["0.125", ...],
-     "dtype": "float32", "plan": "banded", "checkpoint": "/path/or/null"}
+     "dtype": "float32", "plan": "banded", "min_side": 0, "checkpoint": "/path/or/null"}
 
 and ``metrics.json``::
 
@@ -28,7 +28,8 @@ the files and writes ``metrics.json`` after everyone has finished.
 
 Provenance. The manifest is written before the first mask. A run into a folder that holds
 outputs made with another fingerprint (``crm_jax.checkpoint.fingerprint``: the model's content),
-other scales, dtype or execution plan, or outputs without a manifest, is refused with one line
+other scales, dtype, execution plan or ``min_side`` (a manifest written before ``min_side``
+existed counts as 0), or outputs without a manifest, is refused with one line
 (``overwrite=True`` / ``--overwrite`` removes those outputs and refines everything again), so
 resuming only ever reuses masks made with the same model and settings.
 
@@ -64,14 +65,16 @@ from crm_jax.io import (InputError, check_output_dir, encoded_size, file_image_s
                         read_mask, remove_leftovers, write_image, write_text)
 from crm_jax.metrics import scale_key
 from crm_jax.preprocess import prob_to_uint8
-from crm_jax.scales import check_scales
+from crm_jax.scales import check_min_side, check_scales
 from crm_jax.sharding import (Job, Processes, RunSummary, host_lines, initialize_from_env, one_line as _one_line,
                               refine_jobs, run_together)
 
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "crm-jax-output"
-SETTINGS = ("fingerprint", "scales", "dtype", "plan")  # what the masks depend on
+SETTINGS = ("fingerprint", "scales", "dtype", "plan", "min_side")  # what the masks depend on
+# A setting added later: its value in a manifest written before it existed.
+SETTING_DEFAULTS = {"min_side": 0}
 DEFAULT_PLAN = "banded"  # for a refiner that does not name its execution plan
 
 Log = Callable[[str], None]
@@ -268,8 +271,8 @@ def refine_objects(objects: Sequence[EvalObject], out_dir: str, scales: Sequence
 
 
 def run_settings(refiner, scales: Sequence[float], checkpoint: Optional[str] = None) -> Dict:
-  """The manifest of a run: the model's fingerprint, the scales, dtype and plan (``SETTINGS``)
-  and, for information, the checkpoint path."""
+  """The manifest of a run: the model's fingerprint, the scales, dtype, plan and ``min_side``
+  (``SETTINGS``) and, for information, the checkpoint path."""
   fp = getattr(refiner, "fingerprint", None)
   if fp is None:
     fp = fingerprint(refiner.config, refiner.variables)
@@ -277,6 +280,7 @@ def run_settings(refiner, scales: Sequence[float], checkpoint: Optional[str] = N
           "scales": [scale_key(s) for s in scales],
           "dtype": str(getattr(refiner, "dtype", "float32")),
           "plan": str(getattr(refiner, "plan", DEFAULT_PLAN)),
+          "min_side": int(getattr(refiner, "min_side", 0)),
           "checkpoint": os.path.abspath(checkpoint) if checkpoint else None}
 
 
@@ -296,13 +300,18 @@ def read_manifest(out_dir: str) -> Optional[Dict]:
   return blob
 
 
+def _setting(manifest: Dict, key: str):
+  """A setting of a manifest (``SETTING_DEFAULTS`` for one written before the key existed)."""
+  return manifest.get(key, SETTING_DEFAULTS.get(key))
+
+
 def _differences(old: Optional[Dict], new: Dict) -> str:
   if old is None:
     return f"no {MANIFEST_FILE} says what made them"
   diffs = []
   for k in SETTINGS:
-    if old.get(k) != new[k]:
-      what = old.get(k)
+    if _setting(old, k) != new[k]:
+      what = _setting(old, k)
       if k == "fingerprint":
         what = f"{what} (checkpoint {old.get('checkpoint')})"
       diffs.append(f"{k} {what} instead of {new[k]}")
@@ -319,7 +328,7 @@ def prepare_output(out_dir: str, settings: Dict, overwrite: bool = False, log: L
   that every object is refined again.
   """
   old = read_manifest(out_dir)
-  same = old is not None and all(old.get(k) == settings[k] for k in SETTINGS)
+  same = old is not None and all(_setting(old, k) == settings[k] for k in SETTINGS)
   if same:
     return
   existing = sorted(f for f in os.listdir(out_dir)
@@ -391,7 +400,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
              progress: bool = True, log: Log = print, *, tfds_data_dir: Optional[str] = None,
              split: Optional[str] = None, refiner=None, dtype: str = "float32",
              overwrite: bool = False, plan: str = "auto", batch_size: int = 1,
-             devices: Optional[int] = None, all_processes: Optional[bool] = None) -> Dict:
+             devices: Optional[int] = None, all_processes: Optional[bool] = None,
+             min_side: int = 0) -> Dict:
   """Refines ``data`` into ``out_dir`` (unless ``metrics_only``), computes the metrics, prints
   the table and writes ``out_dir/metrics.json``; returns what it wrote.
 
@@ -409,6 +419,10 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     overwrite: outputs in ``out_dir`` made by another model or settings are removed and every
       object refined again (without it they are refused; see the module docstring).
     plan: the execution plan (``crm_jax.refine.Refiner``: auto, plain, banded, fused).
+    min_side: leave out the leading scales at which an image's shorter side is below this many
+      pixels (``crm_jax.refine.Refiner``; 0, the published loop, by default); the masks of a
+      scale left out are the coarse mask. A ``refiner`` given carries its own (as its dtype
+      and plan); the manifest records the refiner's.
     batch_size: objects of one bucket refined together (``refine_objects``).
     devices: how many local devices refine (default: all; one Refiner each).
     all_processes: share the work with every process of a multi-host run (default: when no
@@ -430,6 +444,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
   """
   start = time.time()
   scales = check_scales(scales)
+  min_side = check_min_side(min_side)
   if metrics_only:
     if not os.path.isdir(out_dir):
       raise InputError(f"{out_dir}: no such folder (nothing to evaluate)")
@@ -448,7 +463,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
       state["objects"], state["problems"] = tfds_objects(data, tfds_data_dir, split)
     else:
       state["objects"], state["problems"] = folder_objects(data)
-    state["refiners"] = load_refiners(refiner, checkpoint, devices, dtype=dtype, plan=plan)
+    state["refiners"] = load_refiners(refiner, checkpoint, devices, dtype=dtype, plan=plan,
+                                      min_side=min_side)
     return run_settings(state["refiners"][0], scales, checkpoint)
 
   inputs = [tfds_data_dir if tfds_data_dir else data]

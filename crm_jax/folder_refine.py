@@ -11,9 +11,9 @@ is no image; then, as they are met, an unreadable or corrupt file and a mask who
 the image's.
 
 Resume and provenance: ``OUTPUT/manifest.json`` and its rules are ``crm_jax.evaluation``'s (the
-model's fingerprint, scales, dtype, plan); a run started again with the same settings skips
-every pair whose output exists (each is written atomically), one with others is refused unless
-``overwrite``. ``OUTPUT/summary.json`` records the run: objects refined, already complete and
+model's fingerprint, scales, dtype, plan, ``min_side``); a run started again with the same
+settings skips every pair whose output exists (each is written atomically), one with others is
+refused unless ``overwrite``. ``OUTPUT/summary.json`` records the run: objects refined, already complete and
 skipped (with reasons), the seconds of each refined object and the counts per process.
 """
 
@@ -31,7 +31,7 @@ from crm_jax.metrics import scale_key
 from crm_jax.constants import SCALES
 from crm_jax.io import InputError, read_image, read_mask, write_image
 from crm_jax.preprocess import prob_to_uint8
-from crm_jax.scales import check_scales
+from crm_jax.scales import check_min_side, check_scales
 from crm_jax.io import file_image_size
 from crm_jax.sharding import Job, host_lines, refine_jobs, run_together
 
@@ -133,22 +133,24 @@ def pair_jobs(pairs: Sequence[FolderPair], out_dir: str, last_scale: float) -> L
 
 
 def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
-                  suffix: str = "", scales: Sequence[float] = SCALES, dtype: str = "float32",
-                  plan: str = "auto", batch_size: int = 1, devices: Optional[int] = None,
-                  overwrite: bool = False, progress: bool = True, log: Log = print,
-                  refiner=None) -> Dict:
+                  suffix: str = "", scales: Sequence[float] = SCALES, min_side: int = 0,
+                  dtype: str = "float32", plan: str = "auto", batch_size: int = 1,
+                  devices: Optional[int] = None, overwrite: bool = False,
+                  progress: bool = True, log: Log = print, refiner=None) -> Dict:
   """Refines every pair of ``pair_folders(images, masks, suffix)`` into ``out_dir`` on every
   local device (and every host, with ``JAX_COORDINATOR_ADDRESS`` etc.: ``crm_jax.sharding``);
   writes ``out_dir/summary.json`` (process 0) and returns it.
 
   ``refiner``: a loaded ``crm_jax.refine.Refiner`` or a list of them, instead of
-  ``checkpoint``. Raises ``InputError`` for bad arguments or folders (before any work) and when
-  nothing could be refined (nothing refined now and nothing complete before); a
-  ``CheckpointError`` for a bad checkpoint; an ``OSError`` naming an output that cannot be
-  written.
+  ``checkpoint`` (it carries its own ``min_side``, dtype and plan). ``min_side``: as
+  ``Refiner(min_side=...)`` (0, the published loop, by default). Raises ``InputError`` for bad
+  arguments or folders (before any work) and when nothing could be refined (nothing refined now
+  and nothing complete before); a ``CheckpointError`` for a bad checkpoint; an ``OSError``
+  naming an output that cannot be written.
   """
   start = time.time()
   scales = check_scales(scales)
+  min_side = check_min_side(min_side)
   processes = evaluation.join_processes(batch_size, refiner)
   progress = progress and processes.is_main
   state = {}
@@ -156,7 +158,7 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
   def settings():
     state["pairs"], state["problems"] = pair_folders(images, masks, suffix)
     state["refiners"] = evaluation.load_refiners(refiner, checkpoint, devices, dtype=dtype,
-                                                 plan=plan)
+                                                 plan=plan, min_side=min_side)
     return evaluation.run_settings(state["refiners"][0], scales, checkpoint)
 
   blob = evaluation.start_output(out_dir, [images, masks], settings, overwrite, log, processes,

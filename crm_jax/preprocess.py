@@ -14,9 +14,14 @@ def normalize_image(image):
   return (x - _MEAN) / _STD
 
 
+def mask_to_prob(mask):
+  """Grey uint8 ``[...]`` -> float32 ``x/255`` in [0, 1]: a coarse mask as a probability."""
+  return mask.astype(np.float32) / np.float32(255)
+
+
 def normalize_seg(seg):
   """Grey uint8 ``[...]`` -> float32 ``(x/255 - 0.5) / 0.5`` in [-1, 1]."""
-  x = seg.astype(np.float32) / np.float32(255)
+  x = mask_to_prob(seg)
   return (x - np.float32(SEG_MEAN)) / np.float32(SEG_STD)
 
 

@@ -3,7 +3,8 @@
 Command line, one image::
 
     python -m crm_jax.refine --image IMG --mask MASK --output OUT.png \
-        [--checkpoint DIR] [--scales 0.125 0.25 0.5 1.0] [--dtype bfloat16] [--plan auto]
+        [--checkpoint DIR] [--scales 0.125 0.25 0.5 1.0] [--min-side N] [--dtype bfloat16] \
+        [--plan auto]
 
 Folder mode, every image of IMAGES with its mask MASKS/<name><suffix>.png, on every local device
 and host (``crm_jax.folder_refine``, ``crm_jax.sharding``)::
@@ -16,6 +17,12 @@ seg are resized (bilinear, align_corners=True) to ``(round(H*s), round(W*s))``,
 the encoder and fusion give F once, and the implicit decoder is queried at
 every pixel centre of the padded full-resolution grid ``(H, W)``. The
 probability becomes the next scale's seg, ``(p - 0.5) * 2``.
+
+``min_side`` (``--min-side``; 0, the published loop, by default) leaves out the leading scales at
+which an image's shorter side would be below that many pixels (``crm_jax.scales.scales_to_run``;
+docs/refinement.md, "Small images and min_side"); the default loop on an image that small is
+warned about once (``crm_jax.scales.SmallImageWarning``; one ``warning:`` line on the command
+line).
 
 How the work is compiled and run is the plan (``crm_jax.plans``): ``plain``
 (per-shape, the exactness reference), ``banded`` (bucketed, memory-bounded
@@ -51,8 +58,9 @@ from crm_jax.constants import REFLECT_PAD, SCALES
 from crm_jax.geometry import BUCKET_STEPS, bucket_shape
 from crm_jax.io import InputError, as_mask, as_rgb
 from crm_jax.models.crm import ModelConfig
-from crm_jax.preprocess import normalize_image, normalize_seg, prob_to_uint8
-from crm_jax.scales import check_scales
+from crm_jax.preprocess import mask_to_prob, normalize_image, normalize_seg, prob_to_uint8
+from crm_jax.scales import (SMALL_SIDE, SmallImageWarning, check_min_side, check_scales,
+                            scales_to_run, small_image_advice, small_image_note)
 
 # Persistent compilation cache.
 CACHE_DIR_ENV = "CRM_JAX_CACHE_DIR"
@@ -91,6 +99,15 @@ def _cast(variables, dtype, device):
   """The variables as ``dtype`` on ``device`` (cast on the host: no compilation)."""
   return jax.tree_util.tree_map(
       lambda a: jax.device_put(np.asarray(a).astype(dtype), device), variables)
+
+
+def _caller_stacklevel() -> int:
+  """The ``stacklevel`` of the first frame outside this module, for ``warnings.warn`` called
+  here (the caller's line, whichever public method it called)."""
+  frame, level = sys._getframe(1), 1
+  while frame is not None and frame.f_code.co_filename == __file__:
+    frame, level = frame.f_back, level + 1
+  return level
 
 
 class BatchInputError(InputError):
@@ -134,6 +151,14 @@ class Refiner:
       (``enable_compilation_cache``; the command-line entry points do).
     device: the ``jax.Device`` that runs everything (default: JAX's default
       device); one Refiner per device refines on several devices at once.
+    min_side: leave out the leading scales at which an image's shorter side (unpadded,
+      ``min(H, W) * s``) is below this many pixels; the last scale always runs
+      (``crm_jax.scales.scales_to_run``). The results still hold every requested scale: at a
+      scale left out, the coarse mask as a probability (``mask / 255``: nothing refined yet).
+      0 (default): every scale, the published loop. ``ValueError`` unless an int >= 0.
+    warn_small: with ``min_side`` 0, warn once (``SmallImageWarning``) when the coarsest scale
+      shows an image with its shorter side below ``crm_jax.scales.SMALL_SIDE`` pixels (the
+      dataset runs pass False and print one line of their own).
   """
 
   def __init__(self, config: ModelConfig, variables, *, plan: str = "auto",
@@ -141,7 +166,8 @@ class Refiner:
                pad: int = REFLECT_PAD, bucket_steps: int = BUCKET_STEPS,
                dtype="float32", band_elements: int = plans.BAND_ELEMENTS,
                batch_ladder: Sequence[int] = plans.BATCH_LADDER,
-               compilation_cache: bool = False, device: Optional[jax.Device] = None):
+               compilation_cache: bool = False, device: Optional[jax.Device] = None,
+               min_side: int = 0, warn_small: bool = True):
     if compilation_cache:
       enable_compilation_cache()
     if plan not in PLAN_CHOICES:
@@ -151,6 +177,8 @@ class Refiner:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if name != "float32" and plan == "plain":
       raise ValueError("dtype other than float32 needs a bucketed plan (banded or fused)")
+    self.min_side = check_min_side(min_side)
+    self.warn_small = warn_small
     self.config = config
     self.device = device or jax.devices()[0]
     self.variables = jax.device_put(variables, self.device)
@@ -184,16 +212,21 @@ class Refiner:
                        f"exceed {self.pad} pixels (the reflect padding)")
     return image, mask
 
-  def _padded(self, image, mask, scales) -> Tuple[np.ndarray, np.ndarray]:
-    """The normalised, reflect-padded pair: ``[H+2p, W+2p, 3]``, ``[H+2p, W+2p]`` float32.
+  def _prepared(self, image, mask, scales) -> Tuple[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """The checked mask (uint8 ``[H, W]``) and the normalised, reflect-padded pair
+    (``[H+2p, W+2p, 3]``, ``[H+2p, W+2p]`` float32).
 
     ``InputError`` for a bad pair, or scales the pair's size cannot take (``check_scales``).
     """
     image, mask = self._check(image, mask)
     check_scales(scales, mask.shape, pad=self.pad)
     p = self.pad
-    return (np.pad(normalize_image(image), ((p, p), (p, p), (0, 0)), mode="reflect"),
-            np.pad(normalize_seg(mask), ((p, p), (p, p)), mode="reflect"))
+    return mask, (np.pad(normalize_image(image), ((p, p), (p, p), (0, 0)), mode="reflect"),
+                  np.pad(normalize_seg(mask), ((p, p), (p, p)), mode="reflect"))
+
+  def _padded(self, image, mask, scales) -> Tuple[np.ndarray, np.ndarray]:
+    """The padded pair of ``_prepared``."""
+    return self._prepared(image, mask, scales)[1]
 
   def bucket_of(self, size: Tuple[int, int]) -> Tuple[int, int]:
     """The bucket of an image of ``size`` ``(H, W)`` (pairs of one bucket batch together)."""
@@ -249,6 +282,37 @@ class Refiner:
     p = self.pad
     return {s: np.array(prob[p:prob.shape[0] - p, p:prob.shape[1] - p]) for s, prob in probs.items()}
 
+  def _warn_if_small(self, sizes: Sequence[Tuple[int, int]], scales: Tuple[float, ...]) -> None:
+    """The once-per-Refiner ``SmallImageWarning`` (see ``warn_small``)."""
+    if self.min_side or not self.warn_small:
+      return
+    for size in sizes:
+      note = small_image_note(scales, size)
+      if note is not None:
+        self.warn_small = False
+        warnings.warn(f"an image of {note}; small images refine better with "
+                      f"Refiner(..., min_side={SMALL_SIDE}) (this warning is given once per "
+                      "Refiner)", SmallImageWarning, stacklevel=_caller_stacklevel())
+        return
+
+  def _refine_prepared(self, prepared, scales: Tuple[float, ...]) -> List[Dict[float, np.ndarray]]:
+    """``_prepared`` pairs -> ``{s: [H, W] float32}`` for every ``s`` of ``scales``.
+
+    Each pair is refined at ``scales_to_run(scales, (H, W), self.min_side)`` (pairs of one such
+    tuple go to ``_run`` together); a scale left out holds ``mask / 255``.
+    """
+    self._warn_if_small([mask.shape for mask, _ in prepared], scales)
+    groups: Dict[Tuple[float, ...], List[int]] = {}
+    for i, (mask, _) in enumerate(prepared):
+      groups.setdefault(scales_to_run(scales, mask.shape, self.min_side), []).append(i)
+    results: List[Optional[Dict[float, np.ndarray]]] = [None] * len(prepared)
+    for kept, idx in groups.items():
+      for i, probs in zip(idx, self._run([prepared[i][1] for i in idx], kept)):
+        probs = self._crop(probs)
+        results[i] = {s: probs[s] if s in probs else mask_to_prob(prepared[i][0])
+                      for s in scales}
+    return results
+
   def refine_all_scales(self, image: np.ndarray, mask: np.ndarray,
                         scales: Sequence[float] = SCALES) -> Dict[float, np.ndarray]:
     """The probability map after each scale, ``{s: [H, W] float32}``.
@@ -257,10 +321,11 @@ class Refiner:
       image: RGB uint8 ``[H, W, 3]`` (grey is replicated, RGBA loses alpha).
       mask: the coarse mask, grey uint8 ``[H, W]`` (0-255, soft values allowed).
         An empty mask gives all-zero predictions, as published.
-      scales: the input scales, coarse to fine.
+      scales: the input scales, coarse to fine; with ``min_side``, those that
+        ``scales_to_run`` leaves out hold ``mask / 255`` (float32).
     """
     scales = check_scales(scales)
-    return self._crop(self._run([self._padded(image, mask, scales)], scales)[0])
+    return self._refine_prepared([self._prepared(image, mask, scales)], scales)[0]
 
   def refine(self, image: np.ndarray, mask: np.ndarray,
              scales: Sequence[float] = SCALES) -> np.ndarray:
@@ -271,7 +336,8 @@ class Refiner:
                               scales: Sequence[float] = SCALES) -> List[Dict[float, np.ndarray]]:
     """``refine_all_scales`` of every pair; pairs of one bucket run as one batch (``fused``).
 
-    Sizes may differ. A bad pair (image and mask of different sizes, ...)
+    Sizes may differ; pairs whose ``min_side`` scales differ run as separate
+    groups. A bad pair (image and mask of different sizes, ...)
     does not stop the others: they are refined, then ``BatchInputError``
     (an ``InputError``) names every bad pair's index and carries the results.
     """
@@ -281,16 +347,16 @@ class Refiner:
       raise InputError(f"refine_batch: {len(images)} images but {len(masks)} masks")
     if not images:
       raise InputError("refine_batch: no pairs given")
-    padded, good, bad = [], [], {}
+    prepared, good, bad = [], [], {}
     for i, (image, mask) in enumerate(zip(images, masks)):
       try:
-        padded.append(self._padded(image, mask, scales))
+        prepared.append(self._prepared(image, mask, scales))
         good.append(i)
       except InputError as e:
         bad[i] = str(e)
     results: List[Optional[Dict[float, np.ndarray]]] = [None] * len(images)
-    for i, r in zip(good, self._run(padded, scales) if padded else []):
-      results[i] = self._crop(r)
+    for i, r in zip(good, self._refine_prepared(prepared, scales)):
+      results[i] = r
     if bad:
       raise BatchInputError(bad, results)
     return results
@@ -331,6 +397,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="model checkpoint directory (default: the bundled small one, trained "
                            "on synthetic data)")
   parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
+  parser.add_argument("--min-side", type=int, default=0,
+                      help="leave out the leading scales at which an image's shorter side is "
+                           "below N pixels (default 0: every scale, the published loop; see "
+                           "docs/refinement.md)")
   parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                       help="compute dtype of the network (default float32)")
   parser.add_argument("--plan", choices=PLAN_CHOICES, default="auto",
@@ -363,12 +433,17 @@ def _refine_one(args) -> None:
   from crm_jax.folder_refine import read_pair
 
   scales = check_scales(args.scales)
+  min_side = check_min_side(args.min_side)
   io.check_output_file(args.output, inputs=(args.image, args.mask))
   io.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
   image, mask = read_pair(args.image, args.mask)
   check_scales(scales, image.shape[:2])
+  note = None if min_side else small_image_note(scales, image.shape[:2])
+  if note is not None:
+    print(f"warning: {args.image} is {note}; {small_image_advice(scales, image.shape[:2])}",
+          file=sys.stderr)
   refiner = Refiner.from_checkpoint(_checkpoint_path(args.checkpoint), dtype=args.dtype,
-                                    plan=args.plan)
+                                    plan=args.plan, min_side=min_side, warn_small=False)
   prob = refiner.refine(image, mask, scales)
   io.write_image(args.output, prob_to_uint8(prob))
   print(f"wrote {args.output}")
@@ -378,9 +453,9 @@ def _refine_folder(args) -> None:
   from crm_jax.folder_refine import refine_folder
 
   refine_folder(args.images, args.masks, args.output, _checkpoint_path(args.checkpoint),
-                suffix=args.mask_suffix, scales=args.scales, dtype=args.dtype, plan=args.plan,
-                batch_size=args.batch_size, devices=args.devices, overwrite=args.overwrite,
-                progress=not args.no_progress)
+                suffix=args.mask_suffix, scales=args.scales, min_side=args.min_side,
+                dtype=args.dtype, plan=args.plan, batch_size=args.batch_size,
+                devices=args.devices, overwrite=args.overwrite, progress=not args.no_progress)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

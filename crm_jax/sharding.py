@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crm_jax.io import InputError
-from crm_jax.scales import check_scales
+from crm_jax.scales import check_scales, small_images_line
 
 Log = Callable[[str], None]
 POLL_SECONDS = 5.0  # how often process 0 looks for the other processes' finished objects
@@ -383,7 +383,9 @@ def refine_jobs(jobs: Sequence[Job], scales: Sequence[float], refiners: Sequence
   ``refiners``: objects with ``refine_all_scales(image, mask, scales)``, and with
   ``batch_size > 1`` ``bucket_of(size)`` and ``refine_batch_all_scales`` (``crm_jax.refine``).
   Jobs that fail (bad input, an XLA error) are reported through ``log`` and listed in
-  ``failed``; an ``OSError`` writing an output stops the run (on every process).
+  ``failed``; an ``OSError`` writing an output stops the run (on every process). Unless the
+  refiners have a ``min_side``, one ``warning:`` line (process 0) counts the objects to refine
+  whose header size is small for the scales (``crm_jax.scales.small_images_line``).
   Every process returns the same summary.
   """
   processes = processes or Processes(0, 1)
@@ -398,11 +400,15 @@ def refine_jobs(jobs: Sequence[Job], scales: Sequence[float], refiners: Sequence
                      "folder shared by every host?)")
   if complete and processes.is_main:
     log(f"{len(complete)} object(s) already complete: skipped")
-  items = []
+  items, sizes = [], []
   for j in todo:
     size = j.size()
+    sizes.append((j.name, size))
     bucket = refiners[0].bucket_of(size) if batch_size > 1 and size is not None else None
     items.append(Item(j, int(np.prod(size)) if size else 0, bucket))
+  small = None if getattr(refiners[0], "min_side", 0) else small_images_line(sizes, scales)
+  if small is not None and processes.is_main:
+    log(small)
   shares = assign_shares(make_batches(items, batch_size), processes.count)
   mine = shares[processes.index]
   start = time.time()  # compilation counts, loading the checkpoint does not
@@ -492,7 +498,8 @@ def host_lines(summary: RunSummary) -> List[str]:
 
 def local_refiners(config, variables, devices: Optional[int] = None, **kwargs) -> List:
   """One ``crm_jax.refine.Refiner`` per local device (the first ``devices`` of them; default
-  all), sharing the parameters' host copy."""
+  all), sharing the parameters' host copy. They give no ``SmallImageWarning`` (unless
+  ``warn_small=True`` is passed): ``refine_jobs`` prints one line for the whole run."""
   import jax
   from crm_jax.refine import Refiner
 
@@ -503,4 +510,5 @@ def local_refiners(config, variables, devices: Optional[int] = None, **kwargs) -
     if devices > len(local):
       raise InputError(f"--devices {devices}: this process has {len(local)} local device(s)")
     local = local[:devices]
+  kwargs = {"warn_small": False, **kwargs}
   return [Refiner(config, variables, device=d, **kwargs) for d in local]

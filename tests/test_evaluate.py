@@ -116,6 +116,10 @@ def test_cli_run_writes_the_published_layout(world, refiner):
       refiner.config, refiner.variables)
   assert manifest["scales"] == KEYS and manifest["dtype"] == "float32"
   assert manifest["plan"] == getattr(refiner, "plan", evaluation.DEFAULT_PLAN)
+  assert manifest["min_side"] == 0
+  # The default loop on small images: one line for the run, not one per object.
+  small = [l for l in proc.stdout.splitlines() if "small images" in l]
+  assert len(small) == 1 and small[0].startswith("warning: 3 of 3 object(s) are small images")
   assert manifest["checkpoint"] == world["ckpt"]
   assert blob["seconds"] > 0
   for k in KEYS:
@@ -372,7 +376,7 @@ def test_mask_encodings_of_inputs_and_ground_truths(world, refiner, tmp_path):
                             refiner=refiner)
   assert res["num_images"] == 1
   assert np.array_equal(read_mask(os.path.join(out, "obj_a_gt.png")), gt)
-  warned = [m for m in logged if m.startswith("warning: ")]
+  warned = [m for m in logged if m.startswith("warning: ") and "small images" not in m]
   assert len(warned) == 1 and "obj_a_seg.png" in warned[0] and "colour mask" in warned[0]
   reference = metrics.evaluate_folder(world["out"], SCALES, names=["obj_a"])
   for k in KEYS:
@@ -477,3 +481,64 @@ def test_batches_by_bucket_equal_one_by_one(world, tmp_path):
   with pytest.raises(InputError, match="batch size 0"):
     evaluation.evaluate(world["data"], None, str(tmp_path / "b0"), refiner=fused, log=_quiet,
                         batch_size=0)
+
+
+def test_min_side_is_recorded_and_outputs_of_another_are_refused(world, refiner, tmp_path,
+                                                                 capsys):
+  """--min-side reaches the Refiner and the manifest; an output folder made with another
+  min_side is refused (or refined again with --overwrite); a manifest written before min_side
+  existed counts as 0 and still resumes."""
+  from crm_jax.preprocess import mask_to_prob
+  from crm_jax.scales import scales_to_run
+  min_side = 12  # obj_a (80 px high) loses scale 0.125; obj_b and obj_c keep every scale
+  kept = {name: scales_to_run(SCALES, hw, min_side) for name, hw in SIZES.items()}
+  assert kept["obj_a"] == SCALES[1:] and kept["obj_b"] == kept["obj_c"] == SCALES
+  out = str(tmp_path / "out")
+  logged = []
+  res = evaluation.evaluate(world["data"], world["ckpt"], out, progress=False,
+                            log=logged.append, devices=1, min_side=min_side)
+  assert res["refined"] == 3 and res["model"]["min_side"] == min_side
+  assert json.load(open(os.path.join(out, "manifest.json")))["min_side"] == min_side
+  assert not [m for m in logged if "small images" in m]
+  seg = read_mask(os.path.join(world["data"], "obj_a_seg.png"))
+  image = read_image(os.path.join(world["data"], "obj_a_im.jpg"))
+  # Scale 0.125 of obj_a: the coarse mask, unrefined; the others: the kept scales' loop.
+  assert np.array_equal(read_grey(os.path.join(out, "0.125_obj_a_mask.png")),
+                        prob_to_uint8(mask_to_prob(seg)))
+  probs = refiner.refine_all_scales(image, seg, kept["obj_a"])
+  for s in kept["obj_a"]:
+    mask = read_grey(os.path.join(out, f"{metrics.scale_key(s)}_obj_a_mask.png")).astype(int)
+    assert np.abs(mask - prob_to_uint8(probs[s]).astype(int)).max() <= 1, s
+  for name in ("obj_b", "obj_c"):  # every scale kept: the masks of the default run
+    for k in KEYS:
+      a, b = (read_grey(os.path.join(d, f"{k}_{name}_mask.png")).astype(int)
+              for d in (out, world["out"]))
+      assert np.abs(a - b).max() <= 1, (name, k)
+  # Another min_side (the default 0) is refused in one line; nothing changes.
+  before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+  base = ["--data", world["data"], "--checkpoint", world["ckpt"], "--no-progress",
+          "--devices", "1"]
+  code = evaluate_cli.main(base + ["--output", out])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and "min_side 12 instead of 0" in err[0], err
+  assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
+  code = evaluate_cli.main(base + ["--output", out, "--min-side", "-3"])
+  assert code == 2 and "min side -3" in capsys.readouterr().err
+  # --overwrite: refined again with every scale.
+  assert evaluate_cli.main(base + ["--output", out, "--overwrite"]) == 0
+  blob = json.load(open(os.path.join(out, "metrics.json")))
+  assert blob["refined"] == 3 and blob["model"]["min_side"] == 0
+  a, b = (read_grey(os.path.join(d, "0.125_obj_a_mask.png")) for d in (out, world["out"]))
+  assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+  # A manifest from before min_side existed: resumes as min_side 0, refuses --min-side 12.
+  old = _copytree(world["out"], tmp_path / "old")
+  manifest = json.load(open(os.path.join(old, "manifest.json")))
+  del manifest["min_side"]
+  evaluation.write_json(os.path.join(old, "manifest.json"), manifest)
+  counting = CountingRefiner(refiner)
+  res = evaluation.evaluate(world["data"], None, old, progress=False, log=_quiet,
+                            refiner=counting)
+  assert counting.calls == 0 and res["already_complete"] == 3
+  with pytest.raises(InputError, match="min_side 0 instead of 12"):
+    evaluation.evaluate(world["data"], world["ckpt"], old, progress=False, log=_quiet,
+                        devices=1, min_side=min_side)

@@ -1,8 +1,10 @@
 """``python -m crm_jax.refine`` with wrong inputs (issue 13, points 2-5, 7-9): mask encodings,
-scales, truncated files, unusable or overwriting outputs, leftovers and the bundled-model note.
-TINY model, one small image."""
+scales, truncated files, unusable or overwriting outputs, leftovers and the bundled-model note;
+``--min-side`` and the small-image warning. TINY model, one small image."""
 
+import json
 import os
+import shutil
 
 import cv2
 import jax
@@ -81,6 +83,7 @@ def test_bad_arguments_fail_in_one_line_before_the_checkpoint_loads(files, capsy
       (good + ["--output", out, "--scales", "nan"], "finite"),
       (good + ["--output", out, "--scales", "1", "0.5"], "increasing"),
       (good + ["--output", out, "--scales", "0.001", "1"], "too small"),
+      (good + ["--output", out, "--min-side", "-1"], "min side -1"),
       (good + ["--output", files["mask"]], "is the input"),
       (good + ["--output", str(tmp_path)], "is a folder"),
       (good + ["--output", str(tmp_path / "refined")], "not an image file name"),
@@ -119,3 +122,58 @@ def test_note_on_the_bundled_checkpoint(files, capsys, tmp_path, monkeypatch):
   assert len(notes) == 1
   assert all(w in notes[0] for w in ("bundled small checkpoint", "synthetic", "published weights",
                                      default_checkpoint()))
+
+
+def test_small_image_warning_line_unless_min_side(files, capsys, tmp_path, monkeypatch):
+  """A small image with the default scales: one warning line naming the file, before the model
+  loads; none with --min-side (which reaches the Refiner) or with one scale."""
+  from crm_jax.scales import SMALL_SIDE
+  loaded = []
+
+  def stop(path, **kwargs):
+    loaded.append(kwargs)
+    raise CheckpointError("stopped by the test")
+
+  monkeypatch.setattr(refine.Refiner, "from_checkpoint", staticmethod(stop))
+  base = ["--image", files["image"], "--mask", files["mask"], "--output",
+          str(tmp_path / "r.png"), "--checkpoint", str(tmp_path)]
+  for extra, warned, min_side in (([], True, 0), (["--min-side", "16"], False, 16),
+                                  (["--scales", "1.0"], False, 0)):
+    code, _, err = _run(capsys, base + extra)
+    assert code == 2 and "stopped by the test" in err.splitlines()[-1]
+    lines = [l for l in err.splitlines() if l.startswith("warning:")]
+    assert len(lines) == int(warned), (extra, err)
+    assert loaded[-1]["min_side"] == min_side and loaded[-1]["warn_small"] is False
+  code, _, err = _run(capsys, base)
+  line = [l for l in err.splitlines() if l.startswith("warning:")][0]
+  assert line.startswith(f"warning: {files['image']} is {W}x{H}: the coarsest scale 0.125 shows "
+                         f"it at {round(W / 8)}x{round(H / 8)} pixels")
+  assert f"--min-side {SMALL_SIDE}" in line
+
+
+@pytest.mark.slow  # three folder-mode runs of the TINY model
+def test_folder_mode_min_side(files, ckpt, capsys, tmp_path):
+  """Folder mode: one summary line for the small images of the default loop, none with
+  --min-side; the manifest records min_side, and --min-side 48 on an 80-pixel image (scales 0.5
+  1.0) gives the bytes of --scales 1.0."""
+  images, masks = tmp_path / "images", tmp_path / "masks"
+  images.mkdir()
+  masks.mkdir()
+  for k in range(2):
+    shutil.copy(files["image"], images / f"p{k}.jpg")
+    shutil.copy(files["mask"], masks / f"p{k}.png")
+  outputs = {}
+  for label, extra in (("default", []), ("min_side", ["--min-side", "48"]),
+                       ("last", ["--scales", "1.0"])):
+    out = tmp_path / label
+    code, stdout, err = _run(capsys, ["--images", str(images), "--masks", str(masks), "--output",
+                                      str(out), "--checkpoint", ckpt, "--no-progress",
+                                      "--devices", "1", "--scales", "0.5", "1.0"] + extra)
+    assert code == 0, err
+    small = [l for l in stdout.splitlines() if "small images" in l]
+    assert len(small) == int(label == "default"), (label, stdout)
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["min_side"] == (48 if label == "min_side" else 0)
+    outputs[label] = {f: open(out / f, "rb").read() for f in ("p0.png", "p1.png")}
+  assert outputs["min_side"] == outputs["last"]
+  assert outputs["default"] != outputs["last"]
