@@ -49,7 +49,6 @@ def main() -> int:
   parser.add_argument("--num-images", type=int, default=3)
   args = parser.parse_args()
 
-  import jax
   from crm_jax.io import read_image, read_mask
   from crm_jax.models import crm
   from crm_jax.preprocess import prob_to_uint8

@@ -4,10 +4,11 @@ For each size, the bundled BIG-layout objects (``crm_jax/assets/demo_big``) are 
 their longer side is that many pixels (image: area interpolation down, linear up; gt and coarse
 seg: the same, then thresholded at 127, so they stay binary as BIG's are), refined with the full
 multi-scale loop, and scored by ``crm_jax.evaluation.evaluate`` (the published metrics); one row
-per size gives the coarse and refined IoU and mBA at the final scale.
+per size and ``min_side`` (``--min-sides``; 0 is the published loop, see docs/refinement.md)
+gives the coarse and refined IoU and mBA at the final scale.
 
     .venv/bin/python benchmarks/bundled_sizes.py                     # the bundled checkpoint
-    .venv/bin/python benchmarks/bundled_sizes.py --checkpoint DIR --sizes 128 256 512
+    .venv/bin/python benchmarks/bundled_sizes.py --checkpoint DIR --sizes 128 256 --min-sides 0
 
 This is a measure of accuracy, not of speed: nothing is compared with PyTorch.
 """
@@ -22,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DEFAULT_SIZES = (128, 256, 512, 1024, 2048)
+SMALL_SIDE = 64  # crm_jax.scales.SMALL_SIDE (checked in main, which imports crm_jax)
 
 
 def resized_copy(data: str, out_dir: str, long_side: int) -> None:
@@ -48,21 +50,28 @@ def main(argv=None) -> int:
   parser.add_argument("--checkpoint", default=None, help="default: the bundled checkpoint")
   parser.add_argument("--data", default=None, help="a BIG-layout folder (default: the bundled set)")
   parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES)
+  parser.add_argument("--min-sides", type=int, nargs="+", default=(0, SMALL_SIDE),
+                      help="the Refiner's min_side values to compare (default: 0, the published "
+                           "loop, and crm_jax.scales.SMALL_SIDE)")
   parser.add_argument("--output", default=None,
                       help="keep the resized sets and refined masks here (default: a temporary "
                            "folder)")
   args = parser.parse_args(argv)
 
   from crm_jax import bundled
+  from crm_jax.checkpoint import load_model
   from crm_jax.constants import SCALES
   from crm_jax.evaluation import evaluate
   from crm_jax.metrics import scale_key
   from crm_jax.refine import Refiner, enable_compilation_cache
 
+  from crm_jax import scales as scale_rules
+  assert scale_rules.SMALL_SIDE == SMALL_SIDE, "update SMALL_SIDE here"
   enable_compilation_cache()
   checkpoint = args.checkpoint or bundled.DEMO_CHECKPOINT
   data = args.data or bundled.DEMO_DATA
-  refiner = Refiner.from_checkpoint(checkpoint)
+  config, variables = load_model(checkpoint)
+  refiners = {m: Refiner(config, variables, min_side=m, warn_small=False) for m in args.min_sides}
   final = scale_key(SCALES[-1])
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -70,17 +79,21 @@ def main(argv=None) -> int:
     for size in args.sizes:
       sized = os.path.join(root, f"data_{size}")
       resized_copy(data, sized, size)
-      result = evaluate(sized, None, os.path.join(root, f"refined_{size}"), SCALES,
-                        progress=False, log=lambda *_: None, refiner=refiner, overwrite=True)
-      m = result["scales"][final]
-      rows.append((size, m["old_iou"], m["iou"], m["old_mba"], m["mba"], m["num_images"]))
-      print(f"{size:>5} px: IoU {m['old_iou']:.4f} -> {m['iou']:.4f}, "
-            f"mBA {m['old_mba']:.4f} -> {m['mba']:.4f}", flush=True)
+      for min_side, refiner in refiners.items():
+        result = evaluate(sized, None, os.path.join(root, f"refined_{size}_min{min_side}"),
+                          SCALES, progress=False, log=lambda *_: None, refiner=refiner,
+                          overwrite=True)
+        m = result["scales"][final]
+        rows.append((size, min_side, m["old_iou"], m["iou"], m["old_mba"], m["mba"],
+                     m["num_images"]))
+        print(f"{size:>5} px, min_side {min_side}: IoU {m['old_iou']:.4f} -> {m['iou']:.4f}, "
+              f"mBA {m['old_mba']:.4f} -> {m['mba']:.4f}", flush=True)
   print(f"\ncheckpoint {checkpoint}; scales {list(SCALES)}; metrics at scale {final}")
-  print("| long side | coarse IoU | refined IoU | coarse mBA | refined mBA | images |")
-  print("|---|---|---|---|---|---|")
-  for size, old_iou, iou, old_mba, mba, n in rows:
-    print(f"| {size} | {old_iou:.4f} | {iou:.4f} | {old_mba:.4f} | {mba:.4f} | {n} |")
+  print("| long side | min_side | coarse IoU | refined IoU | coarse mBA | refined mBA | images |")
+  print("|---|---|---|---|---|---|---|")
+  for size, min_side, old_iou, iou, old_mba, mba, n in rows:
+    print(f"| {size} | {min_side} | {old_iou:.4f} | {iou:.4f} | {old_mba:.4f} | {mba:.4f} | "
+          f"{n} |")
   return 0
 
 
