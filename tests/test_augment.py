@@ -286,6 +286,11 @@ def test_rescale_option():
   rows, cols = np.nonzero((small["image"] != small["image"][0, 0]).any(-1))
   assert rows.max() - rows.min() + 1 == 64 and cols.max() - cols.min() + 1 == 64
   assert g.sum() > 0 and np.isclose(g.sum() * 16, (gt / 255.0).sum(), rtol=0.02)
+  assert set(np.unique(g)) <= {0.0, 1.0}  # a binary gt stays binary after the resize
+  soft_gt = cv2.GaussianBlur(gt.astype(np.float32) / 255, (0, 0), 3.0)
+  soft = augment.make_training_example(image, soft_gt, np.random.default_rng(3), 96,
+                                       augment.Options(rescale_range=(0.5, 0.5)))
+  assert ((soft["gt"] > 0.05) & (soft["gt"] < 0.95)).any()  # a soft gt stays soft
   lowres = augment.make_training_example(
       image, gt, np.random.default_rng(4), 96,
       augment.Options(lowres_fraction=1.0, rescale_range=(0.25, 0.25)))

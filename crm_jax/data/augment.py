@@ -57,7 +57,10 @@ class Options:
     rescale_range: ``(low, high)`` or None. Every pair is first resized by a factor drawn
       log-uniformly in [low, high] (``random_rescale``), so the network sees objects and
       boundaries at the pixel sizes that the multi-scale loop shows it on small and large images
-      (a factor below ``crop_size / size`` leaves zero padding around the whole pair).
+      (a factor below ``crop_size / size`` leaves zero padding around the whole pair). A
+      binary gt (and the lowres seg) is thresholded at half its range after the resize, so it
+      stays binary with sharp boundaries, as BIG's ground truths are at every size; a soft gt
+      stays soft.
   """
   lowres_fraction: float = 0.0
   soft_seg_fraction: float = 0.0
@@ -131,6 +134,21 @@ def random_rescale(rng: np.random.Generator, scale_range: Tuple[float, float],
     resized = cv2.resize(a, size, interpolation=interpolation)
     out.append(resized.reshape(resized.shape[:2] + a.shape[2:]))
   return tuple(out)
+
+
+def _mask_top(mask: np.ndarray):
+  return 255 if mask.dtype == np.uint8 else 1.0
+
+
+def _is_binary(mask: np.ndarray) -> bool:
+  """Whether a uint8 (0/255) or floating (0/1) mask holds only its two extreme values."""
+  return not np.any((mask != 0) & (mask != _mask_top(mask)))
+
+
+def _binarize(mask: np.ndarray) -> np.ndarray:
+  """A resized mask back to its two extreme values (threshold at half the range), dtype kept."""
+  top = _mask_top(mask)
+  return np.where(mask > top / 2, top, 0).astype(mask.dtype)
 
 
 def random_crop(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
@@ -255,11 +273,14 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
     factor = int(rng.choice(LOWRES_TRAIN_FACTORS))
     lowres_seg = synthesis.lowres_segmenter_mask(gt, rng, factor)
   if options.rescale_range is not None:
+    binary_gt = _is_binary(gt)
     if lowres_seg is None:
       image, gt = random_rescale(rng, options.rescale_range, image, gt)
     else:
       image, gt, lowres_seg = random_rescale(rng, options.rescale_range, image, gt, lowres_seg)
-      lowres_seg = np.where(lowres_seg > 127, 255, 0).astype(np.uint8)  # binary, as made
+      lowres_seg = _binarize(lowres_seg)  # binary, as made
+    if binary_gt:  # a binary gt stays binary at every size, as BIG's are; a soft one stays soft
+      gt = _binarize(gt)
   if lowres_seg is not None:
     both = np.stack([gt.astype(np.float32), lowres_seg.astype(np.float32)], axis=-1)
     image, both = random_crop(image, both, rng, crop_size)
