@@ -5,9 +5,10 @@
 The published recipe (configs/crm_resnet50.py) with a smaller model, smaller crops, a smaller
 batch, fewer steps and a higher learning rate; the data are crm_jax.data.synthetic pairs with
 coarse masks synthesised as in training upstream, by a low-resolution segmenter, and blurred into
-continuous masks (the two fields below). This config made the bundled checkpoint
-crm_jax/assets/crm_small in about an hour on 2 CPU cores (the README gives the time, the machine
-and what the checkpoint does on the bundled set).
+continuous masks (the two fields below). This config is stage 1 of the bundled checkpoint
+crm_jax/assets/crm_small (about an hour on 2 CPU cores); stage 2, configs/synthetic_small_sizes.py,
+fine-tunes its model on every image size (the README gives the times, the machine and what the
+checkpoint does on the bundled set at each size).
 """
 
 import ml_collections
@@ -35,10 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
   # first in the multi-scale loop (a 600-step fine-tune with it: demo IoU / mBA at scale 1.0
   # 0.946 / 0.811, without it 0.935 / 0.735; see the README).
   c.soft_seg_fraction = 0.5
-  # Every pair resized by a factor log-uniform in [1/16, 2] before the crop: objects from about
-  # 20 to 700 pixels across, as the multi-scale loop shows them on images from a few hundred
-  # pixels to 6K (without it, the checkpoint fell apart on images under 1024 px; see the README).
-  c.rescale_range = (0.0625, 2.0)
   c.num_workers = 1
   c.log_every = 100
   c.checkpoint_every = 500

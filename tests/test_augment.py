@@ -303,3 +303,4 @@ def test_rescale_option():
     augment.Options(rescale_range=(0.0, 1.0))
   with pytest.raises(ValueError, match="rescale_range"):
     augment.Options(rescale_range=(2.0, 1.0))
+
