@@ -14,7 +14,6 @@ This is a measure of accuracy, not of speed: nothing is compared with PyTorch.
 """
 
 import argparse
-import glob
 import os
 import sys
 import tempfile
@@ -23,26 +22,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DEFAULT_SIZES = (128, 256, 512, 1024, 2048)
-SMALL_SIDE = 64  # crm_jax.scales.SMALL_SIDE (checked in main, which imports crm_jax)
 
 
 def resized_copy(data: str, out_dir: str, long_side: int) -> None:
   """The BIG objects of ``data`` written to ``out_dir`` with their longer side ``long_side``."""
   import cv2
+  from crm_jax.data.synthesis import binarize_gt
+  from crm_jax.evaluation import list_objects
   from crm_jax.io import read_image, read_mask, write_image
   os.makedirs(out_dir, exist_ok=True)
-  for path in sorted(glob.glob(os.path.join(data, "*_im.jpg"))):
-    stem = path[:-len("_im.jpg")]
-    name = os.path.basename(stem)
-    image = read_image(path)
+  triples, _ = list_objects(data)
+  for t in triples:
+    image = read_image(t.image)
     h, w = image.shape[:2]
     factor = long_side / max(h, w)
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
     interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    write_image(os.path.join(out_dir, f"{name}_im.png"), cv2.resize(image, size, interpolation=interp))
-    for role in ("gt", "seg"):
-      mask = cv2.resize(read_mask(f"{stem}_{role}.png"), size, interpolation=interp)
-      write_image(os.path.join(out_dir, f"{name}_{role}.png"), ((mask > 127) * 255).astype("uint8"))
+    write_image(os.path.join(out_dir, f"{t.name}_im.png"),
+                cv2.resize(image, size, interpolation=interp))
+    for role, path in (("gt", t.gt), ("seg", t.seg)):
+      mask = cv2.resize(read_mask(path), size, interpolation=interp)
+      write_image(os.path.join(out_dir, f"{t.name}_{role}.png"), binarize_gt(mask))
 
 
 def main(argv=None) -> int:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
   parser.add_argument("--checkpoint", default=None, help="default: the bundled checkpoint")
   parser.add_argument("--data", default=None, help="a BIG-layout folder (default: the bundled set)")
   parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES)
-  parser.add_argument("--min-sides", type=int, nargs="+", default=(0, SMALL_SIDE),
+  parser.add_argument("--min-sides", type=int, nargs="+", default=None,
                       help="the Refiner's min_side values to compare (default: 0, the published "
                            "loop, and crm_jax.scales.SMALL_SIDE)")
   parser.add_argument("--output", default=None,
@@ -65,13 +65,13 @@ def main(argv=None) -> int:
   from crm_jax.metrics import scale_key
   from crm_jax.refine import Refiner, enable_compilation_cache
 
-  from crm_jax import scales as scale_rules
-  assert scale_rules.SMALL_SIDE == SMALL_SIDE, "update SMALL_SIDE here"
+  from crm_jax.scales import SMALL_SIDE
   enable_compilation_cache()
   checkpoint = args.checkpoint or bundled.DEMO_CHECKPOINT
   data = args.data or bundled.DEMO_DATA
   config, variables = load_model(checkpoint)
-  refiners = {m: Refiner(config, variables, min_side=m, warn_small=False) for m in args.min_sides}
+  min_sides = args.min_sides if args.min_sides is not None else (0, SMALL_SIDE)
+  refiners = {m: Refiner(config, variables, min_side=m, warn_small=False) for m in min_sides}
   final = scale_key(SCALES[-1])
   rows = []
   with tempfile.TemporaryDirectory() as tmp:

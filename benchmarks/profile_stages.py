@@ -94,7 +94,7 @@ def main() -> int:
     image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     mask = np.zeros((height, width), np.uint8)
     mask[height // 4: 3 * height // 4, width // 5: 4 * width // 5] = 255
-    image_p, seg_p = refiner._padded(image, mask, scales)
+    _, (image_p, seg_p) = refiner._prepared(image, mask, scales)
     profile = {}
     t = time.perf_counter()
     plans.refine_banded(config, refiner.compute_variables, image_p, seg_p, scales,

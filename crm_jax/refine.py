@@ -224,10 +224,6 @@ class Refiner:
     return mask, (np.pad(normalize_image(image), ((p, p), (p, p), (0, 0)), mode="reflect"),
                   np.pad(normalize_seg(mask), ((p, p), (p, p)), mode="reflect"))
 
-  def _padded(self, image, mask, scales) -> Tuple[np.ndarray, np.ndarray]:
-    """The padded pair of ``_prepared``."""
-    return self._prepared(image, mask, scales)[1]
-
   def bucket_of(self, size: Tuple[int, int]) -> Tuple[int, int]:
     """The bucket of an image of ``size`` ``(H, W)`` (pairs of one bucket batch together)."""
     p = self.pad

@@ -136,19 +136,10 @@ def random_rescale(rng: np.random.Generator, scale_range: Tuple[float, float],
   return tuple(out)
 
 
-def _mask_top(mask: np.ndarray):
-  return 255 if mask.dtype == np.uint8 else 1.0
-
-
 def _is_binary(mask: np.ndarray) -> bool:
   """Whether a uint8 (0/255) or floating (0/1) mask holds only its two extreme values."""
-  return not np.any((mask != 0) & (mask != _mask_top(mask)))
-
-
-def _binarize(mask: np.ndarray) -> np.ndarray:
-  """A resized mask back to its two extreme values (threshold at half the range), dtype kept."""
-  top = _mask_top(mask)
-  return np.where(mask > top / 2, top, 0).astype(mask.dtype)
+  top = 255 if mask.dtype == np.uint8 else 1.0
+  return not np.any((mask != 0) & (mask != top))
 
 
 def random_crop(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
@@ -278,9 +269,9 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
       image, gt = random_rescale(rng, options.rescale_range, image, gt)
     else:
       image, gt, lowres_seg = random_rescale(rng, options.rescale_range, image, gt, lowres_seg)
-      lowres_seg = _binarize(lowres_seg)  # binary, as made
+      lowres_seg = synthesis.binarize_gt(lowres_seg)  # binary, as made
     if binary_gt:  # a binary gt stays binary at every size, as BIG's are; a soft one stays soft
-      gt = _binarize(gt)
+      gt = synthesis.binarize_gt(gt)
   if lowres_seg is not None:
     both = np.stack([gt.astype(np.float32), lowres_seg.astype(np.float32)], axis=-1)
     image, both = random_crop(image, both, rng, crop_size)
