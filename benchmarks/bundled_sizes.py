@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import tempfile
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,10 +25,14 @@ sys.path.insert(0, ROOT)
 DEFAULT_SIZES = (128, 256, 512, 1024, 2048)
 
 
-def resized_copy(data: str, out_dir: str, long_side: int) -> None:
-  """The BIG objects of ``data`` written to ``out_dir`` with their longer side ``long_side``."""
+def resized_copy(data: str, out_dir: str, long_side: int,
+                 coarse_factor: Optional[int] = None) -> None:
+  """The BIG objects of ``data`` written to ``out_dir`` with their longer side ``long_side``;
+  with ``coarse_factor`` the coarse masks are made again from the resized gt, by a segmenter at
+  1/``coarse_factor`` of that size (``synthesis.lowres_segmenter_mask``, which made the bundled
+  set's coarse masks at 1/16 of 2K)."""
   import cv2
-  from crm_jax.data.synthesis import binarize_gt
+  from crm_jax.data.synthesis import binarize_gt, lowres_segmenter_mask
   from crm_jax.evaluation import list_objects
   from crm_jax.io import read_image, read_mask, write_image
   os.makedirs(out_dir, exist_ok=True)
@@ -43,6 +48,10 @@ def resized_copy(data: str, out_dir: str, long_side: int) -> None:
     for role, path in (("gt", t.gt), ("seg", t.seg)):
       mask = cv2.resize(read_mask(path), size, interpolation=interp)
       write_image(os.path.join(out_dir, f"{t.name}_{role}.png"), binarize_gt(mask))
+    if coarse_factor is not None:
+      gt = read_mask(os.path.join(out_dir, f"{t.name}_gt.png"))
+      write_image(os.path.join(out_dir, f"{t.name}_seg.png"),
+                  lowres_segmenter_mask(gt, factor=coarse_factor))
 
 
 def main(argv=None) -> int:
@@ -52,14 +61,18 @@ def main(argv=None) -> int:
   parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES)
   parser.add_argument("--min-sides", type=int, nargs="+", default=None,
                       help="the Refiner's min_side values to compare (default: 0, the published "
-                           "loop, and crm_jax.scales.SMALL_SIDE)")
+                           "loop, and the checkpoint's recommendation, or "
+                           "crm_jax.scales.SMALL_SIDE where it has none)")
+  parser.add_argument("--coarse-factor", type=int, default=None,
+                      help="make the coarse masks again at each size, by a segmenter at "
+                           "1/FACTOR of it (default: the bundled coarse masks, resized)")
   parser.add_argument("--output", default=None,
                       help="keep the resized sets and refined masks here (default: a temporary "
                            "folder)")
   args = parser.parse_args(argv)
 
   from crm_jax import bundled
-  from crm_jax.checkpoint import load_model
+  from crm_jax.checkpoint import load_model, recommended_min_side
   from crm_jax.constants import SCALES
   from crm_jax.evaluation import evaluate
   from crm_jax.metrics import scale_key
@@ -70,7 +83,8 @@ def main(argv=None) -> int:
   checkpoint = args.checkpoint or bundled.DEMO_CHECKPOINT
   data = args.data or bundled.DEMO_DATA
   config, variables = load_model(checkpoint)
-  min_sides = args.min_sides if args.min_sides is not None else (0, SMALL_SIDE)
+  min_sides = (args.min_sides if args.min_sides is not None
+               else (0, recommended_min_side(checkpoint) or SMALL_SIDE))
   refiners = {m: Refiner(config, variables, min_side=m, warn_small=False) for m in min_sides}
   final = scale_key(SCALES[-1])
   rows = []
@@ -78,7 +92,7 @@ def main(argv=None) -> int:
     root = args.output or tmp
     for size in args.sizes:
       sized = os.path.join(root, f"data_{size}")
-      resized_copy(data, sized, size)
+      resized_copy(data, sized, size, args.coarse_factor)
       for min_side, refiner in refiners.items():
         result = evaluate(sized, None, os.path.join(root, f"refined_{size}_min{min_side}"),
                           SCALES, progress=False, log=lambda *_: None, refiner=refiner,
@@ -88,7 +102,9 @@ def main(argv=None) -> int:
                      m["num_images"]))
         print(f"{size:>5} px, min_side {min_side}: IoU {m['old_iou']:.4f} -> {m['iou']:.4f}, "
               f"mBA {m['old_mba']:.4f} -> {m['mba']:.4f}", flush=True)
-  print(f"\ncheckpoint {checkpoint}; scales {list(SCALES)}; metrics at scale {final}")
+  coarse = ("the bundled coarse masks, resized" if args.coarse_factor is None else
+            f"coarse masks made at each size by a segmenter at 1/{args.coarse_factor}")
+  print(f"\ncheckpoint {checkpoint}; {coarse}; scales {list(SCALES)}; metrics at scale {final}")
   print("| long side | min_side | coarse IoU | refined IoU | coarse mBA | refined mBA | images |")
   print("|---|---|---|---|---|---|---|")
   for size, min_side, old_iou, iou, old_mba, mba, n in rows:

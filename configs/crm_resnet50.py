@@ -72,6 +72,15 @@ def get_config() -> ml_collections.ConfigDict:
   # the pixel sizes the multi-scale loop shows on small and large images; None is the published
   # recipe.
   c.rescale_range = ml_collections.config_dict.placeholder(tuple)
+  # Increasing scales in (0, 1] or None: each step draws one, s, and the encoder reads the batch's
+  # image and seg resized to round(crop_size * s) (align_corners bilinear, as the multi-scale loop
+  # resizes) while every pixel of the crop is queried: the geometry of the loop's pass at scale s
+  # (crm_jax.data.augment.Options.pass_scales); None is the published recipe (s = 1 only).
+  c.pass_scales = ml_collections.config_dict.placeholder(tuple)
+  # The min_side the exported model recommends to refinement (its config.json "refine" entry;
+  # crm_jax.checkpoint.recommended_min_side): used where a user gives no --min-side. 0 is the
+  # published loop.
+  c.refine_min_side = 0
   # Data-loading worker processes per host (grain mp_prefetch); 0 loads in the main process.
   c.num_workers = 8
 

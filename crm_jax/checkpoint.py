@@ -14,6 +14,11 @@ removes what a killed save left.
 
 ``fingerprint(config, variables)`` identifies a model by its content (see its
 docstring); outputs record it (``crm_jax.evaluation``).
+
+``meta`` may hold ``"refine": {"min_side": N}``: the ``min_side`` the model is meant to refine
+with (``recommended_min_side``; training writes its config's ``refine_min_side``). Refinement
+uses it when the caller gives none; a checkpoint without it (converted published weights)
+refines with the published loop.
 """
 
 import hashlib
@@ -29,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from crm_jax.io import remove_leftovers, tmp_prefix
 from crm_jax.models.crm import CRM, ModelConfig, init_variables
+from crm_jax.scales import check_min_side
 
 FORMAT = "crm-jax-model"
 CONFIG_FILE = "config.json"
@@ -155,6 +161,33 @@ def read_config(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{cfg_file}: bad model config ({e})") from None
   return config, blob.get("meta", {})
+
+
+def recommended_min_side(path: str) -> int:
+  """The ``min_side`` that the checkpoint at ``path`` recommends (``meta["refine"]["min_side"]``),
+  0 (the published loop) when it names none; ``CheckpointError`` for a bad value."""
+  _, meta = read_config(path)
+  refine = meta.get("refine") or {}
+  value = refine.get("min_side", 0) if isinstance(refine, dict) else refine
+  try:
+    return check_min_side(value)
+  except ValueError as e:
+    raise CheckpointError(f"{os.path.join(resolve(path), CONFIG_FILE)}: bad refine.min_side "
+                          f"({e})") from None
+
+
+def resolve_min_side(min_side: Optional[int], path: str) -> Tuple[int, Optional[str]]:
+  """``(min_side, note)``: the caller's ``min_side`` (checked) or, when it is None, the
+  checkpoint's recommendation; ``note`` says so (for a ``note:`` line) when a recommendation
+  other than 0 was taken, else None."""
+  if min_side is not None:
+    return check_min_side(min_side), None
+  value = recommended_min_side(path)
+  if not value:
+    return 0, None
+  return value, (f"{path} recommends min_side {value}: the leading scales at which an image's "
+                 f"shorter side is below {value} px are left out (small images only; "
+                 f"--min-side 0 runs the published loop)")
 
 
 def load_model(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:

@@ -61,10 +61,11 @@ def evaluate_main(argv=None) -> int:
   parser.add_argument("--checkpoint", help="crm-jax model checkpoint directory")
   parser.add_argument("--output", required=True, help="output folder")
   parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
-  parser.add_argument("--min-side", type=int, default=0,
+  parser.add_argument("--min-side", type=int, default=None,
                       help="leave out the leading scales at which an image's shorter side is "
-                           "below N pixels; their masks are the coarse mask (default 0: every "
-                           "scale, the published loop; see docs/refinement.md)")
+                           "below N pixels; their masks are the coarse mask; 0: every scale, "
+                           "the published loop (default: what the checkpoint recommends, 0 "
+                           "unless it names a value; see docs/refinement.md)")
   parser.add_argument("--metrics-only", action="store_true",
                       help="recompute the metrics of the masks already in --output")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

@@ -366,10 +366,12 @@ def start_output(out_dir: str, inputs: Sequence[str], settings: Callable[[], Dic
 
 
 def load_refiners(refiner, checkpoint: Optional[str], devices: Optional[int] = None,
-                  **kwargs) -> list:
+                  min_side: Optional[int] = None, log: Optional[Log] = None, **kwargs) -> list:
   """``refiner`` as a list (``as_refiners``) or, when it is None, one
   ``crm_jax.refine.Refiner`` per local device (``devices``: the first N; default all) with the
-  checkpoint read once; keyword arguments go to ``Refiner``."""
+  checkpoint read once; keyword arguments go to ``Refiner``. ``min_side`` None: the
+  checkpoint's recommendation (``crm_jax.checkpoint.resolve_min_side``), with a note to ``log``
+  when it is not 0."""
   if refiner is not None:
     return as_refiners(refiner)
   from crm_jax import checkpoint as ckpt  # JAX is imported only here.
@@ -377,8 +379,11 @@ def load_refiners(refiner, checkpoint: Optional[str], devices: Optional[int] = N
 
   if not checkpoint:
     raise InputError("no --checkpoint given")
+  min_side, note = ckpt.resolve_min_side(min_side, checkpoint)
+  if note is not None and log is not None:
+    log(f"note: {note}")
   config, variables = ckpt.load_model(checkpoint)
-  return local_refiners(config, variables, devices, **kwargs)
+  return local_refiners(config, variables, devices, min_side=min_side, **kwargs)
 
 
 def join_processes(batch_size: int, refiner, all_processes: Optional[bool] = None) -> Processes:
@@ -401,7 +406,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
              split: Optional[str] = None, refiner=None, dtype: str = "float32",
              overwrite: bool = False, plan: str = "auto", batch_size: int = 1,
              devices: Optional[int] = None, all_processes: Optional[bool] = None,
-             min_side: int = 0) -> Dict:
+             min_side: Optional[int] = None) -> Dict:
   """Refines ``data`` into ``out_dir`` (unless ``metrics_only``), computes the metrics, prints
   the table and writes ``out_dir/metrics.json``; returns what it wrote.
 
@@ -420,9 +425,10 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
       object refined again (without it they are refused; see the module docstring).
     plan: the execution plan (``crm_jax.refine.Refiner``: auto, plain, banded, fused).
     min_side: leave out the leading scales at which an image's shorter side is below this many
-      pixels (``crm_jax.refine.Refiner``; 0, the published loop, by default); the masks of a
-      scale left out are the coarse mask. A ``refiner`` given carries its own (as its dtype
-      and plan); the manifest records the refiner's.
+      pixels (``crm_jax.refine.Refiner``; 0 is the published loop); the masks of a scale left
+      out are the coarse mask. None (default): what the checkpoint recommends
+      (``crm_jax.checkpoint.recommended_min_side``; 0 unless it names a value). A ``refiner``
+      given carries its own (as its dtype and plan); the manifest records the refiner's.
     batch_size: objects of one bucket refined together (``refine_objects``).
     devices: how many local devices refine (default: all; one Refiner each).
     all_processes: share the work with every process of a multi-host run (default: when no
@@ -444,7 +450,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
   """
   start = time.time()
   scales = check_scales(scales)
-  min_side = check_min_side(min_side)
+  min_side = None if min_side is None else check_min_side(min_side)
   if metrics_only:
     if not os.path.isdir(out_dir):
       raise InputError(f"{out_dir}: no such folder (nothing to evaluate)")
@@ -464,7 +470,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     else:
       state["objects"], state["problems"] = folder_objects(data)
     state["refiners"] = load_refiners(refiner, checkpoint, devices, dtype=dtype, plan=plan,
-                                      min_side=min_side)
+                                      min_side=min_side,
+                                      log=log if processes.is_main else None)
     return run_settings(state["refiners"][0], scales, checkpoint)
 
   inputs = [tfds_data_dir if tfds_data_dir else data]

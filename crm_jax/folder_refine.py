@@ -133,7 +133,8 @@ def pair_jobs(pairs: Sequence[FolderPair], out_dir: str, last_scale: float) -> L
 
 
 def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
-                  suffix: str = "", scales: Sequence[float] = SCALES, min_side: int = 0,
+                  suffix: str = "", scales: Sequence[float] = SCALES,
+                  min_side: Optional[int] = None,
                   dtype: str = "float32", plan: str = "auto", batch_size: int = 1,
                   devices: Optional[int] = None, overwrite: bool = False,
                   progress: bool = True, log: Log = print, refiner=None) -> Dict:
@@ -143,14 +144,15 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
 
   ``refiner``: a loaded ``crm_jax.refine.Refiner`` or a list of them, instead of
   ``checkpoint`` (it carries its own ``min_side``, dtype and plan). ``min_side``: as
-  ``Refiner(min_side=...)`` (0, the published loop, by default). Raises ``InputError`` for bad
+  ``Refiner(min_side=...)``, 0 being the published loop; None (default): what the checkpoint
+  recommends (``crm_jax.checkpoint.recommended_min_side``). Raises ``InputError`` for bad
   arguments or folders (before any work) and when nothing could be refined (nothing refined now
   and nothing complete before); a ``CheckpointError`` for a bad checkpoint; an ``OSError``
   naming an output that cannot be written.
   """
   start = time.time()
   scales = check_scales(scales)
-  min_side = check_min_side(min_side)
+  min_side = None if min_side is None else check_min_side(min_side)
   processes = evaluation.join_processes(batch_size, refiner)
   progress = progress and processes.is_main
   state = {}
@@ -158,7 +160,8 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
   def settings():
     state["pairs"], state["problems"] = pair_folders(images, masks, suffix)
     state["refiners"] = evaluation.load_refiners(refiner, checkpoint, devices, dtype=dtype,
-                                                 plan=plan, min_side=min_side)
+                                                 plan=plan, min_side=min_side,
+                                                 log=log if processes.is_main else None)
     return evaluation.run_settings(state["refiners"][0], scales, checkpoint)
 
   blob = evaluation.start_output(out_dir, [images, masks], settings, overwrite, log, processes,

@@ -18,11 +18,13 @@ the encoder and fusion give F once, and the implicit decoder is queried at
 every pixel centre of the padded full-resolution grid ``(H, W)``. The
 probability becomes the next scale's seg, ``(p - 0.5) * 2``.
 
-``min_side`` (``--min-side``; 0, the published loop, by default) leaves out the leading scales at
-which an image's shorter side would be below that many pixels (``crm_jax.scales.scales_to_run``;
-docs/refinement.md, "Small images and min_side"); the default loop on an image that small is
-warned about once (``crm_jax.scales.SmallImageWarning``; one ``warning:`` line on the command
-line).
+``min_side`` (``--min-side``) leaves out the leading scales at which an image's shorter side
+would be below that many pixels (``crm_jax.scales.scales_to_run``; docs/refinement.md, "Small
+images and min_side"); 0 is the published loop. ``Refiner(...)`` defaults to 0;
+``Refiner.from_checkpoint`` and the command line default to what the checkpoint recommends
+(``crm_jax.checkpoint.recommended_min_side``: 0, unless it names a value, as the bundled
+checkpoint does). The published loop on an image that small is warned about once
+(``crm_jax.scales.SmallImageWarning``; one ``warning:`` line on the command line).
 
 How the work is compiled and run is the plan (``crm_jax.plans``): ``plain``
 (per-shape, the exactness reference), ``banded`` (bucketed, memory-bounded
@@ -195,7 +197,10 @@ class Refiner:
 
   @classmethod
   def from_checkpoint(cls, path: str, **kwargs) -> "Refiner":
-    """Loads a model checkpoint directory (``crm_jax.checkpoint``)."""
+    """Loads a model checkpoint directory (``crm_jax.checkpoint``). Without ``min_side`` (or
+    with None) the checkpoint's recommendation is used (``ckpt.recommended_min_side``: 0, the
+    published loop, unless the checkpoint names one, as the bundled one does)."""
+    kwargs["min_side"], _ = ckpt.resolve_min_side(kwargs.get("min_side"), path)
     config, variables = ckpt.load_model(path)
     return cls(config, variables, **kwargs)
 
@@ -393,10 +398,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="model checkpoint directory (default: the bundled small one, trained "
                            "on synthetic data)")
   parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
-  parser.add_argument("--min-side", type=int, default=0,
+  parser.add_argument("--min-side", type=int, default=None,
                       help="leave out the leading scales at which an image's shorter side is "
-                           "below N pixels (default 0: every scale, the published loop; see "
-                           "docs/refinement.md)")
+                           "below N pixels; 0: every scale, the published loop (default: what "
+                           "the checkpoint recommends, 0 unless it names a value; the bundled "
+                           "one names 128; see docs/refinement.md)")
   parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                       help="compute dtype of the network (default float32)")
   parser.add_argument("--plan", choices=PLAN_CHOICES, default="auto",
@@ -414,13 +420,20 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _checkpoint_path(path: Optional[str]) -> str:
-  if path is None:
-    path = default_checkpoint()
-    print(f"note: no --checkpoint given: using the bundled small checkpoint ({path}), trained "
-          "on synthetic data only; for real photographs convert the published weights (README: "
-          "Convert the published checkpoint and evaluate on BIG)", file=sys.stderr)
-  return path
+def _model(args) -> Tuple[str, int]:
+  """The checkpoint and ``min_side`` of a run: ``--checkpoint`` or the bundled one,
+  ``--min-side`` or the checkpoint's recommendation; one ``note:`` line on stderr says which
+  defaults were taken, where they matter."""
+  path = default_checkpoint() if args.checkpoint is None else args.checkpoint
+  min_side, min_side_note = ckpt.resolve_min_side(args.min_side, path)
+  notes = [] if min_side_note is None else [min_side_note]
+  if args.checkpoint is None:
+    notes.insert(0, f"no --checkpoint given: using the bundled small checkpoint ({path}), "
+                 "trained on synthetic data only; for real photographs convert the published "
+                 "weights (README: Convert the published checkpoint and evaluate on BIG)")
+  if notes:
+    print("note: " + "; ".join(notes), file=sys.stderr)
+  return path, min_side
 
 
 def _refine_one(args) -> None:
@@ -429,17 +442,19 @@ def _refine_one(args) -> None:
   from crm_jax.folder_refine import read_pair
 
   scales = check_scales(args.scales)
-  min_side = check_min_side(args.min_side)
+  if args.min_side is not None:
+    check_min_side(args.min_side)
   io.check_output_file(args.output, inputs=(args.image, args.mask))
   io.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
   image, mask = read_pair(args.image, args.mask)
   check_scales(scales, image.shape[:2])
+  path, min_side = _model(args)
   note = None if min_side else small_image_note(scales, image.shape[:2])
   if note is not None:
     print(f"warning: {args.image} is {note}; {small_image_advice(scales, image.shape[:2])}",
           file=sys.stderr)
-  refiner = Refiner.from_checkpoint(_checkpoint_path(args.checkpoint), dtype=args.dtype,
-                                    plan=args.plan, min_side=min_side, warn_small=False)
+  refiner = Refiner.from_checkpoint(path, dtype=args.dtype, plan=args.plan, min_side=min_side,
+                                    warn_small=False)
   prob = refiner.refine(image, mask, scales)
   io.write_image(args.output, prob_to_uint8(prob))
   print(f"wrote {args.output}")
@@ -448,8 +463,11 @@ def _refine_one(args) -> None:
 def _refine_folder(args) -> None:
   from crm_jax.folder_refine import refine_folder
 
-  refine_folder(args.images, args.masks, args.output, _checkpoint_path(args.checkpoint),
-                suffix=args.mask_suffix, scales=args.scales, min_side=args.min_side,
+  if args.min_side is not None:
+    check_min_side(args.min_side)
+  path, min_side = _model(args)
+  refine_folder(args.images, args.masks, args.output, path,
+                suffix=args.mask_suffix, scales=args.scales, min_side=min_side,
                 dtype=args.dtype, plan=args.plan, batch_size=args.batch_size,
                 devices=args.devices, overwrite=args.overwrite, progress=not args.no_progress)
 

@@ -304,3 +304,37 @@ def test_rescale_option():
   with pytest.raises(ValueError, match="rescale_range"):
     augment.Options(rescale_range=(2.0, 1.0))
 
+
+
+def test_loop_resize_is_the_loops_resize():
+  """loop_resize equals PyTorch's bilinear align_corners=True interpolation (the resize of the
+  multi-scale loop) on odd and even sizes, down and up."""
+  torch = pytest.importorskip("torch")
+  x = np.random.default_rng(0).normal(size=(2, 96, 70, 4)).astype(np.float32)
+  for size in [(12, 9), (24, 18), (48, 35), (7, 31), (96, 70), (130, 100)]:
+    want = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=size,
+                                           mode="bilinear", align_corners=True)
+    got = augment.loop_resize(x, size)
+    assert got.shape == (2,) + size + (4,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=2e-6)
+
+
+def test_pass_scales_option():
+  """pass_inputs shrinks image and seg to round(S * s) and keeps gt; the option is validated
+  with the scales rule of refinement and is off by default."""
+  rng = np.random.default_rng(1)
+  batch = {"image": rng.normal(size=(3, 96, 96, 3)).astype(np.float32),
+           "seg": rng.uniform(-1, 1, (3, 96, 96, 1)).astype(np.float32),
+           "gt": rng.uniform(0, 1, (3, 96, 96, 1)).astype(np.float32)}
+  for s, side in [(0.125, 12), (0.25, 24), (0.3, 29), (1.0, 96)]:
+    out = augment.pass_inputs(batch, s)
+    assert out["image"].shape == (3, side, side, 3) and out["seg"].shape == (3, side, side, 1)
+    assert out["gt"] is batch["gt"]
+    np.testing.assert_array_equal(out["seg"], augment.loop_resize(batch["seg"], (side, side)))
+  assert augment.Options().pass_scales is None
+  assert augment.Options(pass_scales=[0.5, 1]).pass_scales == (0.5, 1.0)
+  for bad in [(), (0.5, 0.25), (0.0, 1.0), (0.5, 1.5), (float("nan"),)]:
+    with pytest.raises(ValueError, match="pass_scales"):
+      augment.Options(pass_scales=bad)
+  draws = [augment.pass_scale(np.random.default_rng(k), (0.125, 0.5, 1.0)) for k in range(300)]
+  assert set(draws) == {0.125, 0.5, 1.0}

@@ -500,6 +500,17 @@ def test_min_side_is_recorded_and_outputs_of_another_are_refused(world, refiner,
   assert res["refined"] == 3 and res["model"]["min_side"] == min_side
   assert json.load(open(os.path.join(out, "manifest.json")))["min_side"] == min_side
   assert not [m for m in logged if "small images" in m]
+  # A checkpoint recommending that min_side (the same model) gives it by default, in one note
+  # line, and the folder is complete for it.
+  config, variables = load_model(world["ckpt"])
+  advised = save_model(str(tmp_path / "advised"), variables, config,
+                       meta={"refine": {"min_side": min_side}})
+  logged = []
+  res = evaluation.evaluate(world["data"], advised, out, progress=False, log=logged.append,
+                            devices=1)
+  assert res["already_complete"] == 3 and res["model"]["min_side"] == min_side
+  notes = [m for m in logged if m.startswith("note:")]
+  assert len(notes) == 1 and f"{advised} recommends min_side {min_side}" in notes[0]
   seg = read_mask(os.path.join(world["data"], "obj_a_seg.png"))
   image = read_image(os.path.join(world["data"], "obj_a_im.jpg"))
   # Scale 0.125 of obj_a: the coarse mask, unrefined; the others: the kept scales' loop.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from crm_jax import refine
-from crm_jax.checkpoint import CheckpointError, save_model
+from crm_jax.checkpoint import CheckpointError, load_model, save_model
 from crm_jax.data.synthesis import lowres_segmenter_mask
 from crm_jax.data.synthetic import make_synthetic_pair
 from crm_jax.io import read_grey
@@ -105,11 +105,14 @@ def test_bad_arguments_fail_in_one_line_before_the_checkpoint_loads(files, capsy
 
 
 def test_note_on_the_bundled_checkpoint(files, capsys, tmp_path, monkeypatch):
-  """Point 9 (the CLI part): without --checkpoint, one line says which model is used."""
+  """Point 9 (the CLI part): without --checkpoint, one line says which model is used, and the
+  min_side it recommends (which reaches the Refiner)."""
+  from crm_jax.checkpoint import recommended_min_side
   used = []
 
   def stop(path, **kwargs):
     used.append(path)
+    assert kwargs["min_side"] == recommended_min_side(path) > 0
     raise CheckpointError("stopped by the test")
 
   monkeypatch.setattr(refine.Refiner, "from_checkpoint", staticmethod(stop))
@@ -121,13 +124,18 @@ def test_note_on_the_bundled_checkpoint(files, capsys, tmp_path, monkeypatch):
   notes = [l for l in err.splitlines() if l.startswith("note:")]
   assert len(notes) == 1
   assert all(w in notes[0] for w in ("bundled small checkpoint", "synthetic", "published weights",
-                                     default_checkpoint()))
+                                     default_checkpoint(), "recommends min_side"))
+  assert not [l for l in err.splitlines() if l.startswith("warning:")]  # min_side: no warning
 
 
-def test_small_image_warning_line_unless_min_side(files, capsys, tmp_path, monkeypatch):
+def test_small_image_warning_line_unless_min_side(files, ckpt, capsys, tmp_path, monkeypatch):
   """A small image with the default scales: one warning line naming the file, before the model
-  loads; none with --min-side (which reaches the Refiner) or with one scale."""
+  loads; none with --min-side (which reaches the Refiner), with one scale or with a checkpoint
+  that recommends a min_side (said in one note line; --min-side 0 overrides it)."""
   from crm_jax.scales import SMALL_SIDE
+  _, variables = load_model(ckpt)
+  advised = save_model(str(tmp_path / "advised"), variables, TINY,
+                       meta={"refine": {"min_side": 24}})
   loaded = []
 
   def stop(path, **kwargs):
@@ -135,14 +143,21 @@ def test_small_image_warning_line_unless_min_side(files, capsys, tmp_path, monke
     raise CheckpointError("stopped by the test")
 
   monkeypatch.setattr(refine.Refiner, "from_checkpoint", staticmethod(stop))
-  base = ["--image", files["image"], "--mask", files["mask"], "--output",
-          str(tmp_path / "r.png"), "--checkpoint", str(tmp_path)]
-  for extra, warned, min_side in (([], True, 0), (["--min-side", "16"], False, 16),
-                                  (["--scales", "1.0"], False, 0)):
-    code, _, err = _run(capsys, base + extra)
+  pair = ["--image", files["image"], "--mask", files["mask"], "--output",
+          str(tmp_path / "r.png")]
+  base = pair + ["--checkpoint", ckpt]
+  for extra, warned, min_side, noted in (
+      ([], True, 0, False), (["--min-side", "16"], False, 16, False),
+      (["--scales", "1.0"], False, 0, False), (["--checkpoint", advised], False, 24, True),
+      (["--checkpoint", advised, "--min-side", "0"], True, 0, False)):
+    code, _, err = _run(capsys, (pair if "--checkpoint" in extra else base) + extra)
     assert code == 2 and "stopped by the test" in err.splitlines()[-1]
     lines = [l for l in err.splitlines() if l.startswith("warning:")]
     assert len(lines) == int(warned), (extra, err)
+    notes = [l for l in err.splitlines() if l.startswith("note:")]
+    assert notes == ([f"note: {advised} recommends min_side 24: the leading scales at which an "
+                      "image's shorter side is below 24 px are left out (small images only; "
+                      "--min-side 0 runs the published loop)"] if noted else []), err
     assert loaded[-1]["min_side"] == min_side and loaded[-1]["warn_small"] is False
   code, _, err = _run(capsys, base)
   line = [l for l in err.splitlines() if l.startswith("warning:")][0]

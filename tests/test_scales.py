@@ -154,3 +154,39 @@ def test_refine_batch_with_two_ladders_equals_one_by_one(tiny_vars, plan):
   last = refiner.refine_batch([p[0] for p in pairs], [p[1] for p in pairs])
   for got, (image, mask) in zip(last, pairs):
     np.testing.assert_array_equal(got, refiner.refine(image, mask))
+
+
+def test_a_checkpoint_recommends_its_min_side(tiny_vars, tmp_path):
+  """``meta.refine.min_side`` is the default of ``Refiner.from_checkpoint`` (an explicit value,
+  0 included, wins); a checkpoint without one gives the published loop; a bad one is a
+  CheckpointError naming the file."""
+  from crm_jax.checkpoint import (CheckpointError, recommended_min_side, resolve_min_side,
+                                  save_model)
+  plain = save_model(str(tmp_path / "plain"), tiny_vars, TINY)
+  advised = save_model(str(tmp_path / "advised"), tiny_vars, TINY,
+                       meta={"refine": {"min_side": 96}})
+  assert recommended_min_side(plain) == 0 and recommended_min_side(advised) == 96
+  assert Refiner.from_checkpoint(plain).min_side == 0
+  assert Refiner.from_checkpoint(advised).min_side == 96
+  assert Refiner.from_checkpoint(advised, min_side=None).min_side == 96
+  assert Refiner.from_checkpoint(advised, min_side=0).min_side == 0
+  assert Refiner.from_checkpoint(advised, min_side=32).min_side == 32
+  assert resolve_min_side(None, plain) == (0, None)
+  assert resolve_min_side(5, advised) == (5, None)
+  value, note = resolve_min_side(None, advised)
+  assert value == 96 and advised in note and "min_side 96" in note and "--min-side 0" in note
+  bad = save_model(str(tmp_path / "bad"), tiny_vars, TINY, meta={"refine": {"min_side": -2}})
+  with pytest.raises(CheckpointError, match=r"bad/config.json: bad refine.min_side"):
+    Refiner.from_checkpoint(bad)
+
+
+def test_the_bundled_checkpoint_recommends_the_small_side():
+  """The bundled checkpoint (trained with configs/synthetic_small_sizes.py) carries that
+  config's refine_min_side; the published recipe's is 0."""
+  from configs import crm_resnet50, synthetic_small_sizes
+  from crm_jax.bundled import default_checkpoint
+  from crm_jax.checkpoint import read_config, recommended_min_side
+  want = synthetic_small_sizes.get_config().refine_min_side
+  assert want > 0 and crm_resnet50.get_config().refine_min_side == 0
+  assert recommended_min_side(default_checkpoint()) == want
+  assert read_config(default_checkpoint())[1]["train_config"]["refine_min_side"] == want

@@ -176,6 +176,43 @@ def test_loss_falls_on_a_fixed_batch():
   assert int(devices.unreplicate(state).step) == 30
 
 
+def test_pass_scales_train_one_pass_of_the_loop_per_step():
+  """With pass_scales each step's image and seg are shrunk to the step's scale (the same on
+  every host), gt stays at the crop size, and the pmapped step decodes every crop pixel from
+  the smaller input: finite loss, seg IoU counted on the seg resized to the crop, and the
+  example picture still drawn at the crop size."""
+  from crm_jax.ops import resize_bilinear_align_corners
+  from crm_jax.training import logger
+  config = small_test_config(pass_scales=(0.25, 0.5, 1.0))
+  sides = {}
+  for step in range(12):
+    batch = pipeline.host_batch(config, step)
+    s = pipeline.step_pass_scale(config.seed, step, config.pass_scales)
+    side = round(32 * s)
+    assert batch['image'].shape == (4, side, side, 3) and batch['seg'].shape == (4, side, side, 1)
+    assert batch['gt'].shape == (4, 32, 32, 1)
+    halves = [pipeline.host_batch(config, step, process_index=p, process_count=2) for p in (0, 1)]
+    for k in batch:
+      np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), batch[k])
+    sides[side] = step
+  assert set(sides) == {8, 16, 32}
+  p_step = step_lib.build(config).p_step
+  state = devices.replicate(step_lib.create_train_state(config, jax.random.PRNGKey(0)))
+  guard = devices.replicate(step_lib.Guard.clear())
+  batch = pipeline.host_batch(config, sides[8])
+  state, guard, metrics = p_step(state, guard, devices.shard(batch, 4), jax.random.PRNGKey(1))
+  m = devices.unreplicate(metrics)
+  assert np.isfinite(float(m['total'])) and int(devices.unreplicate(state).step) == 1
+  seg32 = np.asarray(resize_bilinear_align_corners(batch['seg'], (32, 32)))
+  gt = batch['gt'] > 0.5
+  want = ((seg32 > 0.5) & gt).sum(), ((seg32 > 0.5) | gt).sum()
+  assert (int(m['seg_intersection']), int(m['seg_union'])) == (int(want[0]), int(want[1]))
+  variables = {'params': devices.unreplicate(state).params,
+               'batch_stats': devices.unreplicate(state).batch_stats}
+  picture = logger.example_picture(cfg_lib.model_config(config), variables, batch)
+  assert picture.shape[1:] == (4 * 32, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # train_and_evaluate.
 
@@ -202,6 +239,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert sorted(os.listdir(work / 'images')) == ['step_0000003.png', 'step_0000006.png']
   refiner = Refiner.from_checkpoint(str(work / 'model'))
   assert refiner.config == cfg_lib.model_config(small_test_config())
+  assert ckpt.read_config(str(work / 'model'))[1]['refine'] == {'min_side': 0}
+  assert refiner.min_side == 0  # the published recipe recommends the published loop
   _, variables = ckpt.load_model(str(work / 'model'))
   _assert_trees_close(variables['params'], straight.params, rtol=0, atol=0)
 
@@ -263,6 +302,19 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   changed = small_test_config(learning_rate=0.5, crop_size=48)
   with pytest.raises(training.TrainingError, match='crop_size: 32 -> 48; learning_rate'):
     training.train_and_evaluate(changed, str(tmp_path))
+  # A run recorded before a field was added ran with it off: it resumes; on, it does not.
+  record = tmp_path / 'train_config.json'
+  old = json.loads(record.read_text())
+  for field in cfg_lib.ADDED_FIELDS:
+    del old[field]
+  record.write_text(json.dumps(old))
+  workdir.check_config(str(tmp_path), small_test_config(num_steps=60), True)
+  with pytest.raises(training.TrainingError, match=r'pass_scales: None -> \[0.5, 1.0\]'):
+    workdir.check_config(str(tmp_path), small_test_config(pass_scales=(0.5, 1.0)), True)
+  # refine_min_side is what the exported model recommends, not part of the recipe.
+  workdir.check_config(str(tmp_path), small_test_config(refine_min_side=64), True)
+  with pytest.raises(training.TrainingError, match='refine_min_side'):
+    cfg_lib.check_config(small_test_config(refine_min_side=-3))
 
 
 def test_cli_error_is_one_line(tmp_path):

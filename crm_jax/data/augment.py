@@ -24,8 +24,11 @@ from typing import Any, Dict, Optional, Tuple
 import cv2
 import numpy as np
 
+from crm_jax.geometry import align_corners_table, scaled_size
+from crm_jax.io import InputError
 from crm_jax.preprocess import normalize_image, normalize_seg  # re-exported
 from crm_jax.data import synthesis
+from crm_jax.scales import check_scales
 
 CROP_SIZE = 224
 HFLIP_PROB = 0.5
@@ -61,10 +64,17 @@ class Options:
       binary gt (and the lowres seg) is thresholded at half its range after the resize, so it
       stays binary with sharp boundaries, as BIG's ground truths are at every size; a soft gt
       stays soft.
+    pass_scales: increasing scales in (0, 1] or None. Each step draws one of them, ``s``, for
+      its whole batch (``pass_scale``), and the batch's image and seg are resized to
+      ``round(S * s)`` as the multi-scale loop resizes its inputs (``loop_resize``), while the gt
+      and the queries stay at S: the geometry of the loop's pass at scale s, whose encoder
+      reads a ``1/s`` times smaller input than the grid it is queried on (upstream trains on
+      ``s = 1`` only, and the loop's first pass on a small image reads a few features).
   """
   lowres_fraction: float = 0.0
   soft_seg_fraction: float = 0.0
   rescale_range: Optional[Tuple[float, float]] = None
+  pass_scales: Optional[Tuple[float, ...]] = None
 
   def __post_init__(self):
     for name in ("lowres_fraction", "soft_seg_fraction"):
@@ -77,15 +87,21 @@ class Options:
         raise ValueError(f"rescale_range must be (low, high) with 0 < low <= high, got "
                          f"{self.rescale_range!r}")
       object.__setattr__(self, "rescale_range", r)
+    if self.pass_scales is not None:
+      try:
+        scales = check_scales(self.pass_scales)
+      except InputError as e:
+        raise ValueError(f"pass_scales: {e}") from None
+      object.__setattr__(self, "pass_scales", scales)
 
   @classmethod
   def from_config(cls, config: Any) -> "Options":
-    """From a training config's ``lowres_mask_fraction``, ``soft_seg_fraction`` and
-    ``rescale_range`` (each optional)."""
+    """From a training config's ``lowres_mask_fraction``, ``soft_seg_fraction``,
+    ``rescale_range`` and ``pass_scales`` (each optional)."""
     get = lambda name, default: config[name] if name in config else default  # noqa: E731
-    r = get("rescale_range", None)
+    r, p = get("rescale_range", None), get("pass_scales", None)
     return cls(float(get("lowres_mask_fraction", 0.0)), float(get("soft_seg_fraction", 0.0)),
-               None if r is None else tuple(r))
+               None if r is None else tuple(r), None if p is None else tuple(p))
 
 
 
@@ -134,6 +150,35 @@ def random_rescale(rng: np.random.Generator, scale_range: Tuple[float, float],
     resized = cv2.resize(a, size, interpolation=interpolation)
     out.append(resized.reshape(resized.shape[:2] + a.shape[2:]))
   return tuple(out)
+
+
+def pass_scale(rng: np.random.Generator, scales: Tuple[float, ...]) -> float:
+  """One of ``scales``, uniformly (``Options.pass_scales``)."""
+  return float(scales[int(rng.integers(len(scales)))])
+
+
+def loop_resize(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """``x`` float32 ``[B, H, W, C]`` resized to ``[B, h, w, C]`` as the multi-scale loop resizes
+  its inputs (bilinear, ``align_corners=True``, the tables of ``geometry.align_corners_table``;
+  ``crm_jax.ops.resize_bilinear_align_corners`` is the same resize in JAX)."""
+  x = np.asarray(x, np.float32)
+  (in_h, in_w), (out_h, out_w) = x.shape[1:3], size
+  if (in_h, in_w) == (out_h, out_w):
+    return x
+  i0, i1, lam = align_corners_table(in_h, out_h)
+  lam = lam[None, :, None, None]
+  x = (1 - lam) * x[:, i0] + lam * x[:, i1]
+  i0, i1, lam = align_corners_table(in_w, out_w)
+  lam = lam[None, None, :, None]
+  return ((1 - lam) * x[:, :, i0] + lam * x[:, :, i1]).astype(np.float32)
+
+
+def pass_inputs(batch: Dict[str, np.ndarray], scale: float) -> Dict[str, np.ndarray]:
+  """A batch (``image``, ``seg``, ``gt`` at S x S) with image and seg resized to the scale
+  ``scale`` of S (``loop_resize``); gt unchanged (``Options.pass_scales``)."""
+  s = batch["gt"].shape[1]
+  size = scaled_size((s, s), scale)
+  return dict(batch, image=loop_resize(batch["image"], size), seg=loop_resize(batch["seg"], size))
 
 
 def _is_binary(mask: np.ndarray) -> bool:

@@ -18,7 +18,10 @@ own slice ``j in [p * B / P, (p + 1) * B / P)`` of every global batch.
 
 Output. One dict of numpy float32 arrays per step, for the host's ``b = B / P`` examples:
 ``image`` ``[b, S, S, 3]`` normalised RGB, ``seg`` ``[b, S, S, 1]`` in [-1, 1] (the coarse mask),
-``gt`` ``[b, S, S, 1]`` in [0, 1] (soft), ``S = crop_size``.
+``gt`` ``[b, S, S, 1]`` in [0, 1] (soft), ``S = crop_size``. With ``pass_scales`` (off in the
+published recipe; ``augment.Options``) image and seg are ``[b, s', s', C]``, ``s' = round(S * s)``
+for the step's pass scale ``s`` (drawn from ``np.random.default_rng([seed, 3, t])``, so the same
+on every host).
 
 Workers. Batches are built by ``grain``: a ``MapDataset`` over the steps, mapped to batches, and
 ``mp_prefetch`` over ``num_workers`` processes (0: a prefetch thread in this process).
@@ -46,6 +49,7 @@ DATASETS = (SYNTHETIC, TFDS_MIXTURE)
 # Stream keys of np.random.default_rng([seed, key, ...]), so the streams never overlap.
 _PERMUTATION_STREAM = 1
 _EXAMPLE_STREAM = 2
+_PASS_STREAM = 3
 
 
 class DatasetError(ValueError):
@@ -147,7 +151,17 @@ class StepBatch:
     examples = [make_example(self.source, self.seed, int(step), j, self.batch_size,
                              self.crop_size, self.options)
                 for j in self.indices]
-    return {k: np.stack([e[k] for e in examples]) for k in ('image', 'seg', 'gt')}
+    batch = {k: np.stack([e[k] for e in examples]) for k in ('image', 'seg', 'gt')}
+    if self.options.pass_scales is not None:
+      batch = augment.pass_inputs(batch, step_pass_scale(self.seed, int(step),
+                                                         self.options.pass_scales))
+    return batch
+
+
+def step_pass_scale(seed: int, step: int, scales: Sequence[float]) -> float:
+  """The pass scale of global step ``step`` (``augment.Options.pass_scales``): a function of
+  ``(seed, step)`` only, so every host and device of a step agrees on the batch's shapes."""
+  return augment.pass_scale(np.random.default_rng([seed, _PASS_STREAM, step]), tuple(scales))
 
 
 def host_batch(config: Any, step: int, process_index: int = 0, process_count: int = 1,

@@ -12,6 +12,7 @@ from typing import Any, Dict, Tuple
 
 from crm_jax.data import augment
 from crm_jax.models.crm import RESNET50, SMALL, TINY, ModelConfig
+from crm_jax.scales import check_min_side
 
 MODEL_PRESETS = {'resnet50': RESNET50, 'small': SMALL, 'tiny': TINY}
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -21,7 +22,11 @@ EVAL_BEST_METRICS = ('iou', 'mba')
 # the optimisation (num_steps may only extend a run; the others are bookkeeping).
 RESUMABLE_FIELDS = ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
                     'image_every', 'num_workers', 'eval_every', 'eval_data', 'eval_scales',
-                    'eval_best_metric', 'eval_synthetic_num_examples', 'eval_synthetic_size')
+                    'eval_best_metric', 'eval_synthetic_num_examples', 'eval_synthetic_size',
+                    'refine_min_side')
+# Fields added to the configs after runs were recorded, with the value that means "off": a
+# recorded config without one of them ran with that value (``workdir.check_config``).
+ADDED_FIELDS = {'rescale_range': None, 'pass_scales': None, 'refine_min_side': 0}
 # The optimiser's fields (crm_jax.optim.make_optimizer_from_config).
 OPTIMIZER_FIELDS = ('learning_rate', 'weight_decay', 'lr_milestones', 'lr_gamma', 'adam_b1',
                     'adam_b2', 'adam_eps')
@@ -66,7 +71,17 @@ def check_config(config) -> None:
     augment.Options.from_config(config)
   except (TypeError, ValueError) as e:
     raise TrainingError(f'config: {e}') from None
+  refine_min_side(config)
   model_config(config)
+
+
+def refine_min_side(config) -> int:
+  """``config.refine_min_side`` (0 where the config has none): the ``min_side`` the exported
+  model recommends (``crm_jax.checkpoint.recommended_min_side``)."""
+  try:
+    return check_min_side(_get(config, 'refine_min_side', 0))
+  except ValueError as e:
+    raise TrainingError(f'config.refine_min_side: {e}') from None
 
 
 def model_config(config) -> ModelConfig:

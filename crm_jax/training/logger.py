@@ -18,6 +18,7 @@ import numpy as np
 
 from crm_jax import losses
 from crm_jax.constants import IMAGE_MEAN, IMAGE_STD
+from crm_jax.data.augment import loop_resize
 from crm_jax.models.crm import CRM, ModelConfig
 from crm_jax.training.step import queries
 from crm_jax.training.workdir import TENSORBOARD_DIR
@@ -104,10 +105,10 @@ def format_train_line(done: int, num_steps: int, s: Dict[str, float], rate: floa
 def _predict_fn(model_cfg: ModelConfig):
   model = CRM(model_cfg)
 
-  @jax.jit
-  def predict(variables, image, seg):
-    b, s = image.shape[0], image.shape[1]
-    coord, cell = queries(s, b)
+  @functools.partial(jax.jit, static_argnums=3)
+  def predict(variables, image, seg, s):
+    coord, cell = queries(s, image.shape[0])
+    b = image.shape[0]
     logits = model.apply(variables, jnp.concatenate([image, seg], -1), coord, cell)
     return jax.nn.sigmoid(logits.reshape(b, s, s, 1))
 
@@ -119,7 +120,9 @@ def example_picture(model_cfg: ModelConfig, variables, batch: Dict[str, np.ndarr
   """Rows of [image | coarse seg | prediction (eval mode) | gt], RGB uint8 ``[n*S, 4*S, 3]``."""
   n = min(NUM_EXAMPLE_IMAGES, batch['image'].shape[0])
   image, seg, gt = batch['image'][:n], batch['seg'][:n], batch['gt'][:n]
-  prob = np.asarray(_predict_fn(model_cfg)(variables, image, seg))
+  s = gt.shape[1]  # image and seg are smaller under a pass scale < 1
+  prob = np.asarray(_predict_fn(model_cfg)(variables, image, seg, s))
+  image, seg = loop_resize(image, (s, s)), loop_resize(seg, (s, s))
   rgb = image * np.asarray(IMAGE_STD, np.float32) + np.asarray(IMAGE_MEAN, np.float32)
   grey = lambda m: np.repeat(np.clip(m, 0, 1), 3, axis=-1)
   panels = [np.clip(rgb, 0, 1), grey((seg + 1) / 2), grey(prob), grey(gt)]

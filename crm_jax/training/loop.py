@@ -62,7 +62,8 @@ def _export(workdir: str, state: TrainState, config, logger) -> None:
   path = os.path.join(workdir, wd.MODEL_DIR)
   model_ckpt.save_model(path, state.variables(), cfg_lib.model_config(config), overwrite=True,
                         meta={'step': int(state.step),
-                              'train_config': cfg_lib.config_to_json(config)})
+                              'train_config': cfg_lib.config_to_json(config),
+                              'refine': {'min_side': cfg_lib.refine_min_side(config)}})
   logger.line(f'done: {int(state.step)} steps; model exported to {path}')
 
 

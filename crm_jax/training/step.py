@@ -28,7 +28,7 @@ import optax
 from crm_jax import losses
 from crm_jax import optim
 from crm_jax.models.crm import CRM, ModelConfig, init_variables
-from crm_jax.ops import make_coord
+from crm_jax.ops import make_coord, resize_bilinear_align_corners
 from crm_jax.training import config as cfg_lib
 
 AXIS_NAME = 'batch'
@@ -106,7 +106,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
 
   Args:
     state: the replicated TrainState (this device's copy).
-    batch: ``image`` ``[b, S, S, 3]``, ``seg`` ``[b, S, S, 1]``, ``gt`` ``[b, S, S, 1]`` (NHWC).
+    batch: ``image`` ``[b, s', s', 3]``, ``seg`` ``[b, s', s', 1]``, ``gt`` ``[b, S, S, 1]``
+      (NHWC); ``s' = S`` except under ``pass_scales`` (the encoder then reads the smaller
+      input and every pixel of the S x S grid is queried, as in a pass of the loop).
     rng: the run's dropout key, the same on every device; it is folded with the step and with
       the device's index on ``axis_name``.
     model: ``CRM`` (with ``bn_axis_name=axis_name`` for synchronised BatchNorm).
@@ -123,7 +125,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                                 jax.lax.axis_index(axis_name))
   image, seg, gt = batch['image'], batch['seg'], batch['gt']
-  b, s = image.shape[0], image.shape[1]
+  b, s = gt.shape[0], gt.shape[1]  # image and seg may be smaller (a pass scale < 1)
   dtype = jnp.dtype(compute_dtype)
   x = jnp.concatenate([image, seg], axis=-1).astype(dtype)
 
@@ -146,7 +148,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(jax.lax.pmean(parts, axis_name))
-  metrics.update(jax.lax.psum(losses.iou_counts(seg, jax.nn.sigmoid(logits), gt), axis_name))
+  seg_at_gt = resize_bilinear_align_corners(seg, (s, s))
+  metrics.update(jax.lax.psum(losses.iou_counts(seg_at_gt, jax.nn.sigmoid(logits), gt),
+                              axis_name))
   metrics['lr'] = jnp.asarray(schedule(state.step), jnp.float32)
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['param_norm'] = optax.tree.norm(params)

@@ -23,7 +23,8 @@ import tempfile
 
 from crm_jax import checkpoint as model_ckpt
 from crm_jax.io import write_text
-from crm_jax.training.config import RESUMABLE_FIELDS, TrainingError, config_to_json
+from crm_jax.training.config import (ADDED_FIELDS, RESUMABLE_FIELDS, TrainingError,
+                                     config_to_json)
 
 CONFIG_FILE = 'train_config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -87,7 +88,8 @@ def check_config(workdir: str, config, has_checkpoint: bool) -> None:
       old = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise TrainingError(f'{path}: unreadable ({e}); use another --workdir') from None
-  new = config_to_json(config)
+  # A run recorded before a field existed ran without it (the same for a config without it).
+  old, new = dict(ADDED_FIELDS, **old), dict(ADDED_FIELDS, **config_to_json(config))
   missing = object()
   diffs = [k for k in sorted(set(old) | set(new))
            if k not in RESUMABLE_FIELDS and old.get(k, missing) != new.get(k, missing)]
