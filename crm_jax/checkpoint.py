@@ -167,10 +167,11 @@ def recommended_min_side(path: str) -> int:
   """The ``min_side`` that the checkpoint at ``path`` recommends (``meta["refine"]["min_side"]``),
   0 (the published loop) when it names none; ``CheckpointError`` for a bad value."""
   _, meta = read_config(path)
-  refine = meta.get("refine") or {}
-  value = refine.get("min_side", 0) if isinstance(refine, dict) else refine
+  refine = meta.get("refine", {})
   try:
-    return check_min_side(value)
+    if not isinstance(refine, dict):
+      raise ValueError(f"expected {{\"min_side\": N}}, got {refine!r}")
+    return check_min_side(refine.get("min_side", 0))
   except ValueError as e:
     raise CheckpointError(f"{os.path.join(resolve(path), CONFIG_FILE)}: bad refine.min_side "
                           f"({e})") from None

@@ -1,6 +1,6 @@
 """``make demo``: refine the bundled images with the bundled checkpoint.
 
-    python -m crm_jax.demo [--output demo_output]
+    python -m crm_jax.demo [--output demo_output] [--overwrite]
 
 Runs the BIG evaluation on ``crm_jax/assets/demo_big`` with
 ``crm_jax/assets/crm_small``, prints the before/after IoU and mBA table and
@@ -49,8 +49,8 @@ def side_by_side(image, coarse, refined, gt) -> np.ndarray:
 
 
 def run_demo(output: str = "demo_output", checkpoint: str = DEMO_CHECKPOINT,
-             data: str = DEMO_DATA, progress: bool = True) -> dict:
-  result = evaluate(data, checkpoint, output, SCALES, progress=progress)
+             data: str = DEMO_DATA, progress: bool = True, overwrite: bool = False) -> dict:
+  result = evaluate(data, checkpoint, output, SCALES, progress=progress, overwrite=overwrite)
   objects, _ = list_objects(data)
   pictures = []
   for obj in objects:
@@ -71,11 +71,14 @@ def run_demo(output: str = "demo_output", checkpoint: str = DEMO_CHECKPOINT,
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", default="demo_output")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="--output holds masks of another model or settings (an older "
+                           "version's demo): remove them and refine again")
   args = parser.parse_args(argv)
+  from crm_jax.cli import exit_status
   from crm_jax.refine import enable_compilation_cache
   enable_compilation_cache()
-  run_demo(args.output)
-  return 0
+  return exit_status(lambda: run_demo(args.output, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

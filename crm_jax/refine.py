@@ -463,8 +463,6 @@ def _refine_one(args) -> None:
 def _refine_folder(args) -> None:
   from crm_jax.folder_refine import refine_folder
 
-  if args.min_side is not None:
-    check_min_side(args.min_side)
   path, min_side = _model(args)
   refine_folder(args.images, args.masks, args.output, path,
                 suffix=args.mask_suffix, scales=args.scales, min_side=min_side,

@@ -1,5 +1,6 @@
 """The bundled demo set and checkpoint are what their committed commands make."""
 
+import json
 import os
 
 import cv2
@@ -133,3 +134,22 @@ def test_the_cli_with_its_defaults_refines_small_images(long_side, coarse_factor
     assert iou > 0.85 and iou > coarse_iou - 0.08, (iou, coarse_iou)
   else:  # something to refine: both scores rise
     assert iou > coarse_iou + 0.05 and mba > coarse_mba + 0.05, (iou, coarse_iou, mba, coarse_mba)
+
+
+def test_the_demo_refuses_an_output_of_other_settings_in_one_line(tmp_path, capsys):
+  """``python -m crm_jax.demo`` into a folder whose masks another model or setting made (e.g. an
+  older version's demo) stops before refining with one error line that names the way out
+  (--overwrite), not a traceback."""
+  from crm_jax import demo
+  out = tmp_path / "demo_output"
+  out.mkdir()
+  (out / "manifest.json").write_text(json.dumps({
+      "format": "crm-jax-output", "fingerprint": "sha256:" + "0" * 64,
+      "scales": ["0.125", "0.25", "0.5", "1.0"], "dtype": "float32", "plan": "banded",
+      "min_side": 0, "checkpoint": None}))
+  (out / "1.0_synthetic_00_mask.png").write_bytes(b"old")
+  code = demo.main(["--output", str(out)])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+  assert "--overwrite" in err[0] and str(out) in err[0], err
+  assert (out / "1.0_synthetic_00_mask.png").read_bytes() == b"old"

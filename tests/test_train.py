@@ -358,8 +358,8 @@ def test_two_processes_hold_identical_parameters(tmp_path):
       for q in procs:
         q.kill()
       raise
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  for k, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f'process {k} of 2 failed: ' + out[-12000:]
   assert '2 process(es)' in outputs[0]
   a, b = np.load(tmp_path / 'p0.npz'), np.load(tmp_path / 'p1.npz')
   assert int(a['step']) == int(b['step']) == 2

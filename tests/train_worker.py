@@ -15,6 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv):
+  import faulthandler
+  # A process still running after three minutes prints every thread's stack (a hang shows
+  # where it waits; the multi-process test's output then carries it).
+  faulthandler.dump_traceback_later(180, exit=False)
   import jax
   import numpy as np
   from crm_jax import training

@@ -107,8 +107,8 @@ def _predict_fn(model_cfg: ModelConfig):
 
   @functools.partial(jax.jit, static_argnums=3)
   def predict(variables, image, seg, s):
-    coord, cell = queries(s, image.shape[0])
     b = image.shape[0]
+    coord, cell = queries(s, b)
     logits = model.apply(variables, jnp.concatenate([image, seg], -1), coord, cell)
     return jax.nn.sigmoid(logits.reshape(b, s, s, 1))
 
