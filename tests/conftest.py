@@ -51,6 +51,7 @@ SLOW = frozenset({
     'test_train.py::test_resumed_run_equals_uninterrupted_run',
     'test_train.py::test_sigterm_checkpoints_the_step_and_the_run_resumes_exactly',
     'test_train.py::test_two_processes_hold_identical_parameters',
+    'test_train.py::test_pass_scales_train_one_pass_of_the_loop_per_step',
     'test_train.py::test_worker_processes_give_the_same_batches',
 })
 
