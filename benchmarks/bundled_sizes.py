@@ -45,13 +45,12 @@ def resized_copy(data: str, out_dir: str, long_side: int,
     interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
     write_image(os.path.join(out_dir, f"{t.name}_im.png"),
                 cv2.resize(image, size, interpolation=interp))
-    for role, path in (("gt", t.gt), ("seg", t.seg)):
-      mask = cv2.resize(read_mask(path), size, interpolation=interp)
-      write_image(os.path.join(out_dir, f"{t.name}_{role}.png"), binarize_gt(mask))
+    gt, seg = (binarize_gt(cv2.resize(read_mask(path), size, interpolation=interp))
+               for path in (t.gt, t.seg))
     if coarse_factor is not None:
-      gt = read_mask(os.path.join(out_dir, f"{t.name}_gt.png"))
-      write_image(os.path.join(out_dir, f"{t.name}_seg.png"),
-                  lowres_segmenter_mask(gt, factor=coarse_factor))
+      seg = lowres_segmenter_mask(gt, factor=coarse_factor)
+    write_image(os.path.join(out_dir, f"{t.name}_gt.png"), gt)
+    write_image(os.path.join(out_dir, f"{t.name}_seg.png"), seg)
 
 
 def main(argv=None) -> int:
