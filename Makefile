@@ -24,7 +24,7 @@ install-test: $(TESTDEPS)
 
 # Refines the bundled BIG-style images with the bundled checkpoint.
 demo: $(RUNTIME)
-	$(PY) -m crm_jax.demo
+	$(PY) -m crm_jax.cli.demo
 
 test: $(TESTDEPS)
 	$(PY) -m pytest -q tests

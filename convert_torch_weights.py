@@ -1,14 +1,14 @@
-"""Converts PyTorch weights into a crm-jax model checkpoint (the same as ``crm-convert``).
+"""PyTorch weights in and out of crm-jax (``crm-convert``).
 
     python convert_torch_weights.py CKPT.pth OUT_DIR [--verify]
-    python convert_torch_weights.py --imagenet resnet50-19c8e357.pth OUT_DIR
+    python convert_torch_weights.py --to-torch CKPT_DIR OUT.pth
 
-All the work, and the flags, are in ``crm_jax.convert.main``.
+Flags: ``crm_jax/cli/convert.py``; docs/model.md.
 """
 
 import sys
 
-from crm_jax.convert import main
+from crm_jax.cli.convert import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -7,7 +7,7 @@ batch, fewer steps and a higher learning rate; the data are crm_jax.data.synthet
 coarse masks synthesised as in training upstream, by a low-resolution segmenter, and blurred into
 continuous masks (the two fields below). This config is stage 1 of the bundled checkpoint
 crm_jax/assets/crm_small (about an hour on 2 CPU cores); stage 2, configs/synthetic_small_sizes.py,
-fine-tunes its model on every image size (the README gives the times, the machine and what the
+fine-tunes its model on every image size (docs/configs.md gives the times, the machine and what the
 checkpoint does on the bundled set at each size).
 """
 
@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lowres_mask_fraction = 0.5
   # Half the coarse masks blurred into continuous ones, like the seg of every scale after the
   # first in the multi-scale loop (a 600-step fine-tune with it: demo IoU / mBA at scale 1.0
-  # 0.946 / 0.811, without it 0.935 / 0.735; see the README).
+  # 0.946 / 0.811, without it 0.935 / 0.735; see docs/configs.md).
   c.soft_seg_fraction = 0.5
   c.num_workers = 1
   c.log_every = 100

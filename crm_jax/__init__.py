@@ -8,10 +8,8 @@
     prob = refiner.refine(image, mask)  # image [H, W, 3] uint8 RGB, mask [H, W] uint8
                                         # -> prob [H, W] float32 in [0, 1]
 
-JAX is imported on first use of ``Refiner``, so the metric and data modules
-stay light. The commands ``crm-refine``, ``crm-evaluate``, ``crm-train`` and
-``crm-convert`` are ``crm_jax.refine.main``, ``crm_jax.cli`` and
-``crm_jax.convert.main``; what the model computes is in docs/.
+The commands (``crm-refine``, ``crm-evaluate``, ``crm-train``, ``crm-convert``, the demo) are
+``crm_jax.cli``; how the package is layered: docs/architecture.md.
 """
 
 __all__ = ["Refiner"]
@@ -19,6 +17,8 @@ __all__ = ["Refiner"]
 
 def __getattr__(name):
   if name == "Refiner":
+    # JAX is heavy: imported on first use of Refiner, so that the data workers (grain
+    # processes), which import crm_jax.data, stay free of it.
     from crm_jax.refine import Refiner
     return Refiner
   raise AttributeError(f"module 'crm_jax' has no attribute {name!r}")

@@ -1,27 +1,20 @@
-"""PyTorch -> crm-jax checkpoint conversion: the ``crm-convert`` command and
-``convert_torch_weights.py``.
+"""PyTorch <-> crm-jax weights: published CRM checkpoints and torchvision's ResNet-50 in, and
+crm-jax models back out to the published PyTorch layout.
 
-    crm-convert CKPT.pth OUT_DIR [--verify]
-        a published CRM checkpoint (e.g. model_45705) -> OUT_DIR
-    crm-convert --imagenet resnet50-19c8e357.pth OUT_DIR
-        torchvision's ImageNet ResNet-50 -> an initial CRM checkpoint for training
+* ``convert_crm``: a published CRM checkpoint (a state dict, with or without ``module.``
+  prefixes, or a dict holding one) -> a model checkpoint.
+* ``convert_imagenet``: torchvision's ImageNet ResNet-50 weights -> an initial CRM checkpoint
+  for training (conv1's fourth input channel zero, fusion and decoder freshly initialised).
+* ``verify_conversion``: the PyTorch reference and the JAX model on random inputs.
+* ``export_torch``: a crm-jax model checkpoint -> a PyTorch ``.pth`` state dict in the published
+  layout (docs/model.md, "Exporting to PyTorch").
 
-Two modes:
-* ``convert_crm``: a published CRM checkpoint (a state dict, with or without
-  ``module.`` prefixes, or a dict holding one) -> a model checkpoint.
-* ``convert_imagenet``: torchvision's ImageNet ResNet-50 weights -> an initial
-  CRM checkpoint for training: the encoder from torchvision with conv1's fourth
-  input channel zero, the fusion and decoder freshly initialised (docs/training.md).
-
-``--verify`` runs the PyTorch reference (``crm_jax.torch_reference``, needs
-PyTorch) and the JAX model on random inputs and prints the largest logit
-difference. The key mapping is ``crm_jax.torch_mapping``.
+The key mapping is ``crm_jax.torch_mapping``; the command is ``crm_jax.cli.convert``
+(``crm-convert``); docs/model.md.
 """
 
-import argparse
 import importlib
 import os
-import sys
 from typing import Dict, List, Tuple
 
 import jax
@@ -31,8 +24,9 @@ import numpy as np
 from crm_jax import checkpoint as ckpt
 from crm_jax.models.crm import CRM, RESNET50, ModelConfig, init_variables
 from crm_jax.ops import make_coord
-from crm_jax.torch_mapping import (MappingError, check_keys, infer_config,
-                                   load_torch_state_dict, strip_prefix, torch_to_flax)
+from crm_jax.torch_mapping import (LAYER4_STAGE, MappingError, check_keys, check_torch_target,
+                                   flax_to_torch, infer_config, load_torch_state_dict,
+                                   save_torch_state_dict, strip_prefix, torch_to_flax)
 
 TORCHVISION_SKIPPED_PREFIXES = ("layer4.", "fc.")
 
@@ -125,6 +119,34 @@ def convert_imagenet(src: str, out_dir: str, seed: int = 0, overwrite: bool = Fa
   return variables
 
 
+def export_torch(checkpoint_dir: str, out_path: str, overwrite: bool = False,
+                 log=print) -> Dict[str, np.ndarray]:
+  """A crm-jax model checkpoint -> a PyTorch ``.pth`` in the published layout; returns the state.
+
+  ``checkpoint_dir`` is a model checkpoint directory or a training workdir
+  (``crm_jax.checkpoint.load_model``). The file (``torch_mapping.save_torch_state_dict``: plain
+  tensors, written atomically) holds the state dict of ``torch_mapping.flax_to_torch``:
+  ``module.``-prefixed keys, placeholder ``layer4`` entries (never used by CRM) so that the
+  published network loads it with ``strict=True``, and a ``num_batches_tracked`` buffer for
+  every BatchNorm. Those buffers hold the checkpoint's ``meta["step"]`` (the training steps,
+  which training writes: each step ran every BatchNorm once), or 0 when the checkpoint records
+  none (converted published weights, ImageNet initialisations). Logs one line.
+  """
+  check_torch_target(out_path, overwrite)  # Before the work.
+  config, variables = ckpt.load_model(checkpoint_dir)
+  _, meta = ckpt.read_config(checkpoint_dir)
+  steps = meta.get("step", 0)
+  try:
+    state = flax_to_torch(variables, config, num_batches_tracked=steps)
+  except MappingError as e:
+    raise MappingError(f"{ckpt.resolve(checkpoint_dir)}: {e}") from None
+  save_torch_state_dict(out_path, state, overwrite=overwrite)
+  layer4 = sum(k.startswith(f"module.feats.layer{LAYER4_STAGE}.") for k in state)
+  log(f"wrote {out_path}: {len(state)} tensors in the published layout ({layer4} of them "
+      f"placeholders for layer4, never used by CRM), num_batches_tracked {steps}")
+  return state
+
+
 def _torch_reference():
   """``crm_jax.torch_reference``, or a MappingError saying that PyTorch is needed."""
   try:
@@ -144,7 +166,7 @@ def verify_conversion(torch_ckpt_path: str, converted_dir: str, seed: int = 0,
   at 1000 random points.
   """
   reference = _torch_reference()
-  import torch
+  import torch  # optional dependency: PyTorch (crm_jax[torch])
   config, variables = ckpt.load_model(converted_dir)
   state = strip_prefix(load_torch_state_dict(torch_ckpt_path))
   kwargs = reference.config_from_state_dict(state)  # Sizes the unused layer4.
@@ -168,35 +190,3 @@ def verify_conversion(torch_ckpt_path: str, converted_dir: str, seed: int = 0,
                torch.from_numpy(coord), torch.from_numpy(cell)).numpy()
   got = CRM(config).apply(variables, jnp.asarray(x), jnp.asarray(coord), jnp.asarray(cell))
   return float(np.max(np.abs(np.asarray(got) - want)))
-
-
-def main(argv=None) -> int:
-  """The ``crm-convert`` command; returns the exit status (2 and one line on bad input)."""
-  parser = argparse.ArgumentParser(description="Converts PyTorch weights into a crm-jax "
-                                   "model checkpoint.")
-  parser.add_argument("checkpoint", help="PyTorch .pth file")
-  parser.add_argument("out_dir", help="crm-jax model checkpoint directory to write")
-  parser.add_argument("--imagenet", action="store_true",
-                      help="the input is torchvision's ImageNet ResNet-50")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="--imagenet: seed of the fresh fusion/decoder weights")
-  parser.add_argument("--verify", action="store_true",
-                      help="compare JAX and PyTorch logits on random inputs (needs PyTorch)")
-  parser.add_argument("--overwrite", action="store_true")
-  args = parser.parse_args(argv)
-  try:
-    if args.imagenet:
-      convert_imagenet(args.checkpoint, args.out_dir, args.seed, args.overwrite)
-    else:
-      convert_crm(args.checkpoint, args.out_dir, args.overwrite)
-      if args.verify:
-        diff = verify_conversion(args.checkpoint, args.out_dir)
-        print(f"verify: largest |logit difference| JAX vs PyTorch = {diff:.3g}")
-  except (MappingError, ckpt.CheckpointError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

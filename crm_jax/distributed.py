@@ -1,4 +1,4 @@
-"""Multi-host start-up from the environment, shared by training and refinement.
+"""The one multi-host start-up (training, evaluation, folder mode) and the barrier.
 
 ``maybe_initialize_distributed`` calls ``jax.distributed.initialize`` when the environment sets
 ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0's coordinator), together with
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 from crm_jax.io import InputError
 
@@ -41,3 +42,9 @@ def maybe_initialize_distributed() -> bool:
                              process_id=process_id, local_device_ids=local_ids)
   _STATE['initialized'] = True
   return True
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for the others (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

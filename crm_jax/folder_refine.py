@@ -1,20 +1,10 @@
-"""The folder mode of ``python -m crm_jax.refine``: every image of a folder with its coarse mask
-from another folder (any segmenter's output), refined on every local device and host.
+"""Folder mode of ``crm-refine``: every image of a folder with its coarse mask from another
+folder (any segmenter's output), refined into an output folder: ``refine_folder()``.
 
-Pairing, by file stem. ``IMAGES/<x>.<ext>`` (``ext``: one of ``IMAGE_EXTS``, any case) goes with
-``MASKS/<x><suffix>.png`` (``suffix``: ``--mask-suffix``, empty by default, e.g. ``_mask`` for
-``x_mask.png``); the refined mask is written as ``OUTPUT/<x><suffix>.png`` (the coarse mask's
-name), ``uint8(p * 255)`` of the last scale. Only the files directly in each folder count;
-hidden files are ignored. Left out, one line each: an image without its mask, two images of one
-stem (``x.jpg`` and ``x.png``), a file of MASKS that no image claims, and a file of IMAGES that
-is no image; then, as they are met, an unreadable or corrupt file and a mask whose size is not
-the image's.
-
-Resume and provenance: ``OUTPUT/manifest.json`` and its rules are ``crm_jax.evaluation``'s (the
-model's fingerprint, scales, dtype, plan, ``min_side``); a run started again with the same
-settings skips every pair whose output exists (each is written atomically), one with others is
-refused unless ``overwrite``. ``OUTPUT/summary.json`` records the run: objects refined, already complete and
-skipped (with reasons), the seconds of each refined object and the counts per process.
+Owns the pairing (``IMAGES/<x>.<ext>`` with ``MASKS/<x><suffix>.png``; the output is
+``OUTPUT/<x><suffix>.png``, the last scale's ``uint8(p * 255)``; one line per file left out) and
+``OUTPUT/summary.json``. The run (manifest, resume, devices, hosts) is
+``crm_jax.run_output.run_dataset``. For users: docs/refining.md.
 """
 
 from __future__ import annotations
@@ -26,20 +16,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from crm_jax import evaluation
-from crm_jax.metrics import scale_key
 from crm_jax.constants import SCALES
-from crm_jax.io import InputError, read_image, read_mask, write_image
+from crm_jax.dispatch import Job, Log
+from crm_jax.io import (InputError, file_image_size, is_complete_output, read_image, read_mask,
+                        write_image)
+from crm_jax.metrics import scale_key
 from crm_jax.preprocess import prob_to_uint8
-from crm_jax.scales import check_min_side, check_scales
-from crm_jax.io import file_image_size
-from crm_jax.sharding import Job, host_lines, refine_jobs, run_together
+from crm_jax.run_output import DatasetRun, NothingToRefine, run_dataset, write_json
+from crm_jax.scales import check_scales
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXT = ".png"
 SUMMARY_FILE = "summary.json"
-
-Log = evaluation.Log
 
 
 def read_pair(image_path: str, mask_path: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -76,7 +64,8 @@ def _files(folder: str, what: str) -> List[str]:
 
 def pair_folders(images: str, masks: str, suffix: str = "") -> Tuple[List[FolderPair], List[str]]:
   """The pairs of ``images`` and ``masks`` (see the module docstring), by name, and one line per
-  file left out. ``InputError`` when a folder is missing or nothing pairs up."""
+  file left out. ``InputError`` when a folder is missing; ``NothingToRefine`` (an
+  ``InputError`` carrying those lines) when nothing pairs up."""
   image_files, mask_files = _files(images, "--images"), _files(masks, "--masks")
   problems: List[str] = []
   by_stem: Dict[str, List[str]] = {}
@@ -113,9 +102,29 @@ def pair_folders(images: str, masks: str, suffix: str = "") -> Tuple[List[Folder
     else:
       problems.append(f"{os.path.join(masks, f)}: not a mask name <name>{ending}")
   if not pairs:
-    raise InputError(f"{images}, {masks}: no image pairs with a mask <name>{suffix}{MASK_EXT} "
-                     f"({len(problems)} file(s) left out)")
+    raise NothingToRefine(
+        f"{images}, {masks}: no image pairs with a mask <name>{suffix}{MASK_EXT} "
+        f"({len(problems)} file(s) left out, listed above)"
+        + _suffix_hint(list(by_stem), mask_files, suffix), problems)
   return pairs, problems
+
+
+def _suffix_hint(stems: Sequence[str], mask_files: Sequence[str], suffix: str) -> str:
+  """``; ... --mask-suffix X`` when every mask is named ``<image stem>X.png`` for one X other
+  than ``suffix``, else empty."""
+  endings = set()
+  for f in mask_files:
+    if not f.endswith(MASK_EXT):
+      return ""
+    stem = f[:-len(MASK_EXT)]
+    rests = [stem[len(s):] for s in stems if stem.startswith(s) and len(stem) > len(s)]
+    if not rests:
+      return ""
+    endings.add(min(rests, key=len))
+  if len(endings) != 1 or suffix in endings:
+    return ""
+  ending = endings.pop()
+  return f"; every mask is named <image name>{ending}{MASK_EXT}: pass --mask-suffix {ending}"
 
 
 def _is_png(file_name: str) -> bool:
@@ -123,12 +132,12 @@ def _is_png(file_name: str) -> bool:
 
 
 def pair_jobs(pairs: Sequence[FolderPair], out_dir: str, last_scale: float) -> List[Job]:
-  """The pairs as ``crm_jax.sharding.Job`` s writing ``out_dir/<output>`` (the last scale)."""
+  """The pairs as ``crm_jax.dispatch.Job`` s writing ``out_dir/<output>`` (the last scale)."""
   def write(path):
     return lambda loaded, probs: write_image(path, prob_to_uint8(probs[last_scale]))
   return [Job(p.name, lambda p=p: read_pair(p.image, p.mask) + (None,),
               write(os.path.join(out_dir, p.output)),
-              lambda p=p: os.path.isfile(os.path.join(out_dir, p.output)),
+              lambda p=p: is_complete_output(os.path.join(out_dir, p.output)),
               lambda p=p: file_image_size(p.image)) for p in pairs]
 
 
@@ -139,7 +148,7 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
                   devices: Optional[int] = None, overwrite: bool = False,
                   progress: bool = True, log: Log = print, refiner=None) -> Dict:
   """Refines every pair of ``pair_folders(images, masks, suffix)`` into ``out_dir`` on every
-  local device (and every host, with ``JAX_COORDINATOR_ADDRESS`` etc.: ``crm_jax.sharding``);
+  local device (and every host, with ``JAX_COORDINATOR_ADDRESS`` etc.: ``crm_jax.dispatch``);
   writes ``out_dir/summary.json`` (process 0) and returns it.
 
   ``refiner``: a loaded ``crm_jax.refine.Refiner`` or a list of them, instead of
@@ -150,49 +159,34 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
   and nothing complete before); a ``CheckpointError`` for a bad checkpoint; an ``OSError``
   naming an output that cannot be written.
   """
-  start = time.time()
   scales = check_scales(scales)
-  min_side = None if min_side is None else check_min_side(min_side)
-  processes = evaluation.join_processes(batch_size, refiner)
-  progress = progress and processes.is_main
   state = {}
 
-  def settings():
-    state["pairs"], state["problems"] = pair_folders(images, masks, suffix)
-    state["refiners"] = evaluation.load_refiners(refiner, checkpoint, devices, dtype=dtype,
-                                                 plan=plan, min_side=min_side,
-                                                 log=log if processes.is_main else None)
-    return evaluation.run_settings(state["refiners"][0], scales, checkpoint)
+  def list_jobs():
+    state["pairs"], problems = pair_folders(images, masks, suffix)
+    return pair_jobs(state["pairs"], out_dir, scales[-1]), problems
 
-  blob = evaluation.start_output(out_dir, [images, masks], settings, overwrite, log, processes,
-                                 is_output=_is_png, results_file=SUMMARY_FILE)
-  if processes.is_main:
-    for p in state["problems"]:
-      log(f"skipped {p}")
-  summary = refine_jobs(pair_jobs(state["pairs"], out_dir, scales[-1]), scales,
-                        state["refiners"], batch_size=batch_size, progress=progress, log=log,
-                        processes=processes)
-  skipped = state["problems"] + summary.failed
-  result = {"model": blob, "scales": [scale_key(s) for s in scales],
-            "pairs": len(state["pairs"]), "refined": len(summary.refined),
-            "already_complete": len(summary.skipped_complete), "skipped": skipped,
-            "seconds": time.time() - start, "refine_seconds": summary.seconds,
-            "seconds_per_object": summary.seconds_per_object,
-            "object_seconds": summary.object_seconds, "hosts": summary.hosts}
-
-  def finish():
-    if not processes.is_main:
-      return
-    if processes.count > 1:
-      for line in host_lines(summary):
-        log(line)
+  def finish(run: DatasetRun):
+    summary = run.summary
     log(f"refined {len(summary.refined)} of {len(state['pairs'])} pair(s) into {out_dir} in "
         f"{summary.seconds:.1f} s, {len(summary.skipped_complete)} already complete; "
-        f"{len(skipped)} file(s) or pair(s) not refined" + (" (listed above)" if skipped else ""))
+        f"{len(run.skipped)} file(s) or pair(s) not refined"
+        + (" (listed above)" if run.skipped else ""))
     if not summary.refined and not summary.skipped_complete:
-      raise InputError(f"{images}: nothing could be refined ({len(skipped)} file(s) or pair(s) "
-                       "skipped)")
-    evaluation.write_json(os.path.join(out_dir, SUMMARY_FILE), result)
+      raise InputError(f"{images}: nothing could be refined ({len(run.skipped)} file(s) or "
+                       "pair(s) skipped)")
+    result = {"model": run.settings, "scales": [scale_key(s) for s in scales],
+              "pairs": len(state["pairs"]), "refined": len(summary.refined),
+              "already_complete": len(summary.skipped_complete), "skipped": run.skipped,
+              "seconds": time.time() - run.start, "refine_seconds": summary.seconds,
+              "seconds_per_object": summary.seconds_per_object,
+              "object_seconds": summary.object_seconds, "hosts": summary.hosts}
+    write_json(os.path.join(out_dir, SUMMARY_FILE), result)
+    return result
 
-  run_together(processes, finish)
+  _, result = run_dataset(
+      out_dir, [images, masks], list_jobs, scales, finish, checkpoint=checkpoint,
+      refiner=refiner, min_side=min_side, dtype=dtype, plan=plan, batch_size=batch_size,
+      devices=devices, overwrite=overwrite, progress=progress, log=log,
+      is_output=_is_png, results_file=SUMMARY_FILE)
   return result

@@ -1,14 +1,21 @@
 """Reading images and masks by one set of rules, checking outputs before the work, atomic writes.
 
 Every reader decodes the file's bytes with ``cv2.imdecode(..., IMREAD_UNCHANGED)``: pixels as
-stored, EXIF orientation ignored for images and masks alike (as PIL, which the published code
-reads with, ignores it), so an image and its mask always stay aligned.
+stored, as PIL (which the published code reads with, without ``exif_transpose``) gives them, so
+an image and its mask always stay aligned. A file whose EXIF orientation is not 1 (JPEG APP1 or
+PNG eXIf) is read as stored and warned about in one line (viewers show it turned; its mask must
+match the stored pixels and the outputs are not turned); ``orientation="exif"`` applies the tag
+instead, as viewers and PIL's ``exif_transpose`` do (docs/faults_and_files.md).
 
 Decoding problems are errors (``InputError`` naming the file). OpenCV's ``imread`` decodes a
 truncated JPEG to a half-grey image with only a warning on stderr, so the bytes are checked first
 (``check_encoded``): a JPEG's markers are walked to its end-of-image marker (data after it, such as
 a motion photo's video, is allowed), and a PNG's chunks are walked to ``IEND`` with every chunk's
-CRC checked. Other formats rely on OpenCV's own decoding errors.
+CRC checked. A JPEG whose data is damaged inside (zeroed or overwritten bytes, its end intact)
+decodes without an error too; libjpeg only prints "Corrupt JPEG data: ..." on stderr. So a JPEG
+is decoded listening to that stream (``imdecode``): a corrupt-data report is an ``InputError``
+(a few stray bytes before the end marker, a known encoder quirk, are only warned about). Other
+formats rely on OpenCV's own decoding errors.
 
 Mask encodings (``as_mask`` for arrays, ``decode_mask``/``read_mask`` for files; the README's
 "Input rules" lists them): a mask becomes grey uint8 ``[H, W]`` in 0-255, where ``> 128`` is
@@ -28,14 +35,24 @@ foreground.
 - Palette PNG: a grey palette is read as grey; any other palette is a label map: index 0 is
   background, every other index foreground (warned when several labels occur).
 
-A rule that had to guess warns once per file (``MaskWarning``, through ``warnings``).
+A rule that had to guess warns once per file (``MaskWarning``, through ``warnings``); so do an
+ignored EXIF orientation and stray JPEG bytes (``InputWarning``, ``MaskWarning``'s base).
+
+Outputs (``write_image``, ``write_text``, ``write_bytes``): encoded in memory, written to a
+temporary file in the target's folder, fsynced, renamed over the target, the folder fsynced; any
+failure (a full disk included: OpenCV's ``imwrite`` reports success when only its last flush
+fails) is a ``WriteError`` naming the target and the cause, and leaves neither a temporary file
+nor a partial target. ``is_complete_output`` tells whether an output file is whole.
 """
 
+import errno
 import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
+import threading
 import warnings
 import zlib
 from typing import Callable, Iterable, List, Optional, Tuple
@@ -48,12 +65,26 @@ class InputError(ValueError):
   """Bad user input: the message names the file and the problem."""
 
 
-class MaskWarning(UserWarning):
+class InputWarning(UserWarning):
+  """An input read by a rule the user may not expect (the message names the file and the rule)."""
+
+
+class MaskWarning(InputWarning):
   """A mask encoding rule had to guess (the message names the file and the rule)."""
+
+
+class WriteError(OSError):
+  """An output that could not be written. ``str(e)`` is one line naming the target and the cause;
+  ``errno`` and ``strerror`` are the cause's, ``filename`` the target."""
+
+  def __str__(self) -> str:
+    return f"{self.filename}: cannot be written ({self.strerror})"
 
 
 GREY_TOLERANCE = 8  # colour channels that differ by no more than this are grey (JPEG noise).
 TMP_MARK = ".tmp-"  # temporary names: <stem>.tmp-<pid>-<random>
+ORIENTATIONS = ("stored", "exif")  # how readers treat an EXIF orientation tag
+JPEG_STRAY_BYTES = 16  # at most this many stray bytes before a JPEG's end marker: warned only
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_PALETTE = 3  # IHDR colour type
@@ -95,8 +126,8 @@ def _jpeg_complete(data: bytes) -> bool:
 
 
 def _png_chunks(data: bytes, name: str) -> dict:
-  """``{b'IHDR': ..., b'PLTE': ...}`` (those present) of a PNG whose chunks, every CRC checked,
-  lead to ``IEND``; ``InputError`` otherwise."""
+  """``{b'IHDR': ..., b'PLTE': ..., b'eXIf': ...}`` (those present) of a PNG whose chunks, every
+  CRC checked, lead to ``IEND``; ``InputError`` otherwise."""
   chunks, pos, view = {}, len(_PNG_MAGIC), memoryview(data)
   while pos + 12 <= len(data):
     length, kind = struct.unpack(">I4s", view[pos:pos + 8])
@@ -107,7 +138,7 @@ def _png_chunks(data: bytes, name: str) -> dict:
     if zlib.crc32(view[pos + 4:end - 4]) != struct.unpack(">I", view[end - 4:end])[0]:
       raise InputError(f"{name}: corrupt PNG (bad checksum in its {kind.decode('latin-1')} "
                        "chunk)")
-    if kind in (b"IHDR", b"PLTE"):
+    if kind in (b"IHDR", b"PLTE", b"eXIf"):
       chunks.setdefault(kind, bytes(body))
     if kind == b"IEND":
       return chunks
@@ -116,8 +147,9 @@ def _png_chunks(data: bytes, name: str) -> dict:
 
 
 def check_encoded(data: bytes, name: str) -> dict:
-  """Raises ``InputError`` for an empty, truncated or corrupt JPEG/PNG; returns the PNG's chunks
-  (``{b'IHDR': ..., b'PLTE': ...}``), ``{}`` for other formats."""
+  """Raises ``InputError`` for an empty, truncated or corrupt JPEG/PNG (as far as its bytes tell:
+  damage inside a JPEG's data shows only when decoding, ``imdecode``); returns the PNG's chunks
+  (``{b'IHDR': ..., b'PLTE': ..., b'eXIf': ...}``), ``{}`` for other formats."""
   if not data:
     raise InputError(f"{name}: empty file")
   if data.startswith(_JPEG_MAGIC):
@@ -130,14 +162,199 @@ def check_encoded(data: bytes, name: str) -> dict:
   return {}
 
 
-def _decode(data: bytes, name: str) -> Tuple[np.ndarray, dict]:
-  """Pixels as stored (RGB or RGBA order, EXIF ignored) and the PNG chunks."""
+# EXIF orientation (TIFF tag 0x0112) as viewers apply it to the stored pixels.
+_ORIENTATION_WORDS = {2: "mirrored left-right", 3: "turned 180°", 4: "mirrored top-bottom",
+                      5: "mirrored and turned 90° counter-clockwise", 6: "turned 90° clockwise",
+                      7: "mirrored and turned 90° clockwise", 8: "turned 90° counter-clockwise"}
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+  """The Orientation entry of a TIFF header's first IFD (EXIF's layout); 1 when absent or odd."""
+  if len(tiff) < 8 or tiff[:4] not in (b"II*\x00", b"MM\x00*"):
+    return 1
+  order = "<" if tiff[:2] == b"II" else ">"
+  ifd = struct.unpack(order + "I", tiff[4:8])[0]
+  if ifd + 2 > len(tiff):
+    return 1
+  count = struct.unpack(order + "H", tiff[ifd:ifd + 2])[0]
+  for i in range(count):
+    entry = ifd + 2 + 12 * i
+    if entry + 12 > len(tiff):
+      break
+    tag, kind, n = struct.unpack(order + "HHI", tiff[entry:entry + 8])
+    if tag == 0x0112 and kind == 3 and n >= 1:  # SHORT, stored in the entry itself
+      value = struct.unpack(order + "H", tiff[entry + 8:entry + 10])[0]
+      return value if value in _ORIENT else 1
+  return 1
+
+
+def _jpeg_exif(data: bytes) -> Optional[bytes]:
+  """The TIFF block of a JPEG's first APP1 ``Exif`` segment (the markers before its first scan)."""
+  pos, n = 2, len(data)
+  while pos + 4 <= n and data[pos] == 0xFF:
+    code = data[pos + 1]
+    if code == 0xFF:  # fill byte
+      pos += 1
+      continue
+    if code in (0xDA, 0xD9):  # start of scan, end of image: no metadata after
+      return None
+    if 0xD0 <= code <= 0xD7 or code == 0x01:
+      pos += 2
+      continue
+    length = int.from_bytes(data[pos + 2:pos + 4], "big")
+    body = data[pos + 4:pos + 2 + length]
+    if code == 0xE1 and body.startswith(b"Exif\x00\x00"):
+      return body[6:]
+    pos += 2 + length
+  return None
+
+
+def exif_orientation(data: bytes, chunks: Optional[dict] = None) -> int:
+  """The EXIF orientation (1-8) of JPEG (APP1 ``Exif``) or PNG (``eXIf`` chunk) bytes; 1 when
+  the file has none (other formats: 1). ``chunks``: ``check_encoded``'s answer, if at hand."""
+  if data.startswith(_JPEG_MAGIC):
+    tiff = _jpeg_exif(data)
+  elif data.startswith(_PNG_MAGIC):
+    if chunks is None:
+      try:
+        chunks = _png_chunks(data, "")
+      except InputError:
+        return 1
+    tiff = chunks.get(b"eXIf")
+  else:
+    tiff = None
+  return _tiff_orientation(tiff) if tiff else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+  """Stored pixels ``[H, W, ...]`` as viewers show them under an EXIF ``orientation`` (1-8)."""
+  if orientation == 1:
+    return img
+  return np.ascontiguousarray(_ORIENT[orientation](img))
+
+
+# libjpeg reports damaged data only as a warning printed on stderr (the first of each decode).
+_JPEG_CORRUPT = re.compile(r"^(Corrupt JPEG data: (?!bad ICC marker).*|Premature end of JPEG file"
+                           r"|Inconsistent progression sequence .*)$")
+_JPEG_STRAY = re.compile(r"^Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9$")
+_STDERR_LOCK = threading.Lock()
+
+
+def _sink() -> int:
+  """A file descriptor to catch stderr in (memory where the OS offers it)."""
+  if hasattr(os, "memfd_create"):
+    try:
+      return os.memfd_create("crm-jax-stderr", getattr(os, "MFD_CLOEXEC", 0))
+    except OSError:
+      pass
+  fd, path = tempfile.mkstemp(prefix=tmp_prefix())
+  os.remove(path)
+  return fd
+
+
+def _imdecode_listening(buf: np.ndarray) -> Tuple[Optional[np.ndarray], List[str]]:
+  """``cv2.imdecode(buf, IMREAD_UNCHANGED)`` and the lines the decoder printed on stderr
+  meanwhile. The process's stderr is caught for the call (one call at a time); whatever else was
+  printed meanwhile, by other threads, is passed on. Where stderr cannot be caught, no lines."""
+  with _STDERR_LOCK:
+    try:
+      if sys.stderr is not None:
+        sys.stderr.flush()
+      sink = _sink()
+    except (OSError, ValueError, AttributeError):
+      return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED), []
+    try:
+      try:
+        saved = os.dup(2)
+      except OSError:
+        return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED), []
+      try:
+        os.dup2(sink, 2)
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+      finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+      os.lseek(sink, 0, os.SEEK_SET)
+      parts = []
+      while True:
+        part = os.read(sink, 1 << 16)
+        if not part:
+          break
+        parts.append(part)
+    finally:
+      os.close(sink)
+  lines = b"".join(parts).decode("utf-8", "replace").splitlines(keepends=True)
+  said = [s.strip() for s in lines if _JPEG_CORRUPT.match(s.strip())]
+  others = "".join(s for s in lines if not _JPEG_CORRUPT.match(s.strip()))
+  if others:
+    try:
+      os.write(2, others.encode())
+    except OSError:
+      pass
+  return img, said
+
+
+def imdecode(data: bytes, name: str) -> np.ndarray:
+  """The file's pixels as OpenCV decodes them (``IMREAD_UNCHANGED``: stored orientation, BGR(A)
+  order), after ``check_encoded``; ``InputError`` naming ``name`` for unreadable data and for a
+  JPEG whose decoder reports damaged data (warned only for at most ``JPEG_STRAY_BYTES`` stray
+  bytes before its end marker)."""
+  return _imdecode(data, name)[0]
+
+
+def _imdecode(data: bytes, name: str) -> Tuple[np.ndarray, dict]:
+  """``imdecode`` and ``check_encoded``'s chunks."""
   chunks = check_encoded(data, name)
   buf = np.frombuffer(data, dtype=np.uint8)
-  img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+  if data.startswith(_JPEG_MAGIC):
+    img, said = _imdecode_listening(buf)
+    for line in said:
+      stray = _JPEG_STRAY.match(line)
+      if stray and int(stray.group(1)) <= JPEG_STRAY_BYTES:
+        warnings.warn(f"{name}: {stray.group(1)} stray bytes before the JPEG's end marker "
+                      f"(libjpeg: \"{line}\"); read anyway, as encoders that pad their data "
+                      "leave such bytes", InputWarning, stacklevel=3)
+        continue
+      raise InputError(f"{name}: corrupt JPEG, its data is damaged (libjpeg: \"{line}\"); "
+                       "its pixels would be wrong")
+  else:
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
   if img is None:
     raise InputError(f"{name}: unreadable or not an image")
-  return img_bgr_to_rgb(img), chunks
+  return img, chunks
+
+
+def _check_orientation(orientation: str) -> None:
+  if orientation not in ORIENTATIONS:
+    raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+
+
+def _decode(data: bytes, name: str, orientation: str = "stored") -> Tuple[np.ndarray, dict]:
+  """Pixels (RGB or RGBA order; stored, or turned by the EXIF tag with ``orientation="exif"``)
+  and the PNG chunks."""
+  _check_orientation(orientation)
+  img, chunks = _imdecode(data, name)
+  img = img_bgr_to_rgb(img)
+  tag = exif_orientation(data, chunks)
+  if tag != 1:
+    if orientation == "exif":
+      img = apply_orientation(img, tag)
+    else:
+      h, w = img.shape[:2]
+      warnings.warn(f"{name}: EXIF orientation {tag} ({_ORIENTATION_WORDS[tag]} in viewers) "
+                    f"ignored, as in the published code: read as stored, {w}x{h}; image and "
+                    "mask must match as stored and outputs are not turned "
+                    "(docs/faults_and_files.md)", InputWarning, stacklevel=3)
+  return img, chunks
 
 
 def read_bytes(path: str) -> bytes:
@@ -186,14 +403,16 @@ def as_rgb(img: np.ndarray, name: str = "image") -> np.ndarray:
   return np.ascontiguousarray(img[:, :, :3])
 
 
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-  """Encoded bytes -> RGB uint8 ``[H, W, 3]`` (``as_rgb``; EXIF orientation ignored)."""
-  return as_rgb(_decode(data, name)[0], name)
+def decode_image(data: bytes, name: str = "image", orientation: str = "stored") -> np.ndarray:
+  """Encoded bytes -> RGB uint8 ``[H, W, 3]`` (``as_rgb``). ``orientation``: ``"stored"``
+  (default, as published: an EXIF orientation is ignored, with a warning) or ``"exif"`` (the
+  pixels turned as viewers show them)."""
+  return as_rgb(_decode(data, name, orientation)[0], name)
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, orientation: str = "stored") -> np.ndarray:
   """An image file as RGB uint8 ``[H, W, 3]`` (``decode_image``)."""
-  return decode_image(read_bytes(path), path)
+  return decode_image(read_bytes(path), path, orientation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,9 +510,10 @@ def _palette_mask(rgb: np.ndarray, plte: bytes, name: str) -> Optional[np.ndarra
   return foreground.astype(np.uint8) * 255
 
 
-def decode_mask(data: bytes, name: str = "mask") -> np.ndarray:
-  """Encoded bytes -> grey uint8 ``[H, W]`` in 0-255 (the module's encoding rules)."""
-  img, chunks = _decode(data, name)
+def decode_mask(data: bytes, name: str = "mask", orientation: str = "stored") -> np.ndarray:
+  """Encoded bytes -> grey uint8 ``[H, W]`` in 0-255 (the module's encoding rules;
+  ``orientation`` as for ``decode_image``)."""
+  img, chunks = _decode(data, name, orientation)
   ihdr = chunks.get(b"IHDR", b"")
   if len(ihdr) >= 10 and ihdr[9] == _PNG_PALETTE:
     if b"PLTE" not in chunks:
@@ -305,9 +525,9 @@ def decode_mask(data: bytes, name: str = "mask") -> np.ndarray:
   return as_mask(img, name)
 
 
-def read_mask(path: str) -> np.ndarray:
+def read_mask(path: str, orientation: str = "stored") -> np.ndarray:
   """A mask file as grey uint8 ``[H, W]`` in 0-255 (``decode_mask``: the encoding rules)."""
-  return decode_mask(read_bytes(path), path)
+  return decode_mask(read_bytes(path), path, orientation)
 
 
 def read_grey(path: str) -> np.ndarray:
@@ -331,6 +551,8 @@ def show_warnings_as_lines() -> None:
 
 def os_error_line(e: OSError) -> str:
   """An ``OSError`` as one line naming the path and the problem."""
+  if isinstance(e, WriteError):
+    return str(e)
   if e.filename is not None and e.strerror:
     return f"{e.filename}: {e.strerror}"
   return str(e)
@@ -482,54 +704,147 @@ def file_image_size(path: str) -> Optional[Tuple[int, int]]:
 
 
 def _umask() -> int:
+  """The process's umask, read without changing it where the OS tells it (Linux), since setting
+  it to read it races with threads creating files."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
   mask = os.umask(0)
   os.umask(mask)
   return mask
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """Creates ``path`` atomically: ``write(tmp)`` fills a temporary file beside it, then a rename.
+def _write_error(path: str, e: OSError) -> WriteError:
+  return WriteError(e.errno or errno.EIO, e.strerror or str(e) or type(e).__name__, path)
 
-  The temporary name is ``.tmp-<pid>-*`` (``remove_leftovers`` removes those of killed runs).
-  The file gets the permissions a plain ``open(path, "w")`` would give (0o666 less the umask);
-  a failure leaves no temporary file behind and ``path`` untouched; an ``OSError`` names
-  ``path`` (never the temporary file).
-  """
+
+def _fsync_dir(directory: str) -> None:
+  """Makes a rename in ``directory`` durable where the OS allows it (not on every OS or file
+  system: then nothing)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+  view = memoryview(data)
+  while view:
+    n = os.write(fd, view)
+    if n <= 0:  # regular files raise (ENOSPC...) rather than write nothing; never loop forever
+      raise OSError(errno.EIO, "the system wrote nothing")
+    view = view[n:]
+
+
+def _replace(path: str, fill: Callable[[int, str], None]) -> None:
+  """The one way outputs are written: ``fill(fd, tmp)`` fills a new temporary file in the
+  target's folder, which is fsynced, closed and renamed over ``path``; then the folder is fsynced.
+  A failure removes the temporary file, leaves ``path`` as it was, and raises ``WriteError``
+  (an ``OSError`` naming ``path``, never the temporary file) for an ``OSError``."""
   directory = os.path.dirname(os.path.abspath(path))
   try:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), suffix=os.path.splitext(path)[1],
                                dir=directory)
-    os.close(fd)
   except OSError as e:
-    raise OSError(f"{path}: cannot be written ({e.strerror or e})") from None
+    raise _write_error(path, e) from None
   try:
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+      fill(fd, tmp)
+      os.fchmod(fd, 0o666 & ~_umask())  # what a plain open(path, "w") gives
+      os.fsync(fd)  # a full disk or a failing device shows here at the latest
+    finally:
+      os.close(fd)  # network file systems report write errors at close
     os.replace(tmp, path)
   except BaseException as e:
-    if os.path.exists(tmp):
+    try:
       os.remove(tmp)
+    except OSError:
+      pass
     if isinstance(e, OSError):
-      raise OSError(f"{path}: cannot be written ({e.strerror or e})") from None
+      raise _write_error(path, e) from None
     raise
+  _fsync_dir(directory)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Creates or replaces ``path`` with ``data``, atomically and durably (``_replace``): the
+  target is either as before or whole; ``WriteError`` names ``path`` and the cause."""
+  _replace(path, lambda fd, tmp: _write_all(fd, data))
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+  """Creates ``path`` atomically from a writer that wants a file name: ``write(tmp)`` fills a
+  temporary file beside it, which is then fsynced and renamed (``_replace``; prefer
+  ``write_bytes`` where the bytes can be made in memory).
+
+  The temporary name is ``.tmp-<pid>-*`` (``remove_leftovers`` removes those of killed runs).
+  The file gets the permissions a plain ``open(path, "w")`` would give (0o666 less the umask);
+  a failure leaves no temporary file behind and ``path`` untouched; an ``OSError`` becomes a
+  ``WriteError`` naming ``path`` (never the temporary file).
+  """
+  def fill(fd: int, tmp: str) -> None:
+    write(tmp)
+    written = os.open(tmp, os.O_RDONLY)  # the writer may have made a new file under the name
+    try:
+      os.fsync(written)
+    finally:
+      os.close(written)
+  _replace(path, fill)
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` atomically (``atomic_write``)."""
-  def write(tmp):
-    with open(tmp, "w") as f:
-      f.write(text)
-  atomic_write(path, write)
+  """Writes ``text`` (UTF-8) to ``path`` atomically and durably (``write_bytes``)."""
+  write_bytes(path, text.encode("utf-8"))
 
 
-def write_image(path: str, img: np.ndarray) -> None:
-  """Writes a PNG/JPG atomically (``atomic_write``). RGB in."""
+def encode_image(img: np.ndarray, ext: str = ".png") -> bytes:
+  """An RGB (or grey) image encoded in memory by OpenCV as ``ext`` (``.png``, ``.jpg``...);
+  ``ValueError`` when OpenCV cannot encode it."""
   img = np.asarray(img)
   if img.ndim == 3 and img.shape[2] == 3:
     img = img[:, :, ::-1]
+  try:
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(img))
+  except cv2.error as e:
+    raise ValueError(f"OpenCV cannot encode a {img.dtype} {tuple(img.shape)} image as {ext} "
+                     f"({str(e).strip().splitlines()[-1]})") from None
+  if not ok:
+    raise ValueError(f"OpenCV cannot encode a {img.dtype} {tuple(img.shape)} image as {ext}")
+  return buf.tobytes()
 
-  def write(tmp):
-    if not cv2.imwrite(tmp, np.ascontiguousarray(img)):
-      raise OSError("OpenCV could not encode the image")
-  atomic_write(path, write)
+
+def write_image(path: str, img: np.ndarray) -> None:
+  """Writes a PNG/JPG (the format of ``path``'s extension) atomically and durably: encoded in
+  memory, then ``write_bytes``. RGB in. ``WriteError`` names ``path`` and the cause (an image
+  OpenCV cannot encode included)."""
+  try:
+    data = encode_image(img, os.path.splitext(path)[1] or ".png")
+  except ValueError as e:
+    raise WriteError(errno.EINVAL, str(e), path) from None
+  write_bytes(path, data)
+
+
+def is_complete_output(path: str) -> bool:
+  """Whether ``path`` is a whole image file, as an output must be to count as done: a PNG whose
+  chunks, every CRC checked, lead to ``IEND`` (the whole file is read; no decompression); a
+  JPEG whose markers lead to its end marker; another format that OpenCV decodes. False for a
+  missing, empty, truncated or damaged file (a rerun then writes it again)."""
+  try:
+    data = read_bytes(path)
+    check_encoded(data, path)
+  except InputError:
+    return False
+  if data.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
+    return True
+  return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None

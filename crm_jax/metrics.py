@@ -6,7 +6,9 @@ The output layout (the published one; ``crm_jax.evaluation`` writes it, ``output
 it): per object ``<s>_<name>_mask.png`` per scale ``s`` (the refined mask, ``uint8(prob * 255)``)
 and ``<name>_im.png``, ``<name>_seg.png`` (the input coarse mask), ``<name>_gt.png``. The gt and
 seg are read by the mask encoding rules (``crm_jax.io.read_mask``), the refined masks as the
-8-bit grey they are (``crm_jax.io.read_grey``); all are binarised with ``> 128``.
+8-bit grey they are (``crm_jax.io.read_grey``); all are binarised with ``> 128``. An object is
+complete (``is_complete``: a resumed run skips it) when every one of its files is whole
+(``crm_jax.io.is_complete_output``), not merely present.
 
 - Small-input rule: when the input seg's grey values sum to less than ``32 * 32`` (fewer than
   5 foreground pixels at 255), the refined mask is replaced by the input seg.
@@ -58,7 +60,7 @@ from tqdm import tqdm
 
 from crm_jax.constants import (BINARY_THRESHOLD, MBA_MIN_RADIUS, MBA_NUM_RADII,
                                MBA_RADIUS_DIVISOR, SCALES, SMALL_SEG_GREY_SUM)
-from crm_jax.io import InputError, read_grey, read_mask
+from crm_jax.io import InputError, is_complete_output, read_grey, read_mask
 
 COPY_ROLES = ("im", "seg", "gt")  # <name>_<role>.png: the image, input seg and gt as read
 MASK_SUFFIX = "_mask.png"
@@ -95,8 +97,9 @@ def output_files(out_dir: str, name: str, scales: Sequence[float]) -> List[str]:
 
 
 def is_complete(out_dir: str, name: str, scales: Sequence[float]) -> bool:
-  """Whether every file of ``output_files`` exists (they are written masks first)."""
-  return all(os.path.isfile(p) for p in output_files(out_dir, name, scales))
+  """Whether every file of ``output_files`` is there and whole (``crm_jax.io.is_complete_output``:
+  a truncated or damaged PNG does not count, so a resumed run writes the object again)."""
+  return all(is_complete_output(p) for p in output_files(out_dir, name, scales))
 
 
 def is_output_file(file_name: str) -> bool:

@@ -1,49 +1,12 @@
-"""``crm_jax.Refiner``: the published multi-scale test loop, and its command line.
+"""``crm_jax.Refiner``: the published multi-scale test loop on one image or a batch.
 
-Command line, one image::
-
-    python -m crm_jax.refine --image IMG --mask MASK --output OUT.png \
-        [--checkpoint DIR] [--scales 0.125 0.25 0.5 1.0] [--min-side N] [--dtype bfloat16] \
-        [--plan auto]
-
-Folder mode, every image of IMAGES with its mask MASKS/<name><suffix>.png, on every local device
-and host (``crm_jax.folder_refine``, ``crm_jax.sharding``)::
-
-    python -m crm_jax.refine --images IMAGES --masks MASKS --output DIR [--mask-suffix SUFFIX] \
-        [--devices N] [--batch-size B] [--overwrite] [same model flags]
-
-Per scale ``s`` (docs/refinement.md): the reflect-padded image and the current
-seg are resized (bilinear, align_corners=True) to ``(round(H*s), round(W*s))``,
-the encoder and fusion give F once, and the implicit decoder is queried at
-every pixel centre of the padded full-resolution grid ``(H, W)``. The
-probability becomes the next scale's seg, ``(p - 0.5) * 2``.
-
-``min_side`` (``--min-side``) leaves out the leading scales at which an image's shorter side
-would be below that many pixels (``crm_jax.scales.scales_to_run``; docs/refinement.md, "Small
-images and min_side"); 0 is the published loop. ``Refiner(...)`` defaults to 0;
-``Refiner.from_checkpoint`` and the command line default to what the checkpoint recommends
-(``crm_jax.checkpoint.recommended_min_side``: 0, unless it names a value, as the bundled
-checkpoint does). The published loop on an image that small is warned about once
-(``crm_jax.scales.SmallImageWarning``; one ``warning:`` line on the command line).
-
-How the work is compiled and run is the plan (``crm_jax.plans``): ``plain``
-(per-shape, the exactness reference), ``banded`` (bucketed, memory-bounded
-bands, for the CPU), ``fused`` (one program per bucket and scale, batched, for
-accelerators) or ``auto`` (``crm_jax.plans.choose_plan``). Bucket geometry is
-in ``crm_jax.geometry``.
-
-Persistent compilation cache: the entry points (``main``, ``evaluate.py``,
-``make demo``; ``Refiner(compilation_cache=True)`` in Python) switch on JAX's
-persistent cache in ``$CRM_JAX_CACHE_DIR`` (default ``~/.cache/crm_jax/xla``;
-the empty string disables it) through ``jax.config``, caching every
-compilation that takes over 0.1 s.
-
-``dtype="bfloat16"`` computes the network (encoder, fusion, MLP) in bfloat16
-from float32 parameters cast once; coordinates, the local ensemble and the
-sigmoid stay float32 (bucketed plans only).
+Owns the refiner: inputs checked, reflect-padded and normalised, each scale's pass run by an
+execution plan (``crm_jax.plans``: plain, banded, fused, or auto), ``min_side`` (the leading scales
+a small image skips, ``crm_jax.scales``), the compute dtype, and the persistent compilation cache.
+The algorithm: docs/refinement.md; using it: docs/refining.md. The command line is
+``crm_jax.cli.refine`` (``crm-refine``).
 """
 
-import argparse
 import os
 import sys
 import warnings
@@ -54,15 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from crm_jax import checkpoint as ckpt
-from crm_jax import io, plans
-from crm_jax.bundled import default_checkpoint
+from crm_jax import plans
 from crm_jax.constants import REFLECT_PAD, SCALES
 from crm_jax.geometry import BUCKET_STEPS, bucket_shape
 from crm_jax.io import InputError, as_mask, as_rgb
 from crm_jax.models.crm import ModelConfig
-from crm_jax.preprocess import mask_to_prob, normalize_image, normalize_seg, prob_to_uint8
+from crm_jax.preprocess import mask_to_prob, normalize_image, normalize_seg
 from crm_jax.scales import (SMALL_SIDE, SmallImageWarning, check_min_side, check_scales,
-                            scales_to_run, small_image_advice, small_image_note)
+                            scales_to_run, small_image_note)
 
 # Persistent compilation cache.
 CACHE_DIR_ENV = "CRM_JAX_CACHE_DIR"
@@ -377,117 +339,9 @@ class Refiner:
       raise
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m crm_jax.refine",
-      description="Refine one coarse mask (--image --mask --output OUT.png), or every image of a "
-                  "folder with its mask from another folder (--images --masks --output DIR) on "
-                  "every local device and host.")
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--image", help="one image")
-  source.add_argument("--images", help="folder of images (folder mode; pairing: README)")
-  parser.add_argument("--mask", help="the coarse mask of --image (encodings: see the README's "
-                                     "Input rules)")
-  parser.add_argument("--masks", help="folder of coarse masks <name><suffix>.png (folder mode)")
-  parser.add_argument("--mask-suffix", default="",
-                      help="folder mode: the mask of IMAGES/<name>.jpg is "
-                           "MASKS/<name><suffix>.png (default: no suffix)")
-  parser.add_argument("--output", required=True,
-                      help="PNG of the refined mask (0-255); folder mode: the output folder")
-  parser.add_argument("--checkpoint", default=None,
-                      help="model checkpoint directory (default: the bundled small one, trained "
-                           "on synthetic data)")
-  parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
-  parser.add_argument("--min-side", type=int, default=None,
-                      help="leave out the leading scales at which an image's shorter side is "
-                           "below N pixels; 0: every scale, the published loop (default: what "
-                           "the checkpoint recommends, 0 unless it names a value; the bundled "
-                           "one names 128; see docs/refinement.md)")
-  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                      help="compute dtype of the network (default float32)")
-  parser.add_argument("--plan", choices=PLAN_CHOICES, default="auto",
-                      help="execution plan (default auto: banded on the CPU, fused on an "
-                           "accelerator whose memory holds it)")
-  folder = parser.add_argument_group("folder mode")
-  folder.add_argument("--devices", type=int, default=None,
-                      help="refine on the first N local devices (default: all of them)")
-  folder.add_argument("--batch-size", type=int, default=1,
-                      help="pairs of one size bucket refined as one batch (fused plan)")
-  folder.add_argument("--overwrite", action="store_true",
-                      help="--output holds masks of another model or settings: remove them and "
-                           "refine everything again")
-  folder.add_argument("--no-progress", action="store_true")
-  return parser
-
-
-def _model(args) -> Tuple[str, int]:
-  """The checkpoint and ``min_side`` of a run: ``--checkpoint`` or the bundled one,
-  ``--min-side`` or the checkpoint's recommendation; one ``note:`` line on stderr says which
-  defaults were taken, where they matter."""
-  path = default_checkpoint() if args.checkpoint is None else args.checkpoint
-  min_side, min_side_note = ckpt.resolve_min_side(args.min_side, path)
-  notes = [] if min_side_note is None else [min_side_note]
-  if args.checkpoint is None:
-    notes.insert(0, f"no --checkpoint given: using the bundled small checkpoint ({path}), "
-                 "trained on synthetic data only; for real photographs convert the published "
-                 "weights (README: Convert the published checkpoint and evaluate on BIG)")
-  if notes:
-    print("note: " + "; ".join(notes), file=sys.stderr)
-  return path, min_side
-
-
-def _refine_one(args) -> None:
-  """The single-image mode: the output is checked before the checkpoint is loaded, and is never
-  one of the inputs."""
-  from crm_jax.folder_refine import read_pair
-
-  scales = check_scales(args.scales)
-  if args.min_side is not None:
-    check_min_side(args.min_side)
-  io.check_output_file(args.output, inputs=(args.image, args.mask))
-  io.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
-  image, mask = read_pair(args.image, args.mask)
-  check_scales(scales, image.shape[:2])
-  path, min_side = _model(args)
-  note = None if min_side else small_image_note(scales, image.shape[:2])
-  if note is not None:
-    print(f"warning: {args.image} is {note}; {small_image_advice(scales, image.shape[:2])}",
-          file=sys.stderr)
-  refiner = Refiner.from_checkpoint(path, dtype=args.dtype, plan=args.plan, min_side=min_side,
-                                    warn_small=False)
-  prob = refiner.refine(image, mask, scales)
-  io.write_image(args.output, prob_to_uint8(prob))
-  print(f"wrote {args.output}")
-
-
-def _refine_folder(args) -> None:
-  from crm_jax.folder_refine import refine_folder
-
-  path, min_side = _model(args)
-  refine_folder(args.images, args.masks, args.output, path,
-                suffix=args.mask_suffix, scales=args.scales, min_side=min_side,
-                dtype=args.dtype, plan=args.plan, batch_size=args.batch_size,
-                devices=args.devices, overwrite=args.overwrite, progress=not args.no_progress)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """``python -m crm_jax.refine``: one image (``--image --mask --output OUT.png``) or a folder
-  (``--images --masks --output DIR``: ``crm_jax.folder_refine``). Bad arguments, files and
-  checkpoints, and OS errors, end in one ``error:`` line naming the path (exit status 2); in
-  folder mode a bad pair is reported and skipped, and the status is 2 only when nothing could
-  be refined."""
-  parser = _parser()
-  args = parser.parse_args(argv)
-  if args.image is not None:
-    if args.mask is None or args.masks is not None:
-      parser.error("--image needs --mask (and --masks goes with --images)")
-  elif args.masks is None or args.mask is not None:
-    parser.error("--images needs --masks (and --mask goes with --image)")
-  io.show_warnings_as_lines()
-  enable_compilation_cache()
-  from crm_jax.cli import exit_status
-  return exit_status(lambda: (_refine_one if args.image is not None else _refine_folder)(args))
-
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # The command moved (one home for every command); no import of it from the library.
+  print("error: `python -m crm_jax.refine` is now `crm-refine` (or `python -m crm_jax.cli.refine`)",
+        file=sys.stderr)
+  sys.exit(2)

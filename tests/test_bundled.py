@@ -96,13 +96,13 @@ def test_bundled_checkpoint_on_the_bundled_set_downscaled_to_512_px():
 @pytest.mark.parametrize("long_side,coarse_factor", [(128, None), (256, None), (128, 8)])
 def test_the_cli_with_its_defaults_refines_small_images(long_side, coarse_factor, tmp_path,
                                                         capsys):
-  """``python -m crm_jax.refine`` with no --checkpoint and no --min-side on the bundled images
+  """``crm-refine`` with no --checkpoint and no --min-side on the bundled images
   resized to 128 and 256 px: the bundled checkpoint's recommended min_side (said in the one note
   line) keeps the refined masks close to the bundled coarse ones, already as sharp as 128 px
   allow (the published loop there: IoU 0.49 and 0.63 from a coarse 0.97 and 0.96), and refines
-  coarse masks made at 1/8 of 128 px (README, "Small images")."""
+  coarse masks made at 1/8 of 128 px (docs/refining.md, "Small images")."""
   import sys
-  from crm_jax import refine
+  from crm_jax.cli import refine as refine_cli
   from crm_jax.io import read_grey, read_mask
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "benchmarks"))
@@ -116,8 +116,8 @@ def test_the_cli_with_its_defaults_refines_small_images(long_side, coarse_factor
   for name in names:
     os.rename(data / f"{name}_im.png", images / f"{name}.png")
     os.rename(data / f"{name}_seg.png", masks / f"{name}.png")
-  code = refine.main(["--images", str(images), "--masks", str(masks), "--output",
-                      str(tmp_path / "out"), "--no-progress", "--devices", "1"])
+  code = refine_cli.main(["--images", str(images), "--masks", str(masks), "--output",
+                          str(tmp_path / "out"), "--no-progress", "--devices", "1"])
   err = capsys.readouterr().err
   assert code == 0, err
   notes = [l for l in err.splitlines() if l.startswith("note:")]
@@ -137,10 +137,10 @@ def test_the_cli_with_its_defaults_refines_small_images(long_side, coarse_factor
 
 
 def test_the_demo_refuses_an_output_of_other_settings_in_one_line(tmp_path, capsys):
-  """``python -m crm_jax.demo`` into a folder whose masks another model or setting made (e.g. an
+  """``python -m crm_jax.cli.demo`` into a folder whose masks another model or setting made (e.g. an
   older version's demo) stops before refining with one error line that names the way out
   (--overwrite), not a traceback."""
-  from crm_jax import demo
+  from crm_jax.cli import demo
   out = tmp_path / "demo_output"
   out.mkdir()
   (out / "manifest.json").write_text(json.dumps({

@@ -170,7 +170,8 @@ def test_tfds_decode_mask_follows_the_same_rules():
 
 
 def test_exif_orientation_is_ignored_for_images_and_masks(tmp_path):
-  """One rule for every reader: pixels as stored (an EXIF 'rotate 90' tag changes nothing)."""
+  """One rule for every reader: pixels as stored (an EXIF 'rotate 90' tag changes nothing but a
+  warning)."""
   img = np.zeros((20, 40, 3), np.uint8)
   img[:, :20] = 255
   data = _encode(img, ".jpg")
@@ -180,9 +181,13 @@ def test_exif_orientation_is_ignored_for_images_and_masks(tmp_path):
   app1 = b"Exif\x00\x00" + tiff
   data = data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
   assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (40, 20)
-  assert io.decode_image(data).shape[:2] == (20, 40)
-  assert io.decode_mask(data).shape == (20, 40)
-  assert tfds_builders.decode_mask(data).shape == (20, 40)
+  # Read as stored, with one line saying so (tests/test_io_faults.py: every orientation).
+  with pytest.warns(io.InputWarning, match="EXIF orientation 6"):
+    assert io.decode_image(data).shape[:2] == (20, 40)
+  with pytest.warns(io.InputWarning, match="EXIF orientation 6"):
+    assert io.decode_mask(data).shape == (20, 40)
+  with pytest.warns(io.InputWarning, match="EXIF orientation 6"):
+    assert tfds_builders.decode_mask(data).shape == (20, 40)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Issue 10: whole datasets on every local device and every host (crm_jax.sharding), and the
-folder mode of ``python -m crm_jax.refine`` (crm_jax.folder_refine).
+"""Issue 10: whole datasets on every local device and every host (crm_jax.dispatch), and the
+folder mode of ``crm-refine`` (crm_jax.folder_refine).
 
 The session has four forced host devices (conftest.py). TINY model, images of 64-120 pixels,
 scales (0.5, 1.0). The multi-process tests start ``evaluate.py`` twice with jax.distributed on
@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from crm_jax import evaluation, folder_refine, io, sharding
-from crm_jax import refine as refine_cli
+from crm_jax import dispatch, evaluation, folder_refine, io
+from crm_jax.cli import refine as refine_cli
 from crm_jax.io import InputError, read_image, read_mask
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.refine import Refiner
@@ -67,28 +67,28 @@ def _without_run_fields(blob):
 
 def _items(pixels, bucket=None):
   noop = lambda *a: None  # noqa: E731
-  return [sharding.Item(sharding.Job(f"j{i}", noop, noop, noop), p, bucket and bucket[i])
+  return [dispatch.Item(dispatch.Job(f"j{i}", noop, noop, noop), p, bucket and bucket[i])
           for i, p in enumerate(pixels)]
 
 
 def test_batches_are_largest_first_and_of_one_bucket():
   items = _items([10, 50, 30, 50, 20], bucket=["a", "b", "a", "b", "a"])
-  assert [[it.job.name for it in b] for b in sharding.make_batches(items)] == [
+  assert [[it.job.name for it in b] for b in dispatch.make_batches(items)] == [
       ["j1"], ["j3"], ["j2"], ["j4"], ["j0"]]
-  batches = sharding.make_batches(items, batch_size=2)
+  batches = dispatch.make_batches(items, batch_size=2)
   assert [[it.job.name for it in b] for b in batches] == [["j1", "j3"], ["j2", "j4"], ["j0"]]
 
 
 def test_shares_balance_pixels_and_cover_every_batch_once():
   items = _items([100, 90, 40, 30, 20, 10, 5])
-  batches = sharding.make_batches(items)
-  shares = sharding.assign_shares(batches, 2)
+  batches = dispatch.make_batches(items)
+  shares = dispatch.assign_shares(batches, 2)
   names = [[b[0].job.name for b in s] for s in shares]
   assert names == [["j0", "j3", "j4"], ["j1", "j2", "j5", "j6"]]
   assert sorted(sum(names, [])) == sorted(it.job.name for it in items)
   loads = [sum(b[0].pixels for b in s) for s in shares]
   assert abs(loads[0] - loads[1]) <= max(it.pixels for it in items)
-  assert sharding.assign_shares(batches, 3) == sharding.assign_shares(batches, 3)
+  assert dispatch.assign_shares(batches, 3) == dispatch.assign_shares(batches, 3)
 
 
 def test_sizes_from_headers(tmp_path):
@@ -305,13 +305,14 @@ def _wait(procs, timeout=500):
 
 _ALLGATHER_SCRIPT = """
 import json, sys
-from crm_jax import sharding
-sharding.initialize_from_env()
-processes = sharding.Processes()
+from crm_jax import dispatch
+from crm_jax.distributed import maybe_initialize_distributed
+maybe_initialize_distributed()
+processes = dispatch.Processes()
 value = {"process": processes.index, "text": "\u00e9" * (3000 * (processes.index + 1))}
 by_store = processes.allgather(value)
-client = sharding.coordination_client()
-sharding.coordination_client = lambda: None  # as on a JAX without the private client
+client = dispatch.coordination_client()
+dispatch.coordination_client = lambda: None  # as on a JAX without the private client
 by_collective = processes.allgather(value)
 with open(sys.argv[1] + str(processes.index), "w") as f:  # not stdout: a full pipe would
   json.dump({"store": by_store, "collective": by_collective,  # block the exit barrier

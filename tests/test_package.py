@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from crm_jax import convert
+from crm_jax.cli import convert as convert_cli
 from crm_jax.torch_mapping import MappingError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ def test_torch_reference_without_torch_is_one_clear_line(monkeypatch):
 
 def test_convert_command_bad_input_is_one_line(tmp_path, capsys):
   missing = str(tmp_path / "nothing.pth")
-  assert convert.main([missing, str(tmp_path / "out"), "--verify"]) == 2
+  assert convert_cli.main([missing, str(tmp_path / "out"), "--verify"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "\n" not in err
   assert missing in err or "torch" in err
@@ -99,9 +100,12 @@ def test_installed_package_is_not_the_checkout(installed):
   module, checkpoint = where.split()
   assert module.startswith(installed["site"]) and checkpoint.startswith(installed["site"])
   assert os.path.isfile(os.path.join(checkpoint, "config.json"))
-  for script in ("crm-refine", "crm-evaluate", "crm-convert"):
-    assert "usage:" in _run([str(installed["bin"] / script), "--help"], cwd=installed["work"],
-                            env=installed["env"])
+  # Every console script's --help is its own: its usage line names the script.
+  for script in ("crm-refine", "crm-evaluate", "crm-convert", "crm-train"):
+    printed = _run([str(installed["bin"] / script), "--help"], cwd=installed["work"],
+                   env=installed["env"])
+    assert printed.startswith(f"usage: {script} "), printed[:300]
+  assert "--workdir" in printed
   # absl's --helpfull exits with status 1.
   assert "--workdir" in _run([str(installed["bin"] / "crm-train"), "--helpfull"],
                              cwd=installed["work"], env=installed["env"], status=1)

@@ -1,4 +1,4 @@
-"""``python -m crm_jax.refine`` with wrong inputs (issue 13, points 2-5, 7-9): mask encodings,
+"""``crm-refine`` with wrong inputs (issue 13, points 2-5, 7-9): mask encodings,
 scales, truncated files, unusable or overwriting outputs, leftovers and the bundled-model note;
 ``--min-side`` and the small-image warning. TINY model, one small image."""
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from crm_jax import refine
+from crm_jax.cli import refine as refine_cli
 from crm_jax.checkpoint import CheckpointError, load_model, save_model
 from crm_jax.data.synthesis import lowres_segmenter_mask
 from crm_jax.data.synthetic import make_synthetic_pair
@@ -42,7 +43,7 @@ def ckpt(tmp_path_factory):
 
 
 def _run(capsys, argv):
-  code = refine.main(argv)
+  code = refine_cli.main(argv)
   captured = capsys.readouterr()
   assert "Traceback" not in captured.err
   return code, captured.out, captured.err

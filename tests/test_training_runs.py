@@ -19,7 +19,7 @@ from crm_jax import checkpoint as model_ckpt
 from crm_jax import evaluation
 from crm_jax import training
 from crm_jax.data import pipeline
-from crm_jax.training import checkpoints
+from crm_jax.training import resume
 from crm_jax.training import config as cfg_lib
 from crm_jax.training import devices
 from crm_jax.training import step as step_lib
@@ -44,10 +44,12 @@ def _assert_states_equal(a, b):
 
 
 def _saved_state(workdir, config):
-  manager = checkpoints.checkpoint_manager(str(workdir), 2)
+  manager = resume.checkpoint_manager(str(workdir), 2)
   try:
-    return checkpoints.restore_checkpoint(
+    state, notes = resume.restore_checkpoint(
         manager, step_lib.create_train_state(config, jax.random.PRNGKey(0)))
+    assert notes == []
+    return state
   finally:
     manager.close()
 
@@ -319,7 +321,10 @@ def test_sigint_checkpoints_and_stops(tmp_path, monkeypatch, capsys):
 
   monkeypatch.setattr(pipeline.StepBatch, '__call__', interrupting)
   config = small_test_config(num_steps=40, checkpoint_every=1000, log_every=1000)
-  state = training.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(training.Preempted) as stopped:
+    training.train_and_evaluate(config, str(tmp_path))
+  state = stopped.value.state
+  assert stopped.value.exit_status == 128 + signal.SIGINT
   k = int(state.step)
   assert 0 < k < 40
   assert f'SIGINT: stopped after step {k}; checkpoint saved in' in capsys.readouterr().out

@@ -32,10 +32,7 @@ import os
 import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import cv2
-import numpy as np
-
-from crm_jax.io import InputError, check_encoded, read_bytes
+from crm_jax.io import InputError, imdecode, read_bytes
 
 IMAGE_EXTS = (".jpg", ".jpeg")  # training images (upstream globs ``*.jpg``)
 MASK_EXTS = (".png",)
@@ -160,14 +157,13 @@ def _pair_role(name: str) -> Tuple[str, Optional[str]]:
 
 
 def is_readable(path: str) -> bool:
-  """Whether the file is a complete image that OpenCV decodes (``crm_jax.io.check_encoded``, then
-  a full decode: slow for big images)."""
+  """Whether the file is a complete image that decodes undamaged (``crm_jax.io.imdecode``: a full
+  decode, slow for big images)."""
   try:
-    data = read_bytes(path)
-    check_encoded(data, path)
+    imdecode(read_bytes(path), path)
   except InputError:
     return False
-  return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+  return True
 
 
 def _group(entries: Sequence[Tuple[str, str, str]],

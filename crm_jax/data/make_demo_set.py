@@ -10,6 +10,7 @@ perturbation). Deterministic for a given seed.
 import argparse
 import os
 
+import cv2
 import numpy as np
 
 from crm_jax.data.synthesis import lowres_segmenter_mask
@@ -22,7 +23,6 @@ JPEG_QUALITY = 92
 
 
 def make_demo_set(output: str, seed: int = DEFAULT_SEED, sizes=DEFAULT_SIZES) -> None:
-  import cv2
   os.makedirs(output, exist_ok=True)
   for i, (h, w) in enumerate(sizes):
     rng = np.random.default_rng([seed, i])

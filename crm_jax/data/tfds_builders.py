@@ -24,8 +24,9 @@ yields ``[H, W, 1]``.
 Reading. ``load_source`` asks TFDS for the raw bytes (``tfds.decode.SkipDecoding``) and decodes
 them with OpenCV: images as RGB uint8 ``[H, W, 3]`` (grey replicated, alpha dropped, as PIL's
 ``convert('RGB')`` upstream; EXIF orientation is ignored, as by PIL), masks as grey uint8
-``[H, W]`` by the mask rules of ``crm_jax.io.decode_mask`` (the README's Input rules). ``MixtureSource`` concatenates such sources into one training
-mixture; ``training_mixture`` builds it from whichever sets are prepared.
+``[H, W]`` by the mask rules of ``crm_jax.io.decode_mask`` (docs/refining.md, "Input rules").
+``MixtureSource`` concatenates such sources into one training mixture; ``training_mixture``
+builds it from whichever sets are prepared.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from crm_jax.data import folders
+from crm_jax import io as image_io
 from crm_jax.io import InputError, as_rgb, img_bgr_to_rgb
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -59,25 +61,16 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Decoding and storage normalisation (OpenCV only).
 
 
-def _imdecode(data: bytes, flags: int, name: str) -> np.ndarray:
-  buf = np.frombuffer(data, dtype=np.uint8)
-  img = cv2.imdecode(buf, flags) if buf.size else None
-  if img is None:
-    raise InputError(f"{name}: unreadable or not an image")
-  return img
-
-
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
   """Encoded bytes -> RGB uint8 ``[H, W, 3]`` (grey replicated, alpha dropped, 16 bit scaled)."""
-  return as_rgb(img_bgr_to_rgb(_imdecode(data, cv2.IMREAD_UNCHANGED, name)), name)
+  return as_rgb(img_bgr_to_rgb(image_io.imdecode(data, name)), name)
 
 
 def decode_mask(data: bytes, name: str = "mask") -> np.ndarray:
   """Encoded bytes -> grey uint8 ``[H, W]`` by the mask encoding rules of ``crm_jax.io`` (the one
   rule for every reader: EXIF orientation ignored, 0/1 and 16-bit masks, palette, alpha and
   colour masks; truncated files refused)."""
-  from crm_jax import io  # the module-level names of io are the image helpers'
-  return io.decode_mask(data, name)
+  return image_io.decode_mask(data, name)
 
 
 def _encode_png(img: np.ndarray, name: str) -> bytes:
@@ -89,7 +82,7 @@ def _encode_png(img: np.ndarray, name: str) -> bytes:
 
 def storable_image(data: bytes, name: str = "image") -> bytes:
   """The bytes to store for an image: unchanged for 8-bit grey/RGB JPEG or PNG, else an RGB PNG."""
-  img = _imdecode(data, cv2.IMREAD_UNCHANGED, name)
+  img = image_io.imdecode(data, name)
   if (data.startswith((_JPEG_MAGIC, _PNG_MAGIC)) and img.dtype == np.uint8
       and (img.ndim == 2 or img.shape[2] == 3)):
     return data
@@ -98,7 +91,7 @@ def storable_image(data: bytes, name: str = "image") -> bytes:
 
 def storable_mask(data: bytes, name: str = "mask") -> bytes:
   """The bytes to store for a mask: unchanged for 8-bit grey JPEG or PNG, else a grey PNG."""
-  img = _imdecode(data, cv2.IMREAD_UNCHANGED, name)
+  img = image_io.imdecode(data, name)
   if data.startswith((_JPEG_MAGIC, _PNG_MAGIC)) and img.dtype == np.uint8 and img.ndim == 2:
     return data
   return _encode_png(decode_mask(data, name), name)

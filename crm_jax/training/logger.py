@@ -15,6 +15,9 @@ import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorboardX
+from tensorboardX.proto.summary_pb2 import Summary
+from tqdm import tqdm
 
 from crm_jax import losses
 from crm_jax.constants import IMAGE_MEAN, IMAGE_STD
@@ -37,8 +40,6 @@ class Logger:
     self.bar = None
     if not enabled:
       return
-    from tqdm import tqdm
-    import tensorboardX
     self.writer = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
     self.bar = tqdm(total=total, initial=start, desc='train', unit='step', dynamic_ncols=True,
                     file=sys.stderr, mininterval=1.0)
@@ -63,7 +64,6 @@ class Logger:
   def image(self, step: int, tag: str, picture: np.ndarray) -> None:
     """An RGB uint8 ``[H, W, 3]`` picture as a TensorBoard image (PNG-encoded by OpenCV)."""
     if self.writer is not None:
-      from tensorboardX.proto.summary_pb2 import Summary
       ok, png = cv2.imencode('.png', np.ascontiguousarray(picture[:, :, ::-1]))
       if not ok:
         return

@@ -17,15 +17,15 @@ import jax
 
 from crm_jax import checkpoint as model_ckpt
 from crm_jax.data import pipeline
+from crm_jax.distributed import barrier, maybe_initialize_distributed
 from crm_jax.io import write_image
-from crm_jax.training import checkpoints as ckpt
 from crm_jax.training import config as cfg_lib
 from crm_jax.training import devices
 from crm_jax.training import logger as log_lib
+from crm_jax.training import resume
 from crm_jax.training import validation
 from crm_jax.training import workdir as wd
-from crm_jax.training.distributed import barrier, maybe_initialize_distributed
-from crm_jax.training.preemption import Preemption
+from crm_jax.training.preemption import Preempted, Preemption
 from crm_jax.training.step import Guard, TrainState, build, create_train_state
 
 
@@ -38,10 +38,10 @@ def _initial_state(config, manager, init_rng):
   """Resume order: the workdir's latest checkpoint, then ``config.init``, then scratch."""
   state = create_train_state(config, init_rng)
   if manager.latest_step() is not None:
-    state = ckpt.restore_checkpoint(manager, state)
-    return state, f'resumed from {manager.directory}/{int(state.step)}'
+    state, notes = resume.restore_checkpoint(manager, state)
+    return state, '; '.join(notes + [f'resumed from {manager.directory}/{int(state.step)}'])
   if config.init:
-    return ckpt.load_init(config, state), f'initialised from {config.init}'
+    return resume.load_init(config, state), f'initialised from {config.init}'
   return state, f'fresh initialisation (seed {config.seed})'
 
 
@@ -51,7 +51,7 @@ def _stop_if_non_finite(guard, r_state, manager, config) -> None:
   bad = int(guard.bad_step)
   if bad < 0:
     return
-  ckpt.save_checkpoint(manager, devices.unreplicate(r_state), config)
+  resume.save_checkpoint(manager, devices.unreplicate(r_state), config)
   raise cfg_lib.TrainingError(
       f'{guard.describe()}; the last good state (step {bad}) is saved in '
       f'{manager.directory}; lower config.learning_rate or check the data (a changed config '
@@ -105,7 +105,7 @@ def start_run(config, workdir: str) -> Run:
   source = pipeline.make_source(config)  # fails early and clearly on a missing dataset
   root = jax.random.PRNGKey(int(config.seed))
   init_rng, dropout_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-  manager = ckpt.checkpoint_manager(workdir, config.keep_checkpoints)
+  manager = resume.checkpoint_manager(workdir, config.keep_checkpoints)
   run = Run(config, workdir, is_main, int(config.num_steps), build(config), manager, None,
             dropout_rng)
   try:
@@ -158,6 +158,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       or validation set, or a non-finite step (the message names the step; the last good
       state is saved first).
     pipeline.DatasetError: a missing or unprepared dataset.
+    Preempted: SIGTERM or SIGINT stopped the run after a checkpoint (it carries the state).
   """
   run = start_run(config, workdir)
   try:
@@ -189,14 +190,14 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         run.logger.scalars(done, scores)
         t_window = time.time()  # steps/s counts training only
       if checkpoint or stop:
-        ckpt.save_checkpoint(run.manager, state, config)
+        resume.save_checkpoint(run.manager, state, config)
       if stop:
-        run.logger.line(f'{run.preemption.name}: stopped after step {done}; checkpoint saved '
-                        f'in {run.manager.directory}; run again with the same --workdir to '
-                        'resume')
-        return state
+        message = (f'{run.preemption.name}: stopped after step {done}; checkpoint saved in '
+                   f'{run.manager.directory}; run again with the same --workdir to resume')
+        run.logger.line(message)
+        raise Preempted(message, state, run.preemption.name)
     state = devices.unreplicate(r_state)  # also when the run had nothing left to do
-    ckpt.save_checkpoint(run.manager, state, config)
+    resume.save_checkpoint(run.manager, state, config)
     if run.is_main:
       _export(run.workdir, state, config, run.logger)
     barrier('crm_jax.training: exported')  # nobody leaves before the export is complete.

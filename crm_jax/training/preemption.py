@@ -14,7 +14,24 @@ import signal
 import threading
 from typing import Optional
 
+from jax.experimental import multihost_utils
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(Exception):
+  """Training stopped on a signal after saving a checkpoint (``state``, at ``state.step``); run
+  again with the same workdir to resume. ``exit_status`` is 128 + the signal's number, what a
+  scheduler expects of a job that a signal ended (143 for SIGTERM, 130 for SIGINT)."""
+
+  def __init__(self, message: str, state, signal_name: str):
+    super().__init__(message)
+    self.state = state
+    self.signal_name = signal_name
+
+  @property
+  def exit_status(self) -> int:
+    return 128 + int(getattr(signal, self.signal_name, signal.SIGTERM))
 
 
 class Preemption:
@@ -46,7 +63,6 @@ class Preemption:
   def reached(self, step: int) -> bool:
     if self.multi_process:
       try:
-        from jax.experimental import multihost_utils
         if multihost_utils.reached_preemption_sync_point(step):
           self.name = self.name or 'SIGTERM'
           return True

@@ -29,6 +29,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from crm_jax import evaluation
+from crm_jax.dispatch import local_refiners
 from crm_jax.constants import SCALES
 from crm_jax.data.synthesis import lowres_segmenter_mask
 from crm_jax.data.synthetic import make_synthetic_pair
@@ -112,10 +113,9 @@ class Validator:
   def __call__(self, variables, step: int) -> Dict[str, float]:
     """Refines every object with ``variables`` and returns ``{'val/iou_<s>': .., 'val/mba_<s>':
     ..}``; records the step (and the best one) in ``validation.json``."""
-    from crm_jax import sharding  # JAX-heavy; only where validation runs
-    # Every local device of every process refines its share (crm_jax.sharding), into one folder
+    # Every local device of every process refines its share (crm_jax.dispatch), into one folder
     # of the shared workdir; process 0 computes the metrics and every process gets them.
-    refiners = sharding.local_refiners(self.model_cfg, variables)
+    refiners = local_refiners(self.model_cfg, variables)
     out_dir = os.path.join(self.workdir, f'.tmp-validation-{step}')
     try:
       result = evaluation.evaluate(self.data, None, out_dir, self.scales, progress=False,

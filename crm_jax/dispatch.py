@@ -1,27 +1,10 @@
-"""Refining a whole dataset on every local device and every host (``evaluate.py`` and the folder
-mode of ``python -m crm_jax.refine``).
+"""Dispatch: a dataset's jobs to the worker threads of the local devices and to the hosts.
 
-Work. A dataset is a list of ``Job`` s: one object each (its name, its size read from the image
-file's header, how to load it, how to write its outputs, whether they are complete). The jobs
-that are not complete are cut into batches (one object, or with ``batch_size > 1`` up to that
-many objects of one bucket, ``Refiner.bucket_of``), largest first by pixel count.
-
-Hosts. With ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set (the
-variables of ``train.py``; ``initialize_from_env``), every process lists the same jobs, and takes
-a share of the batches: each batch in turn, largest first, goes to the process with the fewest
-pixels so far (lowest index on a tie), the same assignment on every process with no message
-sent. Processes write into the shared output folder (every file atomically), then gather their
-results (``Processes.allgather``: objects refined and failed, seconds per object) so that every
-process returns the same summary; nobody leaves before the gathering.
-
-Devices. Within a process, one ``crm_jax.refine.Refiner`` per local device and one worker thread
-per Refiner pull batches from one queue, largest first, so that the load balances. Each object is
-refined whole by one device, so its masks are the bytes a one-device run writes under the same
-XLA flags.
-
-Progress (``progress=True``, process 0 only): one bar over the objects of every host. Process 0
-counts its own objects as they finish and those of the other processes by looking for their
-finished files every few seconds; pixels per second cover every host.
+Owns ``Job`` (one object: load, write, is it complete), the schedule (batches by bucket, largest
+first; ``assign_shares`` gives each process its share with no message sent), ``refine_jobs``
+(one thread per local ``Refiner``), the processes of a multi-host run (``Processes``:
+``allgather``, ``agree``; ``run_together``) and the progress bar. How work is spread over devices
+and hosts, and the figures: docs/devices.md.
 """
 
 from __future__ import annotations
@@ -31,19 +14,21 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import threading
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from crm_jax.io import InputError
+from crm_jax.io import InputError, os_error_line
+from crm_jax.refine import Refiner
 from crm_jax.scales import check_scales, small_images_line
 
-Log = Callable[[str], None]
+Log = Callable[[str], None]  # where a run's lines go (``print`` on the command line)
 POLL_SECONDS = 5.0  # how often process 0 looks for the other processes' finished objects
 # How long a process waits for the others. A dead process ends the run sooner: the coordination
 # service misses its heartbeats and terminates the others (about 100 s, measured).
@@ -53,9 +38,6 @@ _KV_CHUNK = 1 << 20  # characters per value in the coordination service's key-va
 _BAR_FORMAT = ("{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {remaining} "
                "left{postfix}")
 
-
-# ---------------------------------------------------------------------------------------------
-# Image sizes from file headers (no decoding).
 
 # ---------------------------------------------------------------------------------------------
 # Jobs and their schedule.
@@ -119,17 +101,6 @@ def assign_shares(batches: Sequence[List[Item]], count: int) -> List[List[List[I
 # Processes.
 
 
-def initialize_from_env() -> None:
-  """``jax.distributed.initialize`` from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID`` when the first is set (``maybe_initialize_distributed``, the function
-  ``train.py`` uses); call before anything touches a JAX backend. A bad variable is an
-  ``InputError``."""
-  if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    return
-  from crm_jax.distributed import maybe_initialize_distributed
-  maybe_initialize_distributed()
-
-
 _ALLGATHER_CALLS = itertools.count(1)
 
 
@@ -138,7 +109,6 @@ class Processes:
 
   def __init__(self, index: Optional[int] = None, count: Optional[int] = None):
     if index is None or count is None:
-      import jax
       index, count = jax.process_index(), jax.process_count()
     self.index, self.count = index, count
 
@@ -175,13 +145,15 @@ class Processes:
                                     for k in range(n))))
     return out
 
-  def agree(self, error: Optional[str] = None) -> None:
+  def agree(self, error: Optional[str] = None, value=None):
     """A barrier that fails together: ``InputError`` on every process when any process passes
-    an ``error`` (the first one, with its process index when there are several processes)."""
-    errors = self.allgather(error)
-    for i, e in enumerate(errors):
+    an ``error`` (the first one, with its process index when there are several processes).
+    Returns process 0's ``value`` (anything JSON can write) on every process."""
+    gathered = self.allgather([error, value])
+    for i, (e, _) in enumerate(gathered):
       if e is not None:
         raise InputError(e if self.count == 1 or i == self.index else f"process {i}: {e}")
+    return gathered[0][1]
 
 
 def coordination_client():
@@ -192,7 +164,7 @@ def coordination_client():
   gives None, and ``Processes.allgather`` uses a collective instead.
   """
   try:
-    from jax._src import distributed
+    from jax._src import distributed  # private JAX: may be missing in a later version
     client = distributed.global_state.client
   except (ImportError, AttributeError):
     return None
@@ -206,7 +178,6 @@ def allgather_by_collective(value) -> list:
   """``Processes.allgather`` through ``multihost_utils.process_allgather`` (public JAX): every
   process's ``value`` as JSON bytes, padded to the longest, in process order. A collective: on
   the CPU (gloo) it fails when a process arrives more than 30 s after the others."""
-  from jax.experimental import multihost_utils
   data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
   lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32)))
   lengths = lengths.reshape(-1)
@@ -217,10 +188,14 @@ def allgather_by_collective(value) -> list:
 
 
 def run_together(processes: Processes, step: Callable[[], object],
-                 errors: Tuple[type, ...] = (InputError, OSError)):
+                 errors: Tuple[type, ...] = (InputError, OSError), share_main: bool = False):
   """``step()`` on every process, then a barrier. An error of ``errors`` on one process is
   raised there as it is, and as an ``InputError`` naming that process on every other one (so
-  none waits for a process that has left)."""
+  none waits for a process that has left).
+
+  ``share_main``: every process returns process 0's value (JSON-able), carried by the barrier
+  itself, so that no process reads a file that process 0 wrote and may remove next.
+  """
   try:
     out = step()
   except errors as e:
@@ -230,8 +205,10 @@ def run_together(processes: Processes, step: Callable[[], object],
       except InputError:
         pass
     raise
-  processes.agree(None)
-  return out
+  if processes.count == 1:
+    return out
+  shared = processes.agree(None, out if share_main and processes.is_main else None)
+  return shared if share_main else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +436,6 @@ def refine_jobs(jobs: Sequence[Job], scales: Sequence[float], refiners: Sequence
 
 def _error_line(e: BaseException) -> str:
   if isinstance(e, OSError):
-    from crm_jax.io import os_error_line
     return os_error_line(e)
   if isinstance(e, ValueError):  # InputError, CheckpointError: their message says it all
     return one_line(e)
@@ -500,9 +476,6 @@ def local_refiners(config, variables, devices: Optional[int] = None, **kwargs) -
   """One ``crm_jax.refine.Refiner`` per local device (the first ``devices`` of them; default
   all), sharing the parameters' host copy. They give no ``SmallImageWarning`` (unless
   ``warn_small=True`` is passed): ``refine_jobs`` prints one line for the whole run."""
-  import jax
-  from crm_jax.refine import Refiner
-
   local = jax.local_devices()
   if devices is not None:
     if devices < 1:

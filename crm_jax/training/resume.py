@@ -1,4 +1,6 @@
-"""Training checkpoints (orbax) and the initial weights of ``config.init``.
+"""Where a training run starts from: the workdir's training-state checkpoints (orbax: params,
+batch_stats, optimiser state, data position) and the initial weights of ``config.init``.
+Model checkpoints (what training exports, what refinement reads) are ``crm_jax.checkpoint``.
 
 Resume order (``loop.train_and_evaluate``): the latest checkpoint in the workdir; else
 ``config.init`` (a crm_jax model checkpoint) for params and batch_stats; else a fresh
@@ -8,6 +10,7 @@ initialisation from ``config.seed``.
 from __future__ import annotations
 
 import os
+from typing import List, Tuple
 
 import jax
 import numpy as np
@@ -40,15 +43,40 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, config) -
   manager.wait_until_finished()
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState) -> TrainState:
-  step = manager.latest_step()
+def _restore_step(manager: ocp.CheckpointManager, step: int, target: TrainState) -> TrainState:
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
   state = restored['state']
   if int(state.step) != step or int(restored['data']['next_step']) != step:
-    raise TrainingError(f'{manager.directory}/{step}: inconsistent checkpoint (holds step '
-                        f'{int(state.step)}, data position {restored["data"]["next_step"]})')
+    raise ValueError(f'inconsistent: holds step {int(state.step)}, data position '
+                     f'{restored["data"]["next_step"]}')
   return jax.tree_util.tree_map(np.asarray, state)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager,
+                       target: TrainState) -> Tuple[TrainState, List[str]]:
+  """The newest intact checkpoint of the workdir, and one note per damaged newer one.
+
+  A checkpoint that cannot be restored whole (a cut data or metadata file, a missing file, an
+  inconsistent step) is damaged: it is removed (training would otherwise never save a step at
+  or below it again) and the next older one is tried. ``TrainingError`` names the folder when
+  no checkpoint is intact; damaged weights are never used.
+  """
+  notes = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return _restore_step(manager, step, target), notes
+    except Exception as e:  # orbax, tensorstore and json raise many types for a damaged step
+      notes.append(f'{manager.directory}/{step}: damaged checkpoint ({_one_line(e)}); removed')
+      manager.delete(step)
+  raise TrainingError(f'{manager.directory}: no intact checkpoint to resume from ('
+                      + '; '.join(notes) + '); use a new --workdir')
+
+
+def _one_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  text = lines[0] if lines else type(e).__name__
+  return text if len(text) <= 160 else text[:157] + '...'
 
 
 def load_init(config, target: TrainState) -> TrainState:

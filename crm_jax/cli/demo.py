@@ -1,6 +1,6 @@
 """``make demo``: refine the bundled images with the bundled checkpoint.
 
-    python -m crm_jax.demo [--output demo_output] [--overwrite]
+    python -m crm_jax.cli.demo [--output demo_output] [--overwrite]
 
 Runs the BIG evaluation on ``crm_jax/assets/demo_big`` with
 ``crm_jax/assets/crm_small``, prints the before/after IoU and mBA table and
@@ -16,10 +16,12 @@ import cv2
 import numpy as np
 
 from crm_jax.bundled import DEMO_CHECKPOINT, DEMO_DATA
+from crm_jax.cli.common import exit_status
 from crm_jax.constants import BINARY_THRESHOLD, SCALES
 from crm_jax.evaluation import evaluate, list_objects
 from crm_jax.io import read_grey, read_image, read_mask, write_image
 from crm_jax.metrics import mask_path
+from crm_jax.refine import enable_compilation_cache
 
 PANEL_WIDTH = 640
 COLOURS = {"coarse": (255, 64, 64), "refined": (64, 255, 64), "gt": (255, 255, 0)}
@@ -69,14 +71,13 @@ def run_demo(output: str = "demo_output", checkpoint: str = DEMO_CHECKPOINT,
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m crm_jax.cli.demo",
+                                   description=__doc__.splitlines()[0])
   parser.add_argument("--output", default="demo_output")
   parser.add_argument("--overwrite", action="store_true",
                       help="--output holds masks of another model or settings (an older "
                            "version's demo): remove them and refine again")
   args = parser.parse_args(argv)
-  from crm_jax.cli import exit_status
-  from crm_jax.refine import enable_compilation_cache
   enable_compilation_cache()
   return exit_status(lambda: run_demo(args.output, overwrite=args.overwrite))
 

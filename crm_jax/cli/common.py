@@ -1,0 +1,55 @@
+"""What the commands share: the model and run flags of refine and evaluate, and the exit-status
+rule (a bad input, checkpoint or OS error is one ``error:`` line and status 2, no traceback)."""
+
+import argparse
+import sys
+from typing import Callable
+
+from crm_jax.checkpoint import CheckpointError
+from crm_jax.constants import SCALES
+from crm_jax.io import InputError, os_error_line
+from crm_jax.refine import DTYPES, PLAN_CHOICES
+
+
+def exit_status(run: Callable[[], object]) -> int:
+  """``run()``, then 0; a bad input, checkpoint or OS error is one ``error:`` line and 2."""
+  try:
+    run()
+  except (InputError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: {os_error_line(e)}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def add_run_flags(parser: argparse.ArgumentParser, checkpoint_help: str,
+                  batch_help: str) -> argparse._ArgumentGroup:
+  """The flags of refine and evaluate: the model (``--checkpoint``, ``--scales``,
+  ``--min-side``, ``--dtype``, ``--plan``) on ``parser``, and the dataset run (``--devices``,
+  ``--batch-size``, ``--overwrite``, ``--no-progress``) in a group, which is returned."""
+  parser.add_argument("--checkpoint", default=None, help=checkpoint_help)
+  parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
+                      help="refinement scales, coarse to fine (default: %(default)s)")
+  parser.add_argument("--min-side", type=int, default=None,
+                      help="leave out the leading scales at which an image's shorter side is "
+                           "below N pixels; their masks are the coarse mask; 0: every scale, "
+                           "the published loop (default: what the checkpoint recommends, 0 "
+                           "unless it names a value; the bundled one names 128; see "
+                           "docs/refining.md)")
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                      help="compute dtype of the network (default float32; bfloat16: for "
+                           "accelerators, see docs/differences.md)")
+  parser.add_argument("--plan", choices=PLAN_CHOICES, default="auto",
+                      help="execution plan (default auto: banded on the CPU, fused on an "
+                           "accelerator whose memory holds it)")
+  run = parser.add_argument_group("dataset runs")
+  run.add_argument("--devices", type=int, default=None,
+                   help="refine on the first N local devices (default: all of them)")
+  run.add_argument("--batch-size", type=int, default=1, help=batch_help)
+  run.add_argument("--overwrite", action="store_true",
+                   help="--output holds masks of another model or settings: remove them and "
+                        "refine everything again")
+  run.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return run

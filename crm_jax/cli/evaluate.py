@@ -1,0 +1,58 @@
+"""``crm-evaluate`` (``evaluate.py`` in a checkout): BIG-style data refined at every scale, IoU and
+mBA reported as the published scripts compute them.
+
+    crm-evaluate --data DIR --checkpoint CKPT --output OUT [--scales 0.125 0.25 0.5 1.0]
+    crm-evaluate --data crm_big --tfds-data-dir TFDS_DIR [--split test] --checkpoint CKPT \\
+        --output OUT
+    crm-evaluate --metrics-only --output OUT
+
+The work is ``crm_jax.evaluation.evaluate``; the output folder, resume and hosts: docs/big.md.
+"""
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from crm_jax.cli.common import add_run_flags, exit_status
+from crm_jax.evaluation import evaluate
+from crm_jax.io import show_warnings_as_lines
+from crm_jax.refine import enable_compilation_cache
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="crm-evaluate",
+      description="Refines BIG-style data at every scale and reports IoU and mBA.")
+  p.add_argument("--data", help="folder in the BIG layout, or a TFDS name with --tfds-data-dir "
+                                "(crm_big)")
+  p.add_argument("--tfds-data-dir", help="TFDS data dir in which --data is prepared")
+  p.add_argument("--split", help="TFDS split (needed when there are several)")
+  p.add_argument("--output", required=True, help="output folder")
+  p.add_argument("--metrics-only", action="store_true",
+                 help="recompute the metrics of the masks already in --output")
+  add_run_flags(p, checkpoint_help="crm-jax model checkpoint directory",
+                batch_help="objects of one size bucket refined as one batch (fused plan)")
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Writes the published output layout in OUT, OUT/manifest.json and OUT/metrics.json; a run
+  started again with the same model and settings skips complete objects, one with others is
+  refused unless --overwrite. Bad objects are reported and skipped; the exit status is 2 (one
+  line, no traceback) only when nothing could be evaluated or an argument is bad."""
+  p = parser()
+  args = p.parse_args(argv)
+  if not args.metrics_only and not (args.data and args.checkpoint):
+    p.error("--data and --checkpoint are required unless --metrics-only")
+  show_warnings_as_lines()
+  if not args.metrics_only:
+    enable_compilation_cache()
+  return exit_status(lambda: evaluate(
+      args.data, args.checkpoint, args.output, args.scales, metrics_only=args.metrics_only,
+      progress=not args.no_progress, tfds_data_dir=args.tfds_data_dir, split=args.split,
+      dtype=args.dtype, overwrite=args.overwrite, plan=args.plan, batch_size=args.batch_size,
+      devices=args.devices, min_side=args.min_side))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,114 @@
+"""``crm-refine``: one image (``--image --mask --output OUT.png``) or a folder of images with their
+coarse masks (``--images --masks --output DIR``) on every local device and host.
+
+    crm-refine --image IMG --mask MASK --output OUT.png [--checkpoint DIR] [--min-side N]
+    crm-refine --images IMAGES --masks MASKS --output DIR [--mask-suffix SUFFIX] [--devices N]
+
+The work is ``crm_jax.Refiner`` and ``crm_jax.folder_refine.refine_folder``; docs/refining.md.
+"""
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence, Tuple
+
+from crm_jax import checkpoint as ckpt
+from crm_jax import io
+from crm_jax.bundled import DEMO_CHECKPOINT
+from crm_jax.cli.common import add_run_flags, exit_status
+from crm_jax.folder_refine import read_pair, refine_folder
+from crm_jax.preprocess import prob_to_uint8
+from crm_jax.refine import Refiner, enable_compilation_cache
+from crm_jax.scales import check_min_side, check_scales, small_image_advice, small_image_note
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="crm-refine",
+      description="Refine one coarse mask (--image --mask --output OUT.png), or every image of a "
+                  "folder with its mask from another folder (--images --masks --output DIR) on "
+                  "every local device and host.")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--image", help="one image")
+  source.add_argument("--images", help="folder of images (folder mode; pairing: "
+                                       "docs/refining.md)")
+  p.add_argument("--mask", help="the coarse mask of --image (encodings: docs/refining.md)")
+  p.add_argument("--masks", help="folder of coarse masks <name><suffix>.png (folder mode)")
+  p.add_argument("--mask-suffix", default="",
+                 help="folder mode: the mask of IMAGES/<name>.jpg is MASKS/<name><suffix>.png "
+                      "(default: no suffix)")
+  p.add_argument("--output", required=True,
+                 help="PNG of the refined mask (0-255); folder mode: the output folder")
+  add_run_flags(p, checkpoint_help="model checkpoint directory (default: the bundled small one, "
+                                   "trained on synthetic data)",
+                batch_help="folder mode: pairs of one size bucket refined as one batch (fused "
+                           "plan)")
+  return p
+
+
+def _model(args) -> Tuple[str, int]:
+  """The checkpoint and ``min_side`` of a run: ``--checkpoint`` or the bundled one,
+  ``--min-side`` or the checkpoint's recommendation; one ``note:`` line on stderr says which
+  defaults were taken, where they matter."""
+  path = DEMO_CHECKPOINT if args.checkpoint is None else args.checkpoint
+  min_side, min_side_note = ckpt.resolve_min_side(args.min_side, path)
+  notes = [] if min_side_note is None else [min_side_note]
+  if args.checkpoint is None:
+    notes.insert(0, f"no --checkpoint given: using the bundled small checkpoint ({path}), "
+                 "trained on synthetic data only; for real photographs convert the published "
+                 "weights (docs/big.md)")
+  if notes:
+    print("note: " + "; ".join(notes), file=sys.stderr)
+  return path, min_side
+
+
+def _refine_one(args) -> None:
+  """The single-image mode: the output is checked before the checkpoint is loaded, is never
+  one of the inputs, and an existing one is replaced only with ``--overwrite``."""
+  scales = check_scales(args.scales)
+  if args.min_side is not None:
+    check_min_side(args.min_side)
+  io.check_output_file(args.output, inputs=(args.image, args.mask))
+  if os.path.exists(args.output) and not args.overwrite:
+    raise io.InputError(f"{args.output}: already exists; pass --overwrite to replace it")
+  io.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
+  image, mask = read_pair(args.image, args.mask)
+  check_scales(scales, image.shape[:2])
+  path, min_side = _model(args)
+  note = None if min_side else small_image_note(scales, image.shape[:2])
+  if note is not None:
+    print(f"warning: {args.image} is {note}; {small_image_advice(scales, image.shape[:2])}",
+          file=sys.stderr)
+  refiner = Refiner.from_checkpoint(path, dtype=args.dtype, plan=args.plan, min_side=min_side,
+                                    warn_small=False)
+  prob = refiner.refine(image, mask, scales)
+  io.write_image(args.output, prob_to_uint8(prob))
+  print(f"wrote {args.output}")
+
+
+def _refine_folder(args) -> None:
+  path, min_side = _model(args)
+  refine_folder(args.images, args.masks, args.output, path,
+                suffix=args.mask_suffix, scales=args.scales, min_side=min_side,
+                dtype=args.dtype, plan=args.plan, batch_size=args.batch_size,
+                devices=args.devices, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Bad arguments, files and checkpoints, and OS errors, end in one ``error:`` line naming the
+  path (exit status 2); in folder mode a bad pair is reported and skipped, and the status is 2
+  only when nothing could be refined."""
+  p = parser()
+  args = p.parse_args(argv)
+  if args.image is not None:
+    if args.mask is None or args.masks is not None:
+      p.error("--image needs --mask (and --masks goes with --images)")
+  elif args.masks is None or args.mask is not None:
+    p.error("--images needs --masks (and --mask goes with --image)")
+  io.show_warnings_as_lines()
+  enable_compilation_cache()
+  return exit_status(lambda: (_refine_one if args.image is not None else _refine_folder)(args))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,227 @@
+"""Faults a cluster meets (docs/faults_and_files.md): a damaged latest training checkpoint, two
+runs into one folder, a full disk while training. Same setting as test_train.py (four CPU
+devices, the TINY model, tests/train_config.py)."""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from crm_jax import training
+from crm_jax.training import resume
+from crm_jax.training import step as step_lib
+from tests.train_config import small_test_config
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _assert_states_equal(a, b):
+  assert int(a.step) == int(b.step)
+  for part in ('params', 'batch_stats', 'opt_state'):
+    fa, fb = _flat(getattr(a, part)), _flat(getattr(b, part))
+    assert fa.keys() == fb.keys()
+    for k in fa:
+      np.testing.assert_array_equal(fa[k], fb[k], err_msg=f'{part}{k}')
+
+
+def _cut_data(step_dir):
+  """Halves the largest data file of a checkpoint step (a write cut off by a kill or a full
+  disk)."""
+  files = [f for f in glob.glob(os.path.join(step_dir, 'state', '**', '*'), recursive=True)
+           if os.path.isfile(f) and not f.endswith('.json') and 'metadata' not in f]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, 'r+b') as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  return biggest
+
+
+def _cut_metadata(step_dir):
+  """Cuts a JSON metadata file of the step in the middle."""
+  files = sorted(f for f in glob.glob(os.path.join(step_dir, '**', '*'), recursive=True)
+                 if os.path.isfile(f) and ('metadata' in os.path.basename(f)
+                                           or f.endswith('.json')))
+  target = files[0]
+  text = open(target, 'rb').read()
+  with open(target, 'wb') as f:
+    f.write(text[:len(text) // 2])
+  return target
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """The state after 4 steps in one go, and the config (a checkpoint at every step)."""
+  config = small_test_config(num_steps=4, checkpoint_every=1, keep_checkpoints=3)
+  return training.train_and_evaluate(config, str(tmp_path_factory.mktemp('whole'))), config
+
+
+@pytest.mark.parametrize('damage', [_cut_data, _cut_metadata])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys,
+                                                                   uninterrupted, damage):
+  """Checkpoints at steps 1-3, the newest damaged: the run notes it in one line, resumes from
+  step 2 and ends where an uninterrupted run ends, byte for byte."""
+  whole, config = uninterrupted
+  work = str(tmp_path / 'work')
+  training.train_and_evaluate(_with(config, num_steps=3), work)
+  capsys.readouterr()
+  damaged = damage(os.path.join(work, 'checkpoints', '3'))
+  state = training.train_and_evaluate(config, work)
+  out = capsys.readouterr().out
+  notes = [l for l in out.splitlines() if 'damaged checkpoint' in l]
+  assert len(notes) == 1 and '/3: damaged checkpoint' in notes[0], (damaged, out)
+  assert f"resumed from {os.path.join(work, 'checkpoints')}/2; steps 2 -> 4" in notes[0]
+  _assert_states_equal(state, whole)
+
+
+def test_no_intact_checkpoint_is_one_error_naming_the_folder(tmp_path, uninterrupted):
+  _, config = uninterrupted
+  work = str(tmp_path / 'work')
+  training.train_and_evaluate(_with(config, num_steps=1), work)
+  _cut_data(os.path.join(work, 'checkpoints', '1'))
+  with pytest.raises(training.TrainingError) as e:
+    training.train_and_evaluate(config, work)
+  message = str(e.value)
+  assert '\n' not in message and os.path.join(work, 'checkpoints') in message
+  assert 'no intact checkpoint' in message
+
+
+def _with(config, **fields):
+  c = config.copy_and_resolve_references()
+  for k, v in fields.items():
+    c[k] = v
+  return c
+
+
+def test_restore_returns_no_note_for_an_intact_workdir(tmp_path, uninterrupted):
+  whole, config = uninterrupted
+  work = str(tmp_path / 'work')
+  training.train_and_evaluate(_with(config, num_steps=2), work)
+  manager = resume.checkpoint_manager(work, 3)
+  try:
+    state, notes = resume.restore_checkpoint(
+        manager, step_lib.create_train_state(config, jax.random.PRNGKey(0)))
+  finally:
+    manager.close()
+  assert notes == [] and int(state.step) == 2
+
+
+_CLI_SCRIPT = """
+import errno, sys
+from crm_jax import training
+from crm_jax.cli import train
+
+def fake(config, workdir):
+  if sys.argv[1] == 'preempted':
+    raise training.Preempted('SIGTERM: stopped after step 3', None, 'SIGTERM')
+  raise RuntimeError('a save failed') from OSError(
+      errno.ENOSPC, 'No space left on device', workdir + '/checkpoints/3/state/d/0a1b')
+
+training.train_and_evaluate = fake
+train.main(['crm-train', '--config', sys.argv[2], '--workdir', sys.argv[3]])
+"""
+
+
+@pytest.mark.parametrize('kind', ['preempted', 'disk_full'])
+def test_crm_train_exit_status_and_one_line(tmp_path, kind):
+  """A pre-empted run ends with 128 + SIGTERM (a scheduler must not take it as finished); a full
+  disk under orbax's own exception types is one line naming the file and the cause, status 1."""
+  import signal
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-c', _CLI_SCRIPT, kind,
+                         os.path.join(root, 'configs', 'synthetic_small.py'),
+                         str(tmp_path / 'work')], cwd=root, capture_output=True, text=True,
+                        timeout=300)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  if kind == 'preempted':
+    assert proc.returncode == 128 + signal.SIGTERM and not lines, proc.stderr[-2000:]
+  else:
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0] == (f'error: {tmp_path}/work/checkpoints/3/state/d/0a1b: '
+                        'No space left on device')
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders: one run at a time, and nothing left behind by a run that found nothing.
+
+
+@pytest.fixture(scope='module')
+def pairs(tmp_path_factory):
+  """IMAGES/<x>.png with MASKS/<x>_mask.png (two pairs) and a TINY checkpoint."""
+  import cv2
+  from tests.big_objects import make_world, object_triple
+  root = tmp_path_factory.mktemp('faults')
+  _, ckpt = make_world(root, {'o1': (64, 72)}, seed=3)
+  images, masks = root / 'images', root / 'masks'
+  images.mkdir()
+  masks.mkdir()
+  rng = np.random.default_rng(4)
+  for name in ('a', 'b'):
+    image, seg, _ = object_triple(64, 80, rng)
+    assert cv2.imwrite(str(images / f'{name}.png'), image[:, :, ::-1])
+    assert cv2.imwrite(str(masks / f'{name}_mask.png'), seg)
+  return {'images': str(images), 'masks': str(masks), 'ckpt': ckpt}
+
+
+def _refine(pairs, out, *extra):
+  from crm_jax.cli import refine as refine_cli
+  return refine_cli.main(['--images', pairs['images'], '--masks', pairs['masks'], '--output',
+                          str(out), '--checkpoint', pairs['ckpt'], '--no-progress',
+                          '--scales', '0.5', '1.0', *extra])
+
+
+def test_masks_of_another_suffix_are_listed_with_a_hint_and_no_folder_is_left(
+    pairs, tmp_path, capsys):
+  out = tmp_path / 'out'
+  assert _refine(pairs, out) == 2
+  printed = capsys.readouterr()
+  out_lines, err = printed.out.splitlines(), printed.err
+  skipped = [l for l in out_lines if l.startswith('skipped ')]
+  errors = [l for l in err.splitlines() if l.startswith('error: ')]
+  assert len(skipped) == 4, err  # two images without a mask, two masks without an image
+  assert len(errors) == 1 and 'pass --mask-suffix _mask' in errors[0], err
+  assert not out.exists()  # the run made the folder and wrote nothing: it is gone
+  assert _refine(pairs, out, '--mask-suffix', '_mask') == 0
+  assert sorted(f for f in os.listdir(out) if f.endswith('.png')) == ['a_mask.png',
+                                                                       'b_mask.png']
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(pairs, tmp_path, capsys):
+  from crm_jax.folder_lock import FolderLock
+  out = tmp_path / 'out'
+  out.mkdir()
+  with FolderLock(str(out)):  # another run holds the folder
+    assert _refine(pairs, out, '--mask-suffix', '_mask') == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f'error: {out}: another crm-jax run (process '
+                                             f'{os.getpid()})'), err
+  assert not [f for f in os.listdir(out) if f.endswith(('.png', '.json'))]
+  assert _refine(pairs, out, '--mask-suffix', '_mask') == 0  # released: the run goes ahead
+
+
+def test_a_killed_holder_does_not_leave_the_lock_stuck(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  from crm_jax.folder_lock import FolderLock
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from crm_jax.folder_lock import FolderLock; '
+       f'FolderLock({str(tmp_path)!r}).acquire(); print("held", flush=True); time.sleep(600)'],
+      cwd=root, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    with pytest.raises(Exception, match='another crm-jax run'):
+      FolderLock(str(tmp_path)).acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=60)
+  finally:
+    if holder.poll() is None:
+      holder.kill()
+  with FolderLock(str(tmp_path)):
+    pass
