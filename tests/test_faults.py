@@ -225,3 +225,74 @@ def test_a_killed_holder_does_not_leave_the_lock_stuck(tmp_path):
       holder.kill()
   with FolderLock(str(tmp_path)):
     pass
+
+
+def test_a_second_training_run_into_a_workdir_in_use_is_refused(tmp_path):
+  from crm_jax.folder_lock import FolderLock
+  from crm_jax.io import InputError
+  work = tmp_path / 'work'
+  work.mkdir()
+  with FolderLock(str(work)):
+    with pytest.raises(InputError, match='another crm-jax run .* is using this workdir'):
+      training.train_and_evaluate(small_test_config(num_steps=1), str(work))
+  assert not os.path.exists(work / 'checkpoints')  # refused before anything was written
+  assert int(training.train_and_evaluate(small_test_config(num_steps=1), str(work)).step) == 1
+
+
+def _descendants(pid):
+  """The pids of every living descendant of ``pid`` (from /proc)."""
+  children = {}
+  for entry in os.listdir('/proc'):
+    if entry.isdigit():
+      try:
+        with open(f'/proc/{entry}/stat') as f:
+          fields = f.read().rsplit(')', 1)[1].split()
+      except OSError:
+        continue
+      if fields[0] != 'Z':
+        children.setdefault(int(fields[1]), []).append(int(entry))
+  out, todo = [], [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      out.append(child)
+      todo.append(child)
+  return out
+
+
+def _alive(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
+@pytest.mark.slow
+def test_no_data_worker_outlives_a_killed_training_process(tmp_path):
+  """SIGKILL of a training process with grain worker processes: every process it started ends
+  within seconds (none lives on re-parented to init)."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, os.path.join(root, 'tests', 'train_worker.py'), str(tmp_path / 'work'),
+         str(tmp_path / 'out.npz'), '100000', 'num_workers=2', 'log_every=1',
+         'checkpoint_every=100000']
+  proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+  try:
+    for line in proc.stdout:  # training under way: the workers are running
+      if line.startswith('step '):
+        break
+    started = _descendants(proc.pid)
+    assert len(started) >= 2, started  # the two data workers (and grain's helpers)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(p) for p in started):
+      time.sleep(0.5)
+    assert not [p for p in started if _alive(p)]
+  finally:
+    if proc.poll() is None:
+      proc.kill()

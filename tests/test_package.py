@@ -159,3 +159,41 @@ def test_crm_convert_verify_on_a_small_pytorch_checkpoint(installed):
   match = re.search(r"largest \|logit difference\| JAX vs PyTorch = (\S+)", printed)
   assert match, printed
   assert float(match.group(1)) < VERIFY_TOLERANCE
+
+
+def _readme_blocks(kind):
+  """The README's fenced code blocks of one kind (``python`` or ``sh``), in order."""
+  text = open(os.path.join(REPO, "README.md")).read()
+  return re.findall(rf"^```{kind}\n(.*?)^```", text, re.M | re.S)
+
+
+@pytest.mark.slow
+def test_readme_snippets_run_as_written_from_another_folder(installed, tmp_path):
+  """The README's Python and its crm-refine lines, run as written in a folder outside the
+  checkout after the wheel is installed, on a bundled image made small (photo.jpg, coarse.png;
+  IMAGES/ and MASKS/ for the folder line)."""
+  work = tmp_path / "snippets"
+  (work / "IMAGES").mkdir(parents=True)
+  (work / "MASKS").mkdir()
+  stem = os.path.join(installed["site"], "crm_jax", "assets", "demo_big", "synthetic_02")
+  image = cv2.resize(cv2.imread(stem + "_im.jpg"), (320, 240), interpolation=cv2.INTER_AREA)
+  mask = cv2.resize(cv2.imread(stem + "_seg.png", cv2.IMREAD_GRAYSCALE), (320, 240),
+                    interpolation=cv2.INTER_AREA)
+  assert cv2.imwrite(str(work / "photo.jpg"), image)
+  assert cv2.imwrite(str(work / "coarse.png"), mask)
+  assert cv2.imwrite(str(work / "IMAGES" / "photo.jpg"), image)
+  assert cv2.imwrite(str(work / "MASKS" / "photo.png"), mask)
+  env = dict(installed["env"], PATH=f"{installed['bin']}{os.pathsep}{installed['env']['PATH']}")
+  python = _readme_blocks("python")
+  assert python, "the README has no Python snippet"
+  for code in python:
+    _run([installed["python"], "-c", code], cwd=work, env=env)
+  assert cv2.imread(str(work / "refined.png"), cv2.IMREAD_GRAYSCALE).shape == (240, 320)
+  os.remove(work / "refined.png")
+  lines = [l.split("#")[0].strip() for block in _readme_blocks("sh") for l in block.splitlines()
+           if l.strip().startswith("crm-")]
+  assert lines, "the README has no crm- command line"
+  for line in lines:
+    _run(["bash", "-c", line], cwd=work, env=env)
+  assert cv2.imread(str(work / "refined.png"), cv2.IMREAD_GRAYSCALE).shape == (240, 320)
+  assert cv2.imread(str(work / "OUT" / "photo.png"), cv2.IMREAD_GRAYSCALE).shape == (240, 320)

@@ -71,6 +71,19 @@ def os_error_in(e: BaseException):
   return None
 
 
+def _quiet_closed_loops() -> None:
+  """Drops the "Event loop is closed" reports of orbax's background reads that outlive a failed
+  restore (a damaged checkpoint, which training reports in one line and steps over); every
+  other unraisable exception is reported as usual."""
+  report = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      report(unraisable)
+  sys.unraisablehook = hook
+
+
 def _train_flags():
   """absl's FLAGS with ``--config`` and ``--workdir`` (defined once per process)."""
   if "workdir" not in flags.FLAGS:
@@ -108,6 +121,7 @@ def main(argv=None) -> None:
     print("usage: crm-train --config CONFIG.py --workdir DIR [--config.FIELD=VALUE ...]\n")
     print(__doc__.split("\n\n", 1)[1].split("\n\n", 1)[1])
     sys.exit(0)
+  _quiet_closed_loops()
   for root in _config_import_roots(argv):
     if root not in sys.path:
       sys.path.insert(0, root)

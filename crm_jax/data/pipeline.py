@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import time
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 from absl import flags
@@ -178,6 +180,24 @@ def step_batch_fn(config: Any, source, indices: Sequence[int]) -> StepBatch:
                    augment.Options.from_config(config))
 
 
+PARENT_POLL_SECONDS = 1.0
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """grain's ``worker_init_fn``: the worker ends itself within a second of its parent's end,
+  however the parent ended (a SIGKILL of train.py runs none of its clean-up), instead of living
+  on re-parented to init."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+  threading.Thread(target=watch, name='exit_with_parent', daemon=True).start()
+
+
 class TrainLoader:
   """Iterates over the host batches of steps ``start_step, ..., num_steps - 1``.
 
@@ -217,7 +237,8 @@ class TrainLoader:
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
       it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                             per_worker_buffer_size=2))
+                                                             per_worker_buffer_size=2),
+                                worker_init_fn=exit_with_parent)
     self._dataset = it_ds
     self._iterator = None
 

@@ -18,6 +18,7 @@ import jax
 from crm_jax import checkpoint as model_ckpt
 from crm_jax.data import pipeline
 from crm_jax.distributed import barrier, maybe_initialize_distributed
+from crm_jax.folder_lock import FolderLock
 from crm_jax.io import write_image
 from crm_jax.training import config as cfg_lib
 from crm_jax.training import devices
@@ -83,13 +84,31 @@ class Run:
   logger: Optional[log_lib.Logger] = None
   preemption: Optional[Preemption] = None
   loader: Optional[pipeline.TrainLoader] = None
+  lock: Optional[FolderLock] = None  # process 0's: one run per workdir
 
   def close(self) -> None:
-    for part in (self.loader, self.preemption, self.logger):
-      if part is not None:
-        part.close()
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      for part in (self.loader, self.preemption, self.logger):
+        if part is not None:
+          part.close()
+      self.manager.wait_until_finished()
+      self.manager.close()
+    finally:
+      if self.lock is not None:
+        self.lock.release()
+
+
+def _lock_workdir(workdir: str) -> Optional[FolderLock]:
+  """The workdir's lock (a second run into it is refused in one line), or None when the folder
+  cannot be made (``wd.prepare`` then says why in one line)."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return None
+  if not os.access(path, os.W_OK):
+    return None
+  return FolderLock(path, 'workdir').acquire()
 
 
 def start_run(config, workdir: str) -> Run:
@@ -101,13 +120,19 @@ def start_run(config, workdir: str) -> Run:
   is_main = jax.process_index() == 0
   per_device = cfg_lib.check_batch_size(int(config.batch_size), jax.device_count(),
                                         jax.process_count())
-  workdir = wd.prepare(workdir, is_main)
-  source = pipeline.make_source(config)  # fails early and clearly on a missing dataset
+  lock = _lock_workdir(workdir) if is_main else None
+  try:
+    workdir = wd.prepare(workdir, is_main)
+    source = pipeline.make_source(config)  # fails early and clearly on a missing dataset
+    manager = resume.checkpoint_manager(workdir, config.keep_checkpoints)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
   root = jax.random.PRNGKey(int(config.seed))
   init_rng, dropout_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-  manager = resume.checkpoint_manager(workdir, config.keep_checkpoints)
   run = Run(config, workdir, is_main, int(config.num_steps), build(config), manager, None,
-            dropout_rng)
+            dropout_rng, lock=lock)
   try:
     if manager.latest_step() == 0:  # a run that never stepped binds nothing: start afresh
       manager.delete(0)
@@ -159,6 +184,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       state is saved first).
     pipeline.DatasetError: a missing or unprepared dataset.
     Preempted: SIGTERM or SIGINT stopped the run after a checkpoint (it carries the state).
+    crm_jax.io.InputError: another run is using the workdir (``crm_jax.folder_lock``).
   """
   run = start_run(config, workdir)
   try:
