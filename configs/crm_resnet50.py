@@ -113,9 +113,14 @@ def get_config() -> ml_collections.ConfigDict:
   # (encoder and fusion in bfloat16; parameters, optimiser state and loss stay float32).
   c.compute_dtype = 'float32'
 
-  # BatchNorm statistics synchronised over all devices (True) or per device (False: upstream's
-  # effective behaviour under DataParallel).
-  c.sync_batch_norm = True
+  # BatchNorm in training (docs/training.md, "BatchNorm"; every BatchNorm updates its running
+  # variance with the unbiased batch variance, as PyTorch). 'published': each device normalises
+  # with its own batch statistics and device 0's running statistics are kept, as the published
+  # nn.DataParallel training does (its SynchronizedBatchNorm2d never synchronises there; the same
+  # as upstream when each device holds 6 crops, batch 12 on two devices). 'all': statistics
+  # synchronised over every device and host (the corrected variant). Replaces sync_batch_norm
+  # (True: 'all'; False: 'published').
+  c.batch_norm_sync = 'published'
 
   # Initial weights: a crm_jax model checkpoint directory (convert_torch_weights.py), or None for
   # a fresh initialisation. Ignored when the workdir already holds a training checkpoint.

@@ -73,7 +73,7 @@ def crm_loss(
   The published command uses weights ce 1.0, l1 0.5, l2 0.5, grad 2.0.
 
   Args:
-    logits: ``[B, H, W, 1]`` float32 logits.
+    logits: ``[B, H, W, 1]`` logits (computed in float32, or float64 for float64 logits).
     gt: ``[B, H, W, 1]`` soft ground truth in [0, 1].
     ce_weight, l1_weight, l2_weight, grad_weight: the weights of the parts.
 
@@ -81,10 +81,11 @@ def crm_loss(
     ``(total, parts)``: the scalar loss, and a dict of the unweighted scalar
     parts ``ce``, ``l1``, ``l2``, ``grad`` plus ``total``.
   """
-  logits = logits.astype(jnp.float32)
-  gt = gt.astype(jnp.float32)
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)  # float32 (float64 in x64 parity tests)
+  logits = logits.astype(dtype)
+  gt = gt.astype(dtype)
   p = jax.nn.sigmoid(logits)
-  target = (gt > TRAIN_GT_THRESHOLD).astype(jnp.float32)
+  target = (gt > TRAIN_GT_THRESHOLD).astype(dtype)
   diff = p - gt
   parts = {
       'ce': jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target)),

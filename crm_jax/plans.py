@@ -25,11 +25,19 @@ how the work is cut into compiled programs:
 
 All plans agree to float rounding; the discrete choices (resize tables,
 nearest feature indices) are bit-identical since the host makes them.
+
+``fused_program`` and ``banded_programs`` give the jitted programs of the
+bucketed plans with abstract arguments (``Program``), for a bucket, scale,
+batch and dtype: ``refine_fused`` runs what ``fused_program`` returns,
+tests/test_lowering.py lowers them for ``cuda`` and ``tpu`` from the CPU,
+benchmarks/roofline.py compiles them for their costs, ``crm_jax.export``
+serializes them.
 """
 
+import dataclasses
 import functools
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +46,7 @@ import numpy as np
 from crm_jax.constants import EMPTY_SEG_SUM
 from crm_jax.geometry import (NUM_LEVELS, ScaleGeometry, bands, batch_size_rung, bucket_shape,
                               scale_geometry, scaled_size)
-from crm_jax.models.crm import CRM, ModelConfig
+from crm_jax.models.crm import CRM, ModelConfig, init_variables
 from crm_jax.models.encoder import LEVEL_INPUT, LEVEL_X1, LEVEL_X2, LEVEL_X3, Bottleneck, Encoder
 from crm_jax.models.fusion import Fusion
 from crm_jax.models.implicit_decoder import ImplicitDecoder
@@ -309,55 +317,76 @@ class _Timer:
     return value
 
 
+class _Eager:
+  """How ``_banded_projected`` runs its pieces: call them, allocate, wait (the plan itself)."""
+
+  @staticmethod
+  def call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+  @staticmethod
+  def zeros(shape, dtype):
+    return _device_zeros(shape, dtype)
+
+  @staticmethod
+  def wait(value):
+    return jax.block_until_ready(value)
+
+
+_EAGER = _Eager()
+
+
 def _banded_projected(config: ModelConfig, variables, image, seg, g: ScaleGeometry,
-                      band_elements: int, timer: _Timer):
+                      band_elements: int, timer: _Timer, run=_EAGER):
   """Projected F buffer ``[1, hq, wq, D]`` of one scale, and whether the seg is empty.
 
   Each piece is a small compiled program over bucket shapes; the stride-1
   bottlenecks and the fusion head run band by band into preallocated
   outputs (donated, updated in place), and every full-size intermediate is
   dropped as soon as it is used, so the peak is about three x1-sized maps.
+  ``run``: ``_EAGER``, or ``banded_programs``'s recorder, which lists the
+  calls on abstract values instead of running them.
   """
   geo = g.arrays()
   sizes = g.sizes
   enc = sub_variables(variables, "encoder")
   fusion_vars = sub_variables(variables, "fusion")
   stem_vars = {c: {k: enc[c][k] for k in ("conv1", "bn1") if k in enc[c]} for c in enc}
-  x1, y, empty = timer("stem", _banded_stem(config, stem_vars, image, seg, geo))
+  x1, y, empty = timer("stem", run.call(_banded_stem, config, stem_vars, image, seg, geo))
   dtype = x1.dtype
   b = None
   for spec in config.encoder_blocks():
     block_vars = sub_variables(enc, spec.name)
     size = sizes[spec.in_level]
     if spec.stride != 1:
-      y = jax.block_until_ready(_block_whole(spec.kind(), block_vars, y, size))
+      y = run.wait(run.call(_block_whole, spec.kind(), block_vars, y, size))
     else:
       rows, cols = y.shape[1:3]
       out_dim = spec.width * spec.expansion
       slab, band, spans = bands(rows, int(size[0]), spec.dilation,
                                 max(1, band_elements // (cols * out_dim)))
-      out = _device_zeros((1, rows, cols, out_dim), dtype)
+      out = run.zeros((1, rows, cols, out_dim), dtype)
       for start, r0 in spans:
-        out = _block_band(spec.kind(), block_vars, out, y, np.int32(start), np.int32(r0), size,
-                          slab=slab, band=band)
+        out = run.call(_block_band, spec.kind(), block_vars, out, y, np.int32(start),
+                       np.int32(r0), size, slab=slab, band=band)
       # Wait before the next block allocates its output: with asynchronous
       # dispatch, Python would otherwise allocate every stage's maps at once.
-      y = jax.block_until_ready(out)
+      y = run.wait(out)
       del out
     timer(f"layer{spec.stage}", y)
     if spec.stage == 1 and spec.last_of_stage:
-      b = _branch(config, "x2", fusion_vars, y)
-  c = timer("branches", _branch(config, "x3", fusion_vars, y))
+      b = run.call(_branch, config, "x2", fusion_vars, y)
+  c = timer("branches", run.call(_branch, config, "x3", fusion_vars, y))
   del y
   rows, cols = x1.shape[1:3]
   slab, band, spans = bands(rows, int(sizes[LEVEL_X1][0]), 1,
                             max(1, band_elements // (cols * config.feature_dim)))
   dec_vars = sub_variables(variables, "implicit_decoder")
-  projected = _device_zeros((1, *g.query_shape, config.decoder_hidden[0]), dtype)
+  projected = run.zeros((1, *g.query_shape, config.decoder_hidden[0]), dtype)
   for start, r0 in spans:
-    projected = _head_band(config, fusion_vars, dec_vars, projected, x1, b, c,
-                           geo["fusion_tables"], np.int32(start), np.int32(r0),
-                           sizes[LEVEL_X1], slab=slab, band=band)
+    projected = run.call(_head_band, config, fusion_vars, dec_vars, projected, x1, b, c,
+                         geo["fusion_tables"], np.int32(start), np.int32(r0),
+                         sizes[LEVEL_X1], slab=slab, band=band)
   return timer("fusion head", projected), empty
 
 
@@ -428,8 +457,11 @@ def _fused_one(config: ModelConfig, variables, image, seg, geo, rows_per_chunk: 
 
 @functools.partial(jax.jit, static_argnames=("config", "rows_per_chunk"),
                    donate_argnames=("seg",))
-def _fused_scale(config: ModelConfig, variables, image, seg, geo, rows_per_chunk):
-  """A batch ``[N, Hb, Wb, 3]``/``[N, Hb, Wb]`` at one scale: ``(prob, next seg)``, ``[N, Hb, Wb]``."""
+def _fused_scale(variables, image, seg, geo, *, config: ModelConfig, rows_per_chunk: int):
+  """A batch ``[N, Hb, Wb, 3]``/``[N, Hb, Wb]`` at one scale: ``(prob, next seg)``, ``[N, Hb, Wb]``.
+
+  Obtained with ``fused_program`` (the plan and the lowering tests call it so).
+  """
   one = functools.partial(_fused_one, config, variables, rows_per_chunk=rows_per_chunk)
   return jax.vmap(one)(image, seg, geo)
 
@@ -437,7 +469,9 @@ def _fused_scale(config: ModelConfig, variables, image, seg, geo, rows_per_chunk
 def refine_fused(config: ModelConfig, variables, images_p: Sequence[np.ndarray],
                  segs_p: Sequence[np.ndarray], scales: Sequence[float], queries: int,
                  bucket_steps: int,
-                 batch_ladder: Sequence[int] = BATCH_LADDER) -> List[Dict[float, np.ndarray]]:
+                 batch_ladder: Sequence[int] = BATCH_LADDER,
+                 program: Optional[Callable[..., Callable]] = None
+                 ) -> List[Dict[float, np.ndarray]]:
   """The fused plan on padded pairs of ONE bucket; one ``{s: prob [H, W]}`` per pair.
 
   The pairs run as batches of at most ``max(batch_ladder)``, each padded to
@@ -445,12 +479,17 @@ def refine_fused(config: ModelConfig, variables, images_p: Sequence[np.ndarray],
   dropped). Per scale one program; no host round trip inside a scale, the
   seg stays on the device, and the probabilities are copied to the host
   once every scale is dispatched.
+
+  ``program``: ``fused_program`` (default), or a function of the same
+  arguments returning a callable ``(variables, image, seg, geo) -> (prob,
+  seg)`` of the same program (``crm_jax.export.ExportedFused.program`` runs
+  serialized ones).
   """
+  program = program or fused_program
   targets = [im.shape[:2] for im in images_p]
   bucket = bucket_shape(targets[0], bucket_steps)
   if any(bucket_shape(t, bucket_steps) != bucket for t in targets):
     raise ValueError("refine_fused takes pairs of one bucket")
-  chunk_rows = rows_per_chunk(bucket, queries)
   results: List[Dict[float, np.ndarray]] = []
   step = max(batch_ladder)
   for first in range(0, len(images_p), step):
@@ -465,12 +504,162 @@ def refine_fused(config: ModelConfig, variables, images_p: Sequence[np.ndarray],
       geos = [scale_geometry(targets[i], s, max(scales), bucket=bucket).arrays()
               for i in idx_padded]
       geo = jax.tree_util.tree_map(lambda *a: np.stack(a), *geos)
-      probs[s], seg = _fused_scale(config, variables, image, seg, geo, chunk_rows)
+      run = program(config, bucket, s, max(scales), n, queries, variables=variables)
+      probs[s], seg = run(variables, image, seg, geo)
     host = {s: np.asarray(p) for s, p in probs.items()}
     for k, i in enumerate(idx):
       h, w = targets[i]
       results.append({s: np.array(host[s][k, :h, :w]) for s in scales})
   return results
+
+
+# ----------------------------------------------------------------------------
+# Programs: the jitted functions a plan runs, with their arguments.
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One compiled program of a plan, as the plan calls it.
+
+  ``fn`` is the very ``jax.jit`` object the plan calls; ``args`` its
+  positional arguments (arrays as ``jax.ShapeDtypeStruct`` pytrees, static
+  values as they are) and ``kwargs`` its keyword (static) arguments;
+  ``calls``: how often one image runs it at this scale (the bands of a
+  banded piece). ``program(*arrays)`` calls ``fn`` with ``kwargs``;
+  ``trace()``, ``lower(platforms)`` and ``export(platforms)`` work on the
+  abstract arguments, with no device of those platforms
+  (tests/test_lowering.py, benchmarks/roofline.py, ``crm_jax.export``).
+  """
+
+  name: str
+  fn: Any
+  args: tuple
+  kwargs: Dict[str, Any]
+  calls: int = 1
+
+  def __call__(self, *args):
+    return self.fn(*args, **self.kwargs)
+
+  def trace(self):
+    return self.fn.trace(*self.args, **self.kwargs)
+
+  def lower(self, platforms: Optional[Sequence[str]] = None):
+    """``jax.stages.Lowered`` for ``platforms`` (default: the default backend's)."""
+    return self.trace().lower(lowering_platforms=None if platforms is None else tuple(platforms))
+
+  def export(self, platforms: Sequence[str]):
+    """``jax.export.Exported`` of the program for ``platforms`` (e.g. ``("cuda", "tpu")``)."""
+    return jax.export.export(self.fn, platforms=tuple(platforms))(*self.args, **self.kwargs)
+
+
+def _abstract(tree):
+  """Arrays (NumPy, JAX, abstract) as ``jax.ShapeDtypeStruct``; other leaves kept."""
+  def leaf(a):
+    if isinstance(a, (np.ndarray, np.generic, jax.Array, jax.ShapeDtypeStruct)):
+      return jax.ShapeDtypeStruct(np.shape(a), a.dtype)
+    return a
+  return jax.tree_util.tree_map(leaf, tree)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_float32_variables(config: ModelConfig):
+  return jax.eval_shape(lambda: init_variables(CRM(config), jax.random.PRNGKey(0)))
+
+
+def abstract_variables(config: ModelConfig, dtype="float32"):
+  """Shapes of ``CRM(config)``'s variables in the compute ``dtype`` (as ``Refiner`` casts them:
+  every leaf), without computing."""
+  dtype = jnp.dtype(dtype)
+  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype),
+                                _abstract_float32_variables(config))
+
+
+def _dtype_name(variables) -> str:
+  return jnp.dtype(variables["params"]["encoder"]["conv1"]["kernel"].dtype).name
+
+
+def fused_program(config: ModelConfig, bucket: Tuple[int, int], scale: float, max_scale: float,
+                  batch: int, queries: int, dtype="float32", variables=None) -> Program:
+  """The fused plan's program of one bucket, scale and batch rung: ``refine_fused`` runs it.
+
+  Args:
+    bucket: ``(Hb, Wb)``; scale, max_scale: the scale and the run's largest one.
+    batch: the batch rung (``BATCH_LADDER``); queries: queries per decoder chunk.
+    dtype: the compute dtype where ``variables`` is None; else theirs.
+    variables: the variables the program will be called with (arrays or abstract).
+  Returns:
+    a ``Program`` whose ``args`` are ``(variables, image [N, Hb, Wb, 3], seg [N, Hb, Wb],
+    geo)`` (abstract) and whose call is ``(prob, next seg)``, ``[N, Hb, Wb]`` float32.
+  """
+  bucket = tuple(bucket)
+  if variables is None:
+    variables = abstract_variables(config, dtype)
+  geo = scale_geometry(bucket, scale, max_scale, bucket=bucket).arrays()
+  f32 = jnp.float32
+  args = (_abstract(variables), jax.ShapeDtypeStruct((batch, *bucket, 3), f32),
+          jax.ShapeDtypeStruct((batch, *bucket), f32),
+          jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((batch, *np.shape(a)), a.dtype),
+                                 geo))
+  name = f"fused {bucket[1]}x{bucket[0]} scale {scale} batch {batch} {_dtype_name(variables)}"
+  return Program(name, _fused_scale, args,
+                 {"config": config, "rows_per_chunk": rows_per_chunk(bucket, queries)})
+
+
+class _Recorder:
+  """``_banded_projected``'s runner that records each call (abstractly) instead of running it."""
+
+  def __init__(self):
+    self.programs: Dict[tuple, Program] = {}
+
+  def call(self, fn, *args, **kwargs):
+    args = _abstract(args)
+    key = (fn.__name__, repr(args), repr(sorted(kwargs.items())))
+    known = self.programs.get(key)
+    if known is None:
+      statics = [a for a in args if isinstance(a, str) or (
+          isinstance(a, tuple) and all(isinstance(v, (bool, int)) for v in a))]
+      name = " ".join(["banded", fn.__name__.lstrip("_")] + [str(a) for a in statics])
+      self.programs[key] = Program(name, fn, args, dict(kwargs))
+    else:
+      self.programs[key] = dataclasses.replace(known, calls=known.calls + 1)
+    return fn.eval_shape(*args, **kwargs)
+
+  @staticmethod
+  def zeros(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+  @staticmethod
+  def wait(value):
+    return value
+
+
+def banded_programs(config: ModelConfig, bucket: Tuple[int, int], scale: float,
+                    max_scale: float, queries: int, dtype="float32", variables=None,
+                    band_elements: int = BAND_ELEMENTS,
+                    target: Optional[Tuple[int, int]] = None) -> List[Program]:
+  """The banded plan's programs at one scale, in the order ``refine_banded`` first calls them.
+
+  ``_banded_projected`` itself is run with a recorder (no computation, no
+  allocation), then the queries are added as ``refine_banded`` calls them.
+  ``target``: the padded grid (default: the whole bucket), which fixes how
+  many bands hold valid rows (``Program.calls``). Arguments as ``fused_program``.
+  """
+  bucket = tuple(bucket)
+  target = tuple(target or bucket)
+  if variables is None:
+    variables = abstract_variables(config, dtype)
+  variables = _abstract(variables)
+  g = scale_geometry(target, scale, max_scale, bucket=bucket)
+  f32 = jnp.float32
+  image = jax.ShapeDtypeStruct((*bucket, 3), f32)
+  seg = jax.ShapeDtypeStruct(bucket, f32)
+  recorder = _Recorder()
+  projected, _ = _banded_projected(config, variables, image, seg, g, band_elements,
+                                   _Timer(None), run=recorder)
+  recorder.call(_banded_queries, config, sub_variables(variables, "implicit_decoder"), projected,
+                g.query_arrays(), rows_per_chunk(bucket, queries))
+  suffix = f" {bucket[1]}x{bucket[0]} scale {scale} {_dtype_name(variables)}"
+  return [dataclasses.replace(p, name=p.name + suffix) for p in recorder.programs.values()]
 
 
 # ----------------------------------------------------------------------------
@@ -483,9 +672,19 @@ def fused_peak_bytes(config: ModelConfig, bucket: Tuple[int, int], max_scale: fl
 
   Counts, per pair, the bucketed inputs and outputs, the activations of each
   level held at once at the largest scale (at x1: the stem output, the
-  fusion's branches and concatenation, F and its projection; at x2 and x3: a
-  block's input, middle and output, and the branch) and one query chunk's MLP
-  activations, plus a quarter for XLA's temporaries.
+  fusion's branches and their concatenation, F and its projection; at x2 and
+  x3: a block's input, middle and output, and the branch) and one query
+  chunk's MLP activations (float32: a layer's input and output for the four
+  shifted queries).
+
+  Checked against XLA's own figure (``Compiled.memory_analysis()``:
+  temporaries + arguments + outputs, the largest over the scales) by
+  tests/test_lowering.py: on the CPU compiler, for the published network at
+  2048x1536, 3840x2160 and 6000x4000 in float32 and bfloat16, the estimate
+  is 1.33x to 2.34x that figure (docs/benchmarks.md). A GPU's figure may
+  differ (other fusions, convolution workspace; the CPU computes bfloat16
+  convolutions in float32, a GPU does not): benchmarks/device_check.py
+  prints both.
   """
   hb, wb = bucket
   h_in, w_in = scaled_size(bucket, max_scale)
@@ -493,14 +692,14 @@ def fused_peak_bytes(config: ModelConfig, bucket: Tuple[int, int], max_scale: fl
   a2, a3 = -(-a1 // 4), -(-a1 // 16)
   blocks = config.encoder_blocks()
   width = lambda level: max(s.width * s.expansion for s in blocks if s.out_level == level)
-  x1_channels = (2 * config.stem_width + 2 * sum(config.fusion_widths) + config.feature_dim
+  x1_channels = (config.stem_width + 2 * sum(config.fusion_widths) + config.feature_dim
                  + config.decoder_hidden[0])
   network = (a1 * x1_channels + a2 * (3 * width(LEVEL_X2) + config.fusion_widths[1])
              + a3 * (3 * width(LEVEL_X3) + config.fusion_widths[2])) * dtype_bytes
   rows = rows_per_chunk(bucket, queries)
-  query_chunk = rows * wb * 4 * max(config.decoder_hidden) * 4 * 3
+  query_chunk = rows * wb * 4 * max(config.decoder_hidden) * 4 * 2
   io = hb * wb * (3 + 1 + 2 * 4) * 4
-  return batch * (network + query_chunk + io) * 5 // 4
+  return batch * (network + query_chunk + io)
 
 
 def device_memory(device=None) -> Optional[int]:

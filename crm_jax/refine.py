@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crm_jax import checkpoint as ckpt
+from crm_jax import export as export_lib
 from crm_jax import plans
 from crm_jax.constants import REFLECT_PAD, SCALES
 from crm_jax.geometry import BUCKET_STEPS, bucket_shape
@@ -156,6 +157,7 @@ class Refiner:
     self.bucket_steps = bucket_steps
     self.band_elements = band_elements
     self.batch_ladder = tuple(batch_ladder)
+    self.exported = None  # a crm_jax.export.ExportedFused (from_export): runs the fused plan
 
   @classmethod
   def from_checkpoint(cls, path: str, **kwargs) -> "Refiner":
@@ -165,6 +167,26 @@ class Refiner:
     kwargs["min_side"], _ = ckpt.resolve_min_side(kwargs.get("min_side"), path)
     config, variables = ckpt.load_model(path)
     return cls(config, variables, **kwargs)
+
+  @classmethod
+  def from_export(cls, path: str, checkpoint: Optional[str] = None, **kwargs) -> "Refiner":
+    """Runs the fused plan through the serialized programs of ``crm_jax.export.export_fused``
+    in ``path`` (no tracing or lowering here; the platform must be one of the export's).
+
+    The variables come from ``checkpoint`` (default: the one the export records), which must be
+    the checkpoint the export was made with (``ExportedFused.check_variables``). The dtype and
+    batch sizes are the export's; a bucket, scale or batch it lacks raises
+    ``crm_jax.export.ExportError`` naming what it holds.
+    """
+    exported = export_lib.load_fused(path)
+    checkpoint = checkpoint or exported.manifest["checkpoint"]
+    kwargs["min_side"], _ = ckpt.resolve_min_side(kwargs.get("min_side"), checkpoint)
+    config, variables = ckpt.load_model(checkpoint)
+    exported.check_variables(config, variables)
+    kwargs.update(plan="fused", dtype=exported.dtype, batch_ladder=exported.batch_sizes)
+    refiner = cls(config, variables, **kwargs)
+    refiner.exported = exported
+    return refiner
 
   # -- inputs -------------------------------------------------------------------------------
 
@@ -227,7 +249,8 @@ class Refiner:
         out = plans.refine_fused(self.config, self.compute_variables,
                                  [padded[i][0] for i in idx], [padded[i][1] for i in idx],
                                  scales, self.query_chunk, self.bucket_steps,
-                                 self.batch_ladder)
+                                 self.batch_ladder,
+                                 program=None if self.exported is None else self.exported.program)
         for i, r in zip(idx, out):
           results[i] = r
         continue

@@ -1,5 +1,5 @@
-"""An independent PyTorch (CPU, float32) CRM: the yardstick of ``crm-convert --verify`` and of
-the parity tests.
+"""An independent PyTorch (CPU; float32, or float64 after ``.double()``) CRM: the yardstick of
+``crm-convert --verify`` and of the parity tests, inference and training.
 
 It mirrors the published PyTorch code of CRM, repository dvlab-research/Entity, folder
 ``High-Quality-Segmention/`` (sic) at commit 0d3b03bd792c3cdeaecafeb334b1077e9feb6c18 (the
@@ -7,7 +7,8 @@ release; unchanged up to c4939b6df934201b0b05e42e911ac59046f8ec15):
 ``models/network/extractors.py`` (the ResNet), ``models/network/aspp.py`` (``ASPP_no4level``),
 ``models/network/crm.py`` and ``crm_transferCoord_transferFeat.py`` (``make_coord``, the query and
 the local ensemble), ``test.py`` with ``dataset/offline_dataset_crm_pad32.py`` (the multi-scale
-loop), ``models/sobel_op.py`` and ``util/metrics_compute_crm.py`` (the loss). It was written from
+loop), ``models/sobel_op.py`` and ``util/metrics_compute_crm.py`` (the loss), ``train.py`` (the
+training step under ``nn.DataParallel``, Adam and MultiStepLR). It was written from
 the behaviour documented in docs/model.md, docs/decoder.md, docs/refinement.md and
 docs/training.md, not copied, and it does not import the rest of crm_jax.
 
@@ -22,6 +23,9 @@ Main entry points:
   ``make_coord``, ``refine_reference`` (docs/refinement.md, with ``prepare_inputs`` and
   ``grid_queries``), ``sobel`` and ``crm_loss_reference`` (docs/training.md), ``randomize_``,
   ``save_like_dataparallel``, ``config_from_state_dict``.
+  Training (docs/training.md): ``train_step_reference`` (one published iteration),
+  ``data_parallel_forward`` (``nn.DataParallel``'s replicas emulated on the CPU),
+  ``make_optimizer`` (Adam with L2 weight decay, MultiStepLR).
 
 Needs PyTorch (``pip install "crm-jax[torch]"``); importing it without PyTorch raises an
 ImportError with a one-line message saying so.
@@ -139,7 +143,7 @@ class Fusion(nn.Module):
   """``aspp_`` (ASPP_no4level): three branches resized to x1, then last_conv."""
 
   def __init__(self, in_widths: Sequence[int], widths: Sequence[int],
-               feature_dim: int):
+               feature_dim: int, dropout_rate: float = 0.5):
     super().__init__()
     self.aspp1_128 = _ConvBN(in_widths[0], widths[0])
     self.bn1_128 = _bn(widths[0])
@@ -147,10 +151,10 @@ class Fusion(nn.Module):
     self.bn1_256 = _bn(widths[1])
     self.aspp1_1024 = _ConvBN(in_widths[2], widths[2])
     self.bn1_1024 = _bn(widths[2])
-    self.dropout = nn.Dropout(0.5)
+    self.dropout = nn.Dropout(dropout_rate)
     self.last_conv = nn.Sequential(
         nn.Conv2d(sum(widths), feature_dim, 3, padding=1, bias=False),
-        _bn(feature_dim), nn.ReLU(), nn.Dropout(0.5))
+        _bn(feature_dim), nn.ReLU(), nn.Dropout(dropout_rate))
 
   def forward(self, x1, x2, x3):
     a = self.dropout(F.relu(self.bn1_128(self.aspp1_128(x1))))
@@ -195,16 +199,17 @@ SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))  # (vy, vx), first sign outer.
 
 
 class TorchCRM(nn.Module):
-  """CRM with the published module names; eval-mode parity reference.
+  """CRM with the published module names; the parity reference (eval and training mode).
 
-  The arguments mirror ``crm_jax.models.crm.ModelConfig``; ``layer4_blocks``
-  and ``layer4_width`` (default ``2 * stage_widths[-1]``) size the unused
-  ``layer4`` (0 blocks: none).
+  The arguments mirror ``crm_jax.models.crm.ModelConfig`` (``dropout_rate``: the fusion's
+  dropout in training, the published 0.5); ``layer4_blocks`` and ``layer4_width`` (default
+  ``2 * stage_widths[-1]``) size the unused ``layer4`` (0 blocks: none). Works in float32 and,
+  after ``.double()``, in float64.
   """
 
   def __init__(self, stem_width=64, stage_sizes=(3, 4, 6), stage_widths=(64, 128, 256),
                expansion=4, fusion_widths=(64, 64, 128), feature_dim=256,
-               decoder_hidden=(32, 32, 32, 32), layer4_blocks=3,
+               decoder_hidden=(32, 32, 32, 32), dropout_rate=0.5, layer4_blocks=3,
                layer4_width: Optional[int] = None):
     super().__init__()
     if layer4_width is None:
@@ -213,7 +218,7 @@ class TorchCRM(nn.Module):
     self.feats = ResNetFeatures(stem_width, stage_sizes, stage_widths, expansion,
                                 layer4_blocks, layer4_width)
     in_widths = (stem_width, stage_widths[0] * expansion, stage_widths[2] * expansion)
-    self.aspp_ = Fusion(in_widths, fusion_widths, feature_dim)
+    self.aspp_ = Fusion(in_widths, fusion_widths, feature_dim, dropout_rate)
     self.imnet = MLP(feature_dim + 6, decoder_hidden)
 
   def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,10 +234,10 @@ class TorchCRM(nn.Module):
     """
     b, _, h, w = feat.shape
     feat_coord = make_coord((h, w), flatten=False).permute(2, 0, 1)[None]
-    feat_coord = feat_coord.expand(b, 2, h, w).to(feat.device)
+    feat_coord = feat_coord.expand(b, 2, h, w).to(feat.device, feat.dtype)
     iy, ix = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(),
                             indexing="ij")
-    index_grid = torch.stack([iy, ix])[None].expand(b, 2, h, w).to(feat.device)
+    index_grid = torch.stack([iy, ix])[None].expand(b, 2, h, w).to(feat.device, feat.dtype)
     ry, rx = 2 / h / 2, 2 / w / 2
     rel_cell = cell.clone()
     rel_cell[:, :, 0] *= h
@@ -410,8 +415,8 @@ def refine_reference(model: TorchCRM, image: np.ndarray, mask: np.ndarray,
 def sobel(x: torch.Tensor) -> torch.Tensor:
   """Smoothed Sobel magnitude of ``x`` ``[B, 1, H, W]``, same shape."""
   x = F.avg_pool2d(x, 3, stride=1, padding=1)  # Padding counted (default).
-  kx = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]]) / 4
-  ky = torch.tensor([[1., 2., 1.], [0., 0., 0.], [-1., -2., -1.]]) / 4
+  kx = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]], dtype=x.dtype) / 4
+  ky = torch.tensor([[1., 2., 1.], [0., 0., 0.], [-1., -2., -1.]], dtype=x.dtype) / 4
   gx = F.conv2d(x, kx.view(1, 1, 3, 3), padding=1)
   gy = F.conv2d(x, ky.view(1, 1, 3, 3), padding=1)
   return torch.sqrt(gx * gx + gy * gy + 1e-4)
@@ -419,14 +424,99 @@ def sobel(x: torch.Tensor) -> torch.Tensor:
 
 def crm_loss_reference(logit: torch.Tensor, gt: torch.Tensor, ce_w=1.0, l1_w=0.5,
                        l2_w=0.5, grad_w=2.0) -> Tuple[torch.Tensor, Dict[str, float]]:
-  """The CRM loss on ``logit`` and ``gt`` ``[B, 1, H, W]``; returns (total, parts)."""
+  """The CRM loss on ``logit`` and ``gt`` ``[B, 1, H, W]``; returns (total, parts).
+
+  The default weights are the published command's (``--ce_weight 1.0 --l1_weight 0.5
+  --l2_weight 0.5 --grad_weight 2.0``; ``util/hyper_para.py``'s own defaults differ).
+  """
   p = torch.sigmoid(logit)
   parts = {
-      "ce": F.binary_cross_entropy_with_logits(logit, (gt > 0.5).float()),
+      "ce": F.binary_cross_entropy_with_logits(logit, (gt > 0.5).to(logit.dtype)),
       "l1": F.l1_loss(p, gt),
       "l2": F.mse_loss(p, gt),
       "grad": F.l1_loss(sobel(p), sobel(gt)),
   }
   total = (ce_w * parts["ce"] + l1_w * parts["l1"] + l2_w * parts["l2"]
            + grad_w * parts["grad"])
-  return total, {k: float(v) for k, v in parts.items()}
+  return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------
+# Training (docs/training.md): the published train.py step under nn.DataParallel.
+# ----------------------------------------------------------------------------
+
+def make_optimizer(model: nn.Module, lr: float = 2.25e-4, weight_decay: float = 1e-4,
+                   milestones: Sequence[int] = (22500, 37500), gamma: float = 0.1,
+                   betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+  """``(optimizer, scheduler)`` as published: ``torch.optim.Adam`` (weight decay added to the
+  gradient, L2) on every parameter, and ``MultiStepLR`` stepped once per iteration."""
+  optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps,
+                               weight_decay=weight_decay)
+  scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
+  return optimizer, scheduler
+
+
+def data_parallel_forward(model: TorchCRM, x: torch.Tensor, coord: torch.Tensor,
+                          cell: torch.Tensor, num_devices: int = 1):
+  """``model(x, coord, cell)`` as ``nn.DataParallel`` runs it on ``num_devices`` GPUs, on the CPU.
+
+  DataParallel splits the batch into ``num_devices`` chunks along dim 0 and runs one replica of
+  the module on each. The replicas share the parameters (their gradients add up in the module's
+  own), and their buffers are broadcast copies, except on the first device, whose replica holds
+  the module's own buffers (``torch/nn/parallel/replicate.py``: ``broadcast_coalesced`` returns
+  the source tensors for the source device). So in training every BatchNorm normalises with its
+  own chunk's statistics (upstream's ``SynchronizedBatchNorm2d`` synchronises only when the
+  replicas were made by ``DataParallelWithCallback``, which train.py does not use), and the
+  running statistics that survive the step are those the first chunk produced; the other
+  replicas' are discarded.
+
+  Emulated here: chunk 0 runs on ``model`` itself, chunk k > 0 on ``model`` with a copy of every
+  buffer (``torch.func.functional_call``), its parameters shared.
+
+  Returns ``(logits [B, Q], buffers)``: ``buffers[k]`` is replica k's ``{name: tensor}`` after
+  its forward (``buffers[0]`` are ``model``'s own, copied).
+  """
+  chunks = list(zip(x.chunk(num_devices), coord.chunk(num_devices), cell.chunk(num_devices)))
+  # Replication comes first: every other replica copies the buffers as they were before the step.
+  copies = [{n: b.detach().clone() for n, b in model.named_buffers()} for _ in chunks[1:]]
+  outputs = [model(*chunks[0])]
+  buffers = [{n: b.detach().clone() for n, b in model.named_buffers()}]
+  for chunk, replica_buffers in zip(chunks[1:], copies):
+    outputs.append(torch.func.functional_call(model, replica_buffers, chunk))
+    buffers.append(replica_buffers)
+  return torch.cat(outputs), buffers
+
+
+def train_step_reference(model: TorchCRM, optimizer, scheduler, image: torch.Tensor,
+                         seg: torch.Tensor, gt: torch.Tensor, num_devices: int = 1,
+                         weights: Optional[Mapping[str, float]] = None):
+  """One iteration of the published ``train.py`` loop.
+
+  ``image`` ``[B, 3, S, S]``, ``seg`` and ``gt`` ``[B, 1, S, S]`` as the published dataset
+  makes them; every one of the S x S pixel centres is queried with cell ``2/S`` (upstream
+  queries in chunks of 50,176 = 224 x 224 queries, one forward per iteration at its crop size;
+  one forward here). The logits are gathered, the loss is ``crm_loss_reference`` over the
+  whole batch (``weights``: its keyword arguments, the published ones by default), then
+  ``zero_grad``, ``backward``, ``optimizer.step()``, ``scheduler.step()``.
+
+  Returns ``(parts, grads, buffers)``: the loss parts (``ce``, ``l1``, ``l2``, ``grad`` and
+  ``total``, Python floats), every parameter's gradient ``{name: tensor}`` (zeros where a
+  parameter got none, as the unused ``layer4``), and each replica's buffers after the forward
+  (``data_parallel_forward``).
+  """
+  model.train()
+  b, _, size, _ = gt.shape
+  coord, cell = grid_queries(size, size)
+  coord = coord.expand(b, -1, -1).to(image.dtype)
+  cell = cell.expand(b, -1, -1).to(image.dtype)
+  logits, buffers = data_parallel_forward(model, torch.cat([image, seg], dim=1), coord, cell,
+                                          num_devices)
+  total, parts = crm_loss_reference(logits.view(b, 1, size, size), gt, **dict(weights or {}))
+  parts["total"] = float(total.detach())
+  optimizer.zero_grad()
+  total.backward()
+  grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+           for n, p in model.named_parameters()}
+  optimizer.step()
+  scheduler.step()
+  return parts, grads, buffers

@@ -126,7 +126,7 @@ def _no_dropout(next_fun, args, kwargs, context):
 
 
 def test_pmapped_step_equals_one_device_with_the_whole_batch():
-  config = small_test_config()
+  config = small_test_config(batch_norm_sync='all')  # synchronised BatchNorm: the whole batch
   trainer = step_lib.build(config)
   model, schedule = trainer.model, trainer.schedule
   # SGD with rate 1: the update is minus the gradient, compared without Adam's normalisation.
@@ -150,7 +150,8 @@ def test_pmapped_step_equals_one_device_with_the_whole_batch():
   scale = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grad1))
   assert scale > 0
   _assert_trees_close(grad4, grad1, rtol=1e-3, atol=1e-4 * scale)
-  # Synchronised BatchNorm: the running statistics are those of the whole batch.
+  # Synchronised BatchNorm: the running statistics are those of the whole batch (the unbiased
+  # variance's n counts every device's values).
   _assert_trees_close(s4.batch_stats, s1.batch_stats, rtol=1e-4, atol=1e-5)
   moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(s1.batch_stats),
                                                   jax.tree_util.tree_leaves(state.batch_stats))]
@@ -159,6 +160,34 @@ def test_pmapped_step_equals_one_device_with_the_whole_batch():
   for k in ('seg_intersection', 'seg_union', 'pred_intersection', 'pred_union'):
     assert m4[k] == m1[k]
   assert m4['seg_union'] > 0
+
+
+def test_published_batch_norm_keeps_device_zeros_statistics_on_every_device():
+  """batch_norm_sync='published': each device normalises with its own share of the batch, and
+  the running statistics after the step are device 0's (nn.DataParallel keeps replica 0's
+  buffers), on every device."""
+  config = small_test_config()
+  assert config.batch_norm_sync == 'published'
+  trainer = step_lib.build(config)
+  model = trainer.model
+  assert model.bn_axis_name is None
+  state = step_lib.create_train_state(config, jax.random.PRNGKey(4))
+  batch = pipeline.host_batch(config, 0)
+  step = functools.partial(step_lib.train_step, model=model, tx=trainer.tx,
+                           schedule=trainer.schedule, weights=cfg_lib.loss_weights(config))
+  with nn.intercept_methods(_no_dropout):
+    new, _ = jax.pmap(step, axis_name='batch', in_axes=(0, 0, None))(
+        devices.replicate(state), devices.shard(batch, 4), jax.random.PRNGKey(0))
+    x = np.concatenate([batch['image'], batch['seg']], axis=-1)
+    per_device = [model.apply(state.variables(), x[d:d + 1], True,
+                              method=type(model).features, mutable=['batch_stats'])[1]
+                  for d in range(4)]
+  for d in range(4):
+    _assert_trees_close(jax.tree_util.tree_map(lambda v: v[d], new.batch_stats),
+                        per_device[0]['batch_stats'], rtol=1e-5, atol=1e-6)
+  other = [not np.allclose(a, b, rtol=1e-3) for a, b in zip(
+      jax.tree_util.tree_leaves(per_device[0]), jax.tree_util.tree_leaves(per_device[1]))]
+  assert all(other)  # the devices' own statistics differ: device 0's were kept
 
 
 def test_loss_falls_on_a_fixed_batch():
@@ -311,10 +340,31 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   workdir.check_config(str(tmp_path), small_test_config(num_steps=60), True)
   with pytest.raises(training.TrainingError, match=r'pass_scales: None -> \[0.5, 1.0\]'):
     workdir.check_config(str(tmp_path), small_test_config(pass_scales=(0.5, 1.0)), True)
+  # sync_batch_norm was replaced by batch_norm_sync: a recorded run with it resumes under the
+  # equivalent value (True: 'all'; False: 'published') and is refused under the other.
+  for legacy, same in ((True, 'all'), (False, 'published')):
+    legacy_record = {k: v for k, v in old.items() if k != 'batch_norm_sync'}
+    record.write_text(json.dumps(dict(legacy_record, sync_batch_norm=legacy)))
+    workdir.check_config(str(tmp_path), small_test_config(batch_norm_sync=same), True)
+    other = 'published' if same == 'all' else 'all'
+    with pytest.raises(training.TrainingError, match=f"batch_norm_sync: '{same}' -> '{other}'"):
+      workdir.check_config(str(tmp_path), small_test_config(batch_norm_sync=other), True)
   # refine_min_side is what the exported model recommends, not part of the recipe.
   workdir.check_config(str(tmp_path), small_test_config(refine_min_side=64), True)
   with pytest.raises(training.TrainingError, match='refine_min_side'):
     cfg_lib.check_config(small_test_config(refine_min_side=-3))
+
+
+def test_batch_norm_sync_is_checked_and_replaces_sync_batch_norm():
+  cfg_lib.check_config(small_test_config(batch_norm_sync='all'))
+  with pytest.raises(training.TrainingError, match="batch_norm_sync must be one of published, all"):
+    cfg_lib.check_config(small_test_config(batch_norm_sync='device'))
+  with pytest.raises(training.TrainingError, match='sync_batch_norm was replaced by '
+                     'config.batch_norm_sync'):
+    cfg_lib.check_config(small_test_config(sync_batch_norm=True))
+  assert cfg_lib.recorded_fields({'sync_batch_norm': True})['batch_norm_sync'] == 'all'
+  assert cfg_lib.recorded_fields({'sync_batch_norm': False})['batch_norm_sync'] == 'published'
+  assert 'sync_batch_norm' not in cfg_lib.recorded_fields({'sync_batch_norm': False})
 
 
 def test_cli_error_is_one_line(tmp_path):

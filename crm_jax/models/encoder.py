@@ -9,10 +9,12 @@ Flax submodule names mirror the PyTorch keys (``feats.layer1.0.conv1`` ->
 """
 
 import dataclasses
+import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from crm_jax.constants import BN_EPSILON, BN_MOMENTUM
 from crm_jax.ops import mask_valid
@@ -86,13 +88,80 @@ def block_layout(stage_sizes: Sequence[int], stage_widths: Sequence[int],
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def batch_norm(name: Optional[str], axis_name: Optional[str]) -> nn.BatchNorm:
-  """PyTorch-equivalent BatchNorm; ``axis_name`` synchronises statistics.
+class BatchNorm(nn.Module):
+  """BatchNorm as PyTorch trains it (``nn.BatchNorm2d``, eps 1e-5, momentum 0.1).
+
+  The one BatchNorm of the network (encoder and fusion); its variables are those of Flax's
+  ``nn.BatchNorm`` (params ``scale``, ``bias``; batch_stats ``mean``, ``var``), so checkpoints
+  and the PyTorch mapping do not depend on which of the two wrote them.
+
+  Training (``use_running_average=False``): the batch is normalised with its mean and its
+  biased variance, and the running variance is updated with the unbiased one, ``n / (n - 1)``
+  times the biased, where ``n`` is the number of values per channel that the statistics were
+  computed over: this device's batch and spatial positions, times the size of ``axis_name``
+  when the statistics are synchronised over that pmap axis. Flax's ``nn.BatchNorm`` updates
+  the running variance with the biased variance. The statistics are computed in at least
+  float32 (two passes: the mean, then the mean squared deviation from it).
+
+  Inference (``use_running_average=True``) is Flax's ``nn.BatchNorm`` operation for operation,
+  so its outputs are the same bits. ``axis_name`` None: per-device statistics.
+  """
+
+  axis_name: Optional[str] = None
+  # Flax's convention: running = momentum * running + (1 - momentum) * batch.
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+    """``x`` ``[..., C]`` normalised per channel (the last axis)."""
+    shape = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, jnp.float32))
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean, var, count = self._batch_statistics(x)
+      if not self.is_initializing():
+        unbiased = var * (count / (count - 1))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    scale = self.param("scale", nn.initializers.ones, shape, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
+    # The order of nn.BatchNorm's arithmetic (the same bits in inference).
+    y = x - mean
+    mul = jax.lax.rsqrt(var + self.epsilon)
+    mul = mul * scale
+    y = y * mul
+    y = y + bias
+    return jnp.asarray(y, jnp.result_type(x, scale, bias))
+
+  def _batch_statistics(self, x: jax.Array):
+    """``(mean, biased variance, n)`` per channel of ``x`` over every axis but the last, and
+    over ``axis_name`` (not while initialising, where the axis need not exist)."""
+    axes = tuple(range(x.ndim - 1))
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    count = math.prod(x.shape[:-1])
+    synced = self.axis_name is not None and not self.is_initializing()
+    mean = jnp.mean(x, axes)
+    if synced:  # Equal shares on every device: the mean of the means is the global mean.
+      mean = jax.lax.pmean(mean, self.axis_name)
+      count *= jax.lax.axis_size(self.axis_name)
+    var = jnp.mean(jnp.square(x - mean), axes)
+    if synced:
+      var = jax.lax.pmean(var, self.axis_name)
+    if count < 2:
+      raise ValueError(f"BatchNorm in training needs more than one value per channel, got {count}"
+                       " (as PyTorch)")
+    return mean, var, count
+
+
+def batch_norm(name: Optional[str], axis_name: Optional[str]) -> BatchNorm:
+  """The network's BatchNorm (``BatchNorm``); ``axis_name`` synchronises statistics.
 
   Call it with ``use_running_average=not train``.
   """
-  return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      axis_name=axis_name, name=name)
+  return BatchNorm(axis_name=axis_name, name=name)
 
 
 def bn_relu(name: str, x: jax.Array, train: bool,

@@ -16,6 +16,10 @@ from crm_jax.scales import check_min_side
 
 MODEL_PRESETS = {'resnet50': RESNET50, 'small': SMALL, 'tiny': TINY}
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+# config.batch_norm_sync (docs/training.md, "BatchNorm"): 'published', every BatchNorm per device
+# with device 0's running statistics kept (nn.DataParallel upstream); 'all', every BatchNorm
+# synchronised over all devices.
+BATCH_NORM_SYNC = ('published', 'all')
 EVAL_BEST_METRICS = ('iou', 'mba')
 
 # Fields that may differ when a run is resumed: they change neither the model nor the data nor
@@ -27,6 +31,14 @@ RESUMABLE_FIELDS = ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoi
 # Fields added to the configs after runs were recorded, with the value that means "off": a
 # recorded config without one of them ran with that value (``workdir.check_config``).
 ADDED_FIELDS = {'rescale_range': None, 'pass_scales': None, 'refine_min_side': 0}
+# Fields that another replaced: old name -> (new name, the new value of an old value). A recorded
+# config with the old field ran with that new value (``recorded_fields``); a config to run may not
+# hold the old field (``check_config``). sync_batch_norm True synchronised every BatchNorm
+# ('all'); False normalised per device ('published', which keeps device 0's running statistics
+# where the old option averaged them over the devices).
+REPLACED_FIELDS = {
+    'sync_batch_norm': ('batch_norm_sync', lambda old: 'all' if old else 'published'),
+}
 # The optimiser's fields (crm_jax.optim.make_optimizer_from_config).
 OPTIMIZER_FIELDS = ('learning_rate', 'weight_decay', 'lr_milestones', 'lr_gamma', 'adam_b1',
                     'adam_b2', 'adam_eps')
@@ -60,6 +72,11 @@ def check_config(config) -> None:
   if dtype not in COMPUTE_DTYPES:
     raise TrainingError(f'config.compute_dtype must be one of {", ".join(COMPUTE_DTYPES)}, '
                         f'got {dtype!r}')
+  for old, (new, _) in REPLACED_FIELDS.items():
+    if old in config:
+      raise TrainingError(f'config.{old} was replaced by config.{new} (docs/training.md); '
+                          f'remove config.{old}')
+  batch_norm_sync(config)
   best = _get(config, 'eval_best_metric', 'mba')
   if best not in EVAL_BEST_METRICS:
     raise TrainingError(f'config.eval_best_metric must be one of {", ".join(EVAL_BEST_METRICS)}'
@@ -106,6 +123,28 @@ def model_config(config) -> ModelConfig:
       raise TrainingError(f'config.dropout_rate must be in [0, 1), got {rate}')
     cfg = dataclasses.replace(cfg, dropout_rate=float(rate))
   return cfg
+
+
+def batch_norm_sync(config) -> str:
+  """``config.batch_norm_sync``: 'published' or 'all' (``BATCH_NORM_SYNC``)."""
+  if 'batch_norm_sync' not in config:
+    raise TrainingError('config.batch_norm_sync is missing')
+  value = config['batch_norm_sync']
+  if value not in BATCH_NORM_SYNC:
+    raise TrainingError(f'config.batch_norm_sync must be one of {", ".join(BATCH_NORM_SYNC)}, '
+                        f'got {value!r}')
+  return value
+
+
+def recorded_fields(record) -> Dict[str, Any]:
+  """A recorded config (``train_config.json``) in today's fields: each of ``ADDED_FIELDS``
+  that it lacks with the value it ran with, each of ``REPLACED_FIELDS`` under its new name."""
+  fields = dict(ADDED_FIELDS, **record)
+  for old, (new, convert) in REPLACED_FIELDS.items():
+    if old in fields:
+      value = fields.pop(old)
+      fields.setdefault(new, convert(value))
+  return fields
 
 
 def compute_dtype(config) -> str:

@@ -3,10 +3,17 @@
 Parallelism. The global batch (``config.batch_size``) is split evenly over every device of every
 host: each host loads its own slice (``crm_jax.data.pipeline``), which is split over its local
 devices, and the step runs under ``jax.pmap(axis_name='batch')``. Gradients are averaged with
-``jax.lax.pmean``; BatchNorm statistics are synchronised in the forward pass
-(``CRM(bn_axis_name='batch')``) unless ``config.sync_batch_norm`` is False, in which case each
-device normalises with its own batch statistics (upstream's effective behaviour) and only the
-running averages are averaged after the step, so that every device holds the same state.
+``jax.lax.pmean``. BatchNorm (``crm_jax.models.encoder.BatchNorm``: PyTorch's rule, biased
+variance to normalise, unbiased to update the running variance) follows
+``config.batch_norm_sync`` (docs/training.md, "BatchNorm"):
+
+- ``'published'``: every BatchNorm normalises with its own device's batch statistics, and the
+  running statistics that survive the step are device 0's, as under the published
+  ``nn.DataParallel`` (replica 0's buffers are the module's own; the others' are discarded).
+- ``'all'``: every BatchNorm synchronises its statistics over all devices in the forward pass
+  (``CRM(bn_axis_name='batch')``); the running statistics are then the same on every device.
+
+Either way every device holds the same state after the step.
 
 Mixed precision. ``config.compute_dtype='bfloat16'`` casts the parameters and the input to
 bfloat16 inside the loss function, so the encoder and the fusion compute in bfloat16 while the
@@ -83,15 +90,16 @@ def queries(crop_size: int, batch: int) -> Tuple[jax.Array, jax.Array]:
 
 
 def decode_every_pixel(model: CRM, variables, feature_map: jax.Array, size: int) -> jax.Array:
-  """float32 logits ``[B, size, size]`` at every pixel centre of a ``size`` crop (cell
-  2/size), from F ``[B, h, w, C]``.
+  """Logits ``[B, size, size]`` (float32; float64 for a float64 F) at every pixel centre of a
+  ``size`` crop (cell 2/size), from F ``[B, h, w, C]``.
 
   The same function as ``model(x, *queries(size, B))``, computed as the bucketed refinement
   does (``CRM.project`` then ``CRM.decode_grid``): the first decoder layer is applied to F
   before the nearest-feature look-up, so the look-up (and its gradient) moves 32 values per
-  query instead of 262. The decoder runs in float32.
+  query instead of 262. The decoder runs in float32 (or in F's dtype where that is wider).
   """
-  projected = model.apply(variables, feature_map, method=CRM.project).astype(jnp.float32)
+  projected = model.apply(variables, feature_map, method=CRM.project)
+  projected = projected.astype(jnp.promote_types(projected.dtype, jnp.float32))
   rows = jnp.arange(size, dtype=jnp.int32)
   return jax.vmap(lambda p: model.apply(variables, p, rows, (size, size),
                                         method=CRM.decode_grid))(projected)
@@ -99,8 +107,7 @@ def decode_every_pixel(model: CRM, variables, feature_map: jax.Array, size: int)
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                model: CRM, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               weights: Dict[str, float], sync_batch_norm: bool = True,
-               compute_dtype: str = 'float32',
+               weights: Dict[str, float], compute_dtype: str = 'float32',
                axis_name: str = AXIS_NAME) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimiser step on one device's share of the batch (run under ``jax.pmap``).
 
@@ -111,11 +118,13 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
       input and every pixel of the S x S grid is queried, as in a pass of the loop).
     rng: the run's dropout key, the same on every device; it is folded with the step and with
       the device's index on ``axis_name``.
-    model: ``CRM`` (with ``bn_axis_name=axis_name`` for synchronised BatchNorm).
+    model: ``CRM``: with ``bn_axis_name=axis_name`` every BatchNorm is synchronised over the
+      devices (``batch_norm_sync='all'``); with None each device normalises with its own
+      statistics and device 0's running statistics are kept (``'published'``).
     tx, schedule: ``optim.make_optimizer_from_config``.
     weights: ``crm_loss`` weights.
-    sync_batch_norm: False: the running BN averages are averaged over devices after the step.
-    compute_dtype: 'float32' or 'bfloat16' (see the module docstring).
+    compute_dtype: 'float32' or 'bfloat16' (see the module docstring); 'float64' where JAX
+      runs with x64 enabled (the parity tests).
 
   Returns:
     ``(new_state, metrics)``: metrics are identical on every device: the loss parts (``total``,
@@ -143,8 +152,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   batch_stats = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), batch_stats,
                                        state.batch_stats)
   grads = jax.lax.pmean(grads, axis_name)
-  if not sync_batch_norm:
-    batch_stats = jax.lax.pmean(batch_stats, axis_name)
+  if model.bn_axis_name is None:
+    batch_stats = device_zero(batch_stats, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(jax.lax.pmean(parts, axis_name))
@@ -157,6 +166,16 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
   return new_state, metrics
+
+
+def device_zero(tree, axis_name: str = AXIS_NAME):
+  """Device 0's values of ``tree`` on every device of ``axis_name`` (exact: a copy).
+
+  Per-device BatchNorm (``batch_norm_sync='published'``): under ``nn.DataParallel`` the
+  replica on the first device holds the module's own buffers, so its in-place running-statistic
+  updates are the ones that survive the step; every other replica's are discarded.
+  """
+  return jax.tree_util.tree_map(lambda x: jax.lax.all_gather(x, axis_name)[0], tree)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -194,8 +213,9 @@ def guarded_step(state: TrainState, guard: Guard, batch, rng, *, step_fn: Callab
 class Trainer(NamedTuple):
   """What ``build(config)`` gives.
 
-  ``model``: the CRM module (BatchNorm synchronised over ``AXIS_NAME`` unless the config says
-  not). ``tx`` / ``schedule``: the optimiser and its learning rate per step.
+  ``model``: the CRM module (BatchNorm synchronised over ``AXIS_NAME`` when
+  ``config.batch_norm_sync`` is 'all', per device when it is 'published').
+  ``tx`` / ``schedule``: the optimiser and its learning rate per step.
   ``p_step(state, guard, batch, rng) -> (state, guard, metrics)``: ``guarded_step`` pmapped,
   the state and guard donated. ``init(rng) -> variables``: fresh CRM variables.
   """
@@ -208,23 +228,30 @@ class Trainer(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def _build(model_cfg: ModelConfig, sync_batch_norm: bool, opt_key: Tuple, weights_key: Tuple,
+def _build(model_cfg: ModelConfig, batch_norm_sync: str, opt_key: Tuple, weights_key: Tuple,
            compute_dtype: str) -> Trainer:
   """See ``build``; cached so that repeated runs in one process reuse the compilations."""
-  model = CRM(model_cfg, bn_axis_name=AXIS_NAME if sync_batch_norm else None)
+  model = CRM(model_cfg, bn_axis_name=bn_axis_name(batch_norm_sync))
   tx, schedule = optim.make_optimizer_from_config(dict(opt_key))
   step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                              weights=dict(weights_key), sync_batch_norm=sync_batch_norm,
-                              compute_dtype=compute_dtype)
+                              weights=dict(weights_key), compute_dtype=compute_dtype)
   p_step = jax.pmap(functools.partial(guarded_step, step_fn=step_fn), axis_name=AXIS_NAME,
                     in_axes=(0, 0, 0, None), donate_argnums=(0, 1))
   init = jax.jit(functools.partial(init_variables, model))
   return Trainer(model, tx, schedule, p_step, init)
 
 
+def bn_axis_name(batch_norm_sync: str):
+  """The ``CRM.bn_axis_name`` of a ``config.batch_norm_sync`` value."""
+  if batch_norm_sync not in cfg_lib.BATCH_NORM_SYNC:
+    raise ValueError(f'batch_norm_sync must be one of {cfg_lib.BATCH_NORM_SYNC}, '
+                     f'got {batch_norm_sync!r}')
+  return AXIS_NAME if batch_norm_sync == 'all' else None
+
+
 def build(config) -> Trainer:
   """The model, optimiser and pmapped guarded step of a config (see ``Trainer``)."""
-  return _build(cfg_lib.model_config(config), bool(config.sync_batch_norm),
+  return _build(cfg_lib.model_config(config), cfg_lib.batch_norm_sync(config),
                 cfg_lib.optimizer_key(config),
                 tuple(sorted(cfg_lib.loss_weights(config).items())),
                 cfg_lib.compute_dtype(config))

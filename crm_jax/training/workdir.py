@@ -23,8 +23,8 @@ import tempfile
 
 from crm_jax import checkpoint as model_ckpt
 from crm_jax.io import write_text
-from crm_jax.training.config import (ADDED_FIELDS, RESUMABLE_FIELDS, TrainingError,
-                                     config_to_json)
+from crm_jax.training.config import (RESUMABLE_FIELDS, TrainingError, config_to_json,
+                                     recorded_fields)
 
 CONFIG_FILE = 'train_config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -77,8 +77,10 @@ def remove_leftovers(workdir: str) -> list:
 def check_config(workdir: str, config, has_checkpoint: bool) -> None:
   """Raises TrainingError if ``workdir`` holds checkpoints of another config.
 
-  Only ``RESUMABLE_FIELDS`` may differ. A recorded config without a checkpoint (a run that
-  never saved a step) binds nothing: the new config replaces it (``record_config``).
+  Only ``RESUMABLE_FIELDS`` may differ; a recorded config is read in today's fields
+  (``config.recorded_fields``: added fields, replaced ones such as ``sync_batch_norm``). A
+  recorded config without a checkpoint (a run that never saved a step) binds nothing: the new
+  config replaces it (``record_config``).
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if not (has_checkpoint and os.path.exists(path)):
@@ -88,8 +90,9 @@ def check_config(workdir: str, config, has_checkpoint: bool) -> None:
       old = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise TrainingError(f'{path}: unreadable ({e}); use another --workdir') from None
-  # A run recorded before a field existed ran without it (the same for a config without it).
-  old, new = dict(ADDED_FIELDS, **old), dict(ADDED_FIELDS, **config_to_json(config))
+  # A run recorded before a field existed ran without it (the same for a config without it), and
+  # one recorded before a field was replaced ran with its replacement's equivalent value.
+  old, new = recorded_fields(old), recorded_fields(config_to_json(config))
   missing = object()
   diffs = [k for k in sorted(set(old) | set(new))
            if k not in RESUMABLE_FIELDS and old.get(k, missing) != new.get(k, missing)]
