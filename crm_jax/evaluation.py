@@ -199,7 +199,7 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
              split: Optional[str] = None, refiner=None, dtype: str = "float32",
              overwrite: bool = False, plan: str = "auto", batch_size: int = 1,
              devices: Optional[int] = None, all_processes: Optional[bool] = None,
-             min_side: Optional[int] = None) -> Dict:
+             min_side: Optional[int] = None, export: Optional[str] = None) -> Dict:
   """Refines ``data`` into ``out_dir`` (unless ``metrics_only``), computes the metrics, prints
   the table and writes ``out_dir/metrics.json``; returns what it wrote.
 
@@ -224,6 +224,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
       given carries its own (as its dtype and plan); the manifest records the refiner's.
     batch_size: objects of one bucket refined together (``crm_jax.dispatch.refine_jobs``).
     devices: how many local devices refine (default: all; one Refiner each).
+    export: a ``crm_jax.export`` folder of ``checkpoint``: its serialized programs run the
+      fused plan (``crm-export``).
     all_processes: share the work with every process of a multi-host run (default: when no
       ``refiner`` is given); every process must then call ``evaluate`` with the same data.
 
@@ -282,7 +284,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
       out_dir, [tfds_data_dir if tfds_data_dir else data], list_jobs, scales, finish,
       checkpoint=checkpoint, refiner=refiner, min_side=min_side, dtype=dtype, plan=plan,
       batch_size=batch_size, devices=devices, overwrite=overwrite, progress=progress, log=log,
-      all_processes=all_processes, is_output=metrics.is_output_file, results_file=METRICS_FILE)
+      all_processes=all_processes, export=export, is_output=metrics.is_output_file,
+      results_file=METRICS_FILE)
   return result
 
 

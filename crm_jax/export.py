@@ -33,7 +33,7 @@ import numpy as np
 
 from crm_jax import checkpoint as ckpt
 from crm_jax import plans
-from crm_jax.io import remove_leftovers, tmp_prefix
+from crm_jax.io import InputError, remove_leftovers, tmp_prefix
 from crm_jax.models.crm import ModelConfig
 from crm_jax.scales import check_scales
 
@@ -59,7 +59,7 @@ class PortabilityError(ValueError):
   """A program that cannot be lowered or run on an accelerator; the message names it."""
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
   """An export folder that cannot be read or does not fit the model or the request."""
 
 
@@ -223,6 +223,11 @@ class ExportedFused:
   @property
   def batch_sizes(self) -> Tuple[int, ...]:
     return tuple(self.manifest["batch_sizes"])
+
+  def refiner_kwargs(self) -> Dict:
+    """What a ``Refiner`` running these programs must be: the fused plan, the export's dtype
+    and batch sizes."""
+    return {"plan": "fused", "dtype": self.dtype, "batch_ladder": self.batch_sizes}
 
   def check_variables(self, config: ModelConfig, variables) -> None:
     """``ExportError`` unless ``config`` is the export's and ``variables`` are its

@@ -146,7 +146,8 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
                   min_side: Optional[int] = None,
                   dtype: str = "float32", plan: str = "auto", batch_size: int = 1,
                   devices: Optional[int] = None, overwrite: bool = False,
-                  progress: bool = True, log: Log = print, refiner=None) -> Dict:
+                  progress: bool = True, log: Log = print, refiner=None,
+                  export: Optional[str] = None) -> Dict:
   """Refines every pair of ``pair_folders(images, masks, suffix)`` into ``out_dir`` on every
   local device (and every host, with ``JAX_COORDINATOR_ADDRESS`` etc.: ``crm_jax.dispatch``);
   writes ``out_dir/summary.json`` (process 0) and returns it.
@@ -154,7 +155,8 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
   ``refiner``: a loaded ``crm_jax.refine.Refiner`` or a list of them, instead of
   ``checkpoint`` (it carries its own ``min_side``, dtype and plan). ``min_side``: as
   ``Refiner(min_side=...)``, 0 being the published loop; None (default): what the checkpoint
-  recommends (``crm_jax.checkpoint.recommended_min_side``). Raises ``InputError`` for bad
+  recommends (``crm_jax.checkpoint.recommended_min_side``). ``export``: a ``crm_jax.export``
+  folder of ``checkpoint`` whose programs run the fused plan. Raises ``InputError`` for bad
   arguments or folders (before any work) and when nothing could be refined (nothing refined now
   and nothing complete before); a ``CheckpointError`` for a bad checkpoint; an ``OSError``
   naming an output that cannot be written.
@@ -187,6 +189,6 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
   _, result = run_dataset(
       out_dir, [images, masks], list_jobs, scales, finish, checkpoint=checkpoint,
       refiner=refiner, min_side=min_side, dtype=dtype, plan=plan, batch_size=batch_size,
-      devices=devices, overwrite=overwrite, progress=progress, log=log,
+      devices=devices, overwrite=overwrite, progress=progress, log=log, export=export,
       is_output=_is_png, results_file=SUMMARY_FILE)
   return result

@@ -183,7 +183,7 @@ class Refiner:
     kwargs["min_side"], _ = ckpt.resolve_min_side(kwargs.get("min_side"), checkpoint)
     config, variables = ckpt.load_model(checkpoint)
     exported.check_variables(config, variables)
-    kwargs.update(plan="fused", dtype=exported.dtype, batch_ladder=exported.batch_sizes)
+    kwargs.update(exported.refiner_kwargs())
     refiner = cls(config, variables, **kwargs)
     refiner.exported = exported
     return refiner

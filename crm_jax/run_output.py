@@ -18,6 +18,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from crm_jax import checkpoint as ckpt
+from crm_jax import export as export_lib
 from crm_jax.distributed import maybe_initialize_distributed
 from crm_jax.dispatch import (Job, Log, Processes, RunSummary, host_lines, local_refiners,
                               one_line, refine_jobs, run_together)
@@ -148,12 +149,14 @@ def start_output(out_dir: str, inputs: Sequence[str], settings: Callable[[], Dic
 
 
 def load_refiners(refiner, checkpoint: Optional[str], devices: Optional[int] = None,
-                  min_side: Optional[int] = None, log: Optional[Log] = None, **kwargs) -> list:
+                  min_side: Optional[int] = None, log: Optional[Log] = None,
+                  export: Optional[str] = None, **kwargs) -> list:
   """``refiner`` as a list (``as_refiners``) or, when it is None, one
   ``crm_jax.refine.Refiner`` per local device (``devices``: the first N; default all) with the
   checkpoint read once; keyword arguments go to ``Refiner``. ``min_side`` None: the
   checkpoint's recommendation (``crm_jax.checkpoint.resolve_min_side``), with a note to ``log``
-  when it is not 0."""
+  when it is not 0. ``export``: a ``crm_jax.export`` folder of this checkpoint whose programs
+  the refiners run (the fused plan, the export's dtype; no tracing)."""
   if refiner is not None:
     return as_refiners(refiner)
   if not checkpoint:
@@ -162,7 +165,15 @@ def load_refiners(refiner, checkpoint: Optional[str], devices: Optional[int] = N
   if note is not None and log is not None:
     log(f"note: {note}")
   config, variables = ckpt.load_model(checkpoint)
-  return local_refiners(config, variables, devices, min_side=min_side, **kwargs)
+  exported = None
+  if export:
+    exported = export_lib.load_fused(export)
+    exported.check_variables(config, variables)
+    kwargs.update(exported.refiner_kwargs())
+  refiners = local_refiners(config, variables, devices, min_side=min_side, **kwargs)
+  for r in refiners:
+    r.exported = exported
+  return refiners
 
 
 def join_processes(batch_size: int, refiner, all_processes: Optional[bool] = None) -> Processes:
@@ -214,7 +225,8 @@ def run_dataset(out_dir: str, inputs: Sequence[str],
                 refiner=None, min_side: Optional[int] = None, dtype: str = "float32",
                 plan: str = "auto", batch_size: int = 1, devices: Optional[int] = None,
                 overwrite: bool = False, progress: bool = True, log: Log = print,
-                all_processes: Optional[bool] = None, **prepare) -> Tuple[DatasetRun, object]:
+                all_processes: Optional[bool] = None, export: Optional[str] = None,
+                **prepare) -> Tuple[DatasetRun, object]:
   """The dataset run of ``evaluate`` and folder mode; returns ``(run, finish(run))``.
 
   ``list_jobs()`` gives the jobs in the data's order and one line per object left out;
@@ -239,7 +251,8 @@ def run_dataset(out_dir: str, inputs: Sequence[str],
           log(f"skipped {p}")
       raise
     state["refiners"] = load_refiners(refiner, checkpoint, devices, dtype=dtype, plan=plan,
-                                      min_side=min_side, log=log if processes.is_main else None)
+                                      min_side=min_side, log=log if processes.is_main else None,
+                                      export=export)
     return run_settings(state["refiners"][0], scales, checkpoint)
 
   existed = os.path.isdir(out_dir)

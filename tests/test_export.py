@@ -105,3 +105,38 @@ def test_export_refuses_what_it_does_not_hold(model_dir, tmp_path):
     f.write(b"x")
   with pytest.raises(ExportError, match="damaged"):
     load_fused(out)
+
+
+def test_crm_export_then_evaluate_from_it_gives_the_fused_results(tmp_path, capsys):
+  """``crm-export --data`` on a small BIG folder, then ``crm-evaluate --export``: the same masks
+  (bytes) and metrics as ``crm-evaluate --plan fused`` with the checkpoint alone; the manifest
+  lists the platforms; a checkpoint other than the export's is refused in one line."""
+  from crm_jax.cli import evaluate as evaluate_cli
+  from crm_jax.cli import export as export_cli
+  from tests.big_objects import make_world
+  data, ckpt_dir = make_world(tmp_path, {"o1": (64, 72), "o2": (80, 60)}, seed=5)
+  out = tmp_path / "export"
+  assert export_cli.main([ckpt_dir, str(out), "--data", data, "--scales", *map(str, SCALES),
+                          "--platforms", "cpu", "cuda", "tpu"]) == 0
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["platforms"] == ["cpu", "cuda", "tpu"]
+  common = ["--data", data, "--checkpoint", ckpt_dir, "--scales", *map(str, SCALES),
+            "--no-progress", "--min-side", "0"]
+  assert evaluate_cli.main(common + ["--output", str(tmp_path / "a"), "--plan", "fused"]) == 0
+  assert evaluate_cli.main(common + ["--output", str(tmp_path / "b"), "--export", str(out)]) == 0
+  masks = sorted(f for f in os.listdir(tmp_path / "a") if f.endswith("_mask.png"))
+  assert masks and masks == sorted(f for f in os.listdir(tmp_path / "b")
+                                   if f.endswith("_mask.png"))
+  for f in masks:
+    assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+  got = [json.loads((tmp_path / d / "metrics.json").read_text())["scales"] for d in "ab"]
+  assert got[0] == got[1]
+  other = ckpt.save_model(str(tmp_path / "other"),
+                          init_variables(CRM(TINY), jax.random.PRNGKey(9)),
+                          TINY)
+  capsys.readouterr()
+  assert evaluate_cli.main(["--data", data, "--checkpoint", other, "--output",
+                            str(tmp_path / "c"), "--export", str(out), "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ")
+  assert "exported with the checkpoint" in err[0]

@@ -4,6 +4,7 @@
 - ``evaluate``: ``crm-evaluate`` (``evaluate.py``), BIG-style data at every scale, IoU and mBA.
 - ``train``: ``crm-train`` (``train.py``), training from a config file into a workdir.
 - ``convert``: ``crm-convert`` (``convert_torch_weights.py``), PyTorch weights in and out.
+- ``export``: ``crm-export``, the fused plan's programs serialized for chosen sizes and platforms.
 - ``demo``: ``make demo``, the bundled images refined with the bundled checkpoint.
 - ``common``: the flags that refine and evaluate share, and the exit-status rule.
 

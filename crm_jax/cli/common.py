@@ -44,6 +44,9 @@ def add_run_flags(parser: argparse.ArgumentParser, checkpoint_help: str,
   parser.add_argument("--plan", choices=PLAN_CHOICES, default="auto",
                       help="execution plan (default auto: banded on the CPU, fused on an "
                            "accelerator whose memory holds it)")
+  parser.add_argument("--export", default=None, metavar="DIR",
+                      help="run the fused plan from the programs crm-export wrote for the "
+                           "checkpoint (no tracing; the export's dtype)")
   run = parser.add_argument_group("dataset runs")
   run.add_argument("--devices", type=int, default=None,
                    help="refine on the first N local devices (default: all of them)")

@@ -51,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       args.data, args.checkpoint, args.output, args.scales, metrics_only=args.metrics_only,
       progress=not args.no_progress, tfds_data_dir=args.tfds_data_dir, split=args.split,
       dtype=args.dtype, overwrite=args.overwrite, plan=args.plan, batch_size=args.batch_size,
-      devices=args.devices, min_side=args.min_side))
+      devices=args.devices, min_side=args.min_side, export=args.export))
 
 
 if __name__ == "__main__":

@@ -79,8 +79,12 @@ def _refine_one(args) -> None:
   if note is not None:
     print(f"warning: {args.image} is {note}; {small_image_advice(scales, image.shape[:2])}",
           file=sys.stderr)
-  refiner = Refiner.from_checkpoint(path, dtype=args.dtype, plan=args.plan, min_side=min_side,
-                                    warn_small=False)
+  if args.export:
+    refiner = Refiner.from_export(args.export, checkpoint=path, min_side=min_side,
+                                  warn_small=False)
+  else:
+    refiner = Refiner.from_checkpoint(path, dtype=args.dtype, plan=args.plan,
+                                      min_side=min_side, warn_small=False)
   prob = refiner.refine(image, mask, scales)
   io.write_image(args.output, prob_to_uint8(prob))
   print(f"wrote {args.output}")
@@ -91,7 +95,8 @@ def _refine_folder(args) -> None:
   refine_folder(args.images, args.masks, args.output, path,
                 suffix=args.mask_suffix, scales=args.scales, min_side=min_side,
                 dtype=args.dtype, plan=args.plan, batch_size=args.batch_size,
-                devices=args.devices, overwrite=args.overwrite, progress=not args.no_progress)
+                devices=args.devices, overwrite=args.overwrite, progress=not args.no_progress,
+                export=args.export)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

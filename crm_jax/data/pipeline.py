@@ -46,7 +46,8 @@ from crm_jax.data import tfds_builders
 # The dataset kinds of ``config.dataset``.
 SYNTHETIC = 'synthetic'
 TFDS_MIXTURE = 'tfds_mixture'
-DATASETS = (SYNTHETIC, TFDS_MIXTURE)
+REAL_PHOTOS = 'real_photos'
+DATASETS = (SYNTHETIC, TFDS_MIXTURE, REAL_PHOTOS)
 
 # Stream keys of np.random.default_rng([seed, key, ...]), so the streams never overlap.
 _PERMUTATION_STREAM = 1
@@ -68,8 +69,10 @@ def make_source(config: Any):
   """The random-access source of ``{'image': uint8 [H, W, 3], 'mask': uint8 [H, W]}`` items.
 
   ``config.dataset`` is ``'synthetic'`` (``SyntheticSource(synthetic_num_examples,
-  synthetic_size, synthetic_size, seed)``) or ``'tfds_mixture'`` (every set of
-  ``config.tfds_sets``, prepared in ``config.data_dir``, concatenated).
+  synthetic_size, synthetic_size, seed)``), ``'tfds_mixture'`` (every set of
+  ``config.tfds_sets``, prepared in ``config.data_dir``, concatenated) or ``'real_photos'``
+  (``real_photos.make_source``: composites of photographs shipped by scikit-image, with a share
+  ``real_photos_synthetic_fraction`` of synthetic pairs).
 
   Raises:
     DatasetError: an unknown dataset kind, an empty source, or TFDS sets that are not prepared
@@ -99,6 +102,12 @@ def make_source(config: Any):
     if len(source) == 0:
       raise DatasetError(f'{data_dir}: the datasets {", ".join(names)} hold no example')
     return source
+  if kind == REAL_PHOTOS:
+    from crm_jax.data import real_photos  # training only; needs scikit-image's photographs
+    try:
+      return real_photos.make_source(config)
+    except (ValueError, real_photos.PhotoError) as e:
+      raise DatasetError(f'dataset real_photos: {e}') from None
   raise DatasetError(f'unknown config.dataset {kind!r}; known: {", ".join(DATASETS)}')
 
 
