@@ -101,7 +101,7 @@ def test_installed_package_is_not_the_checkout(installed):
   assert module.startswith(installed["site"]) and checkpoint.startswith(installed["site"])
   assert os.path.isfile(os.path.join(checkpoint, "config.json"))
   # Every console script's --help is its own: its usage line names the script.
-  for script in ("crm-refine", "crm-evaluate", "crm-convert", "crm-train"):
+  for script in ("crm-refine", "crm-evaluate", "crm-convert", "crm-export", "crm-train"):
     printed = _run([str(installed["bin"] / script), "--help"], cwd=installed["work"],
                    env=installed["env"])
     assert printed.startswith(f"usage: {script} "), printed[:300]
