@@ -117,10 +117,10 @@ def main(argv=None) -> int:
   print("| set | long side | coarse IoU | refined IoU | coarse mBA | refined mBA | far flips "
         "| inside | outside | worst image | s / image | images |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-  for set_name, size, m, worst, sec, n in rows:
-    print(f"| {set_name} | {size} | {fmt(m['old_iou'])} | {fmt(m['new_iou'])} | "
-          f"{fmt(m['old_mba'])} | {fmt(m['new_mba'])} | {pct(m['flip'])} | {pct(m['flip_in'])} "
-          f"| {pct(m['flip_out'])} | {pct(worst)} | {sec:.1f} | {n} |")
+  cells = [(set_name, size, fmt(m['old_iou']), fmt(m['new_iou']), fmt(m['old_mba']),
+            fmt(m['new_mba']), pct(m['flip']), pct(m['flip_in']), pct(m['flip_out']),
+            pct(worst), f"{sec:.1f}", n) for set_name, size, m, worst, sec, n in rows]
+  print("\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in cells))
   return 0
 
 

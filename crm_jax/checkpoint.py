@@ -24,15 +24,13 @@ refines with the published loop.
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from crm_jax.io import remove_leftovers, tmp_prefix
+from crm_jax.io import folder_written_atomically
 from crm_jax.models.crm import CRM, ModelConfig, init_variables
 from crm_jax.scales import check_min_side
 
@@ -87,15 +85,14 @@ def save_model(path: str, variables, config: ModelConfig,
     raise CheckpointError(f"{path}: is a file, not a checkpoint folder")
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)")
-  parent = os.path.dirname(path)
   try:
-    os.makedirs(parent, exist_ok=True)
-    remove_leftovers(parent, os.path.basename(path))
-    tmp = tempfile.mkdtemp(prefix=tmp_prefix(os.path.basename(path)), dir=parent)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.access(os.path.dirname(path), os.W_OK):
+      raise PermissionError(13, "Permission denied")
   except OSError as e:
     raise CheckpointError(f"{path}: cannot be written ({e.strerror or e})") from None
-  try:
-    variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+  variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+  with folder_written_atomically(path) as tmp:
     # This process alone (in a multi-process run only one process exports; orbax would
     # otherwise wait for the others at its barriers).
     me = jax.process_index()
@@ -107,12 +104,6 @@ def save_model(path: str, variables, config: ModelConfig,
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump({"format": FORMAT, "model": config.to_dict(), "meta": meta or {}},
                 f, indent=2)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
 
 

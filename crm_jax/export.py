@@ -23,8 +23,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -33,7 +31,7 @@ import numpy as np
 
 from crm_jax import checkpoint as ckpt
 from crm_jax import plans
-from crm_jax.io import InputError, remove_leftovers, tmp_prefix
+from crm_jax.io import InputError, folder_written_atomically
 from crm_jax.models.crm import ModelConfig
 from crm_jax.scales import check_scales
 
@@ -159,11 +157,7 @@ def export_fused(checkpoint_dir: str, out_dir: str, buckets: Sequence[Tuple[int,
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir}: already exists (pass overwrite to replace it)")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  remove_leftovers(parent, os.path.basename(out_dir))
-  tmp = tempfile.mkdtemp(prefix=tmp_prefix(os.path.basename(out_dir)), dir=parent)
-  try:
+  with folder_written_atomically(out_dir) as tmp:
     os.makedirs(os.path.join(tmp, PROGRAMS_DIR))
     entries = []
     for bucket in buckets:
@@ -188,12 +182,6 @@ def export_fused(checkpoint_dir: str, out_dir: str, buckets: Sequence[Tuple[int,
                 "queries": int(queries), "jax_version": jax.__version__, "programs": entries}
     with open(os.path.join(tmp, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=2)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 

@@ -45,6 +45,7 @@ fails) is a ``WriteError`` naming the target and the cause, and leaves neither a
 nor a partial target. ``is_complete_output`` tells whether an output file is whole.
 """
 
+import contextlib
 import errno
 import os
 import re
@@ -55,7 +56,7 @@ import tempfile
 import threading
 import warnings
 import zlib
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -848,3 +849,24 @@ def is_complete_output(path: str) -> bool:
   if data.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
     return True
   return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+
+
+@contextlib.contextmanager
+def folder_written_atomically(path: str) -> Iterator[str]:
+  """``with folder_written_atomically(PATH) as tmp:`` fill ``tmp``, a new folder beside PATH
+  (leftovers of killed writes of PATH removed first); when the block ends, ``tmp`` replaces
+  PATH (a folder there is removed), so PATH is either whole or as it was. On an error the
+  temporary folder is removed and the error raised; an ``OSError`` making it is raised as is."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  remove_leftovers(parent, os.path.basename(path))
+  tmp = tempfile.mkdtemp(prefix=tmp_prefix(os.path.basename(path)), dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -12,21 +12,8 @@ import pytest
 from crm_jax import training
 from crm_jax.training import resume
 from crm_jax.training import step as step_lib
+from tests.test_training_runs import _assert_states_equal
 from tests.train_config import small_test_config
-
-
-def _flat(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _assert_states_equal(a, b):
-  assert int(a.step) == int(b.step)
-  for part in ('params', 'batch_stats', 'opt_state'):
-    fa, fb = _flat(getattr(a, part)), _flat(getattr(b, part))
-    assert fa.keys() == fb.keys()
-    for k in fa:
-      np.testing.assert_array_equal(fa[k], fb[k], err_msg=f'{part}{k}')
 
 
 def _cut_data(step_dir):

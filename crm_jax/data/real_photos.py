@@ -42,7 +42,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from crm_jax.data import synthesis
+from crm_jax.data import source_index, synthesis
 from crm_jax.data import synthetic
 
 # name -> (file in skimage/data, licence as scikit-image's docstring states it, kind).
@@ -392,11 +392,7 @@ class RealPhotoSource:
     return self.num_examples
 
   def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
-    index = int(index)
-    if index < 0:
-      index += self.num_examples
-    if not 0 <= index < self.num_examples:
-      raise IndexError(f'index {index} out of range for {self.num_examples} examples')
+    index = source_index(index, self.num_examples)
     image, mask = make_composite(self.size, np.random.default_rng([self.seed, index]),
                                  self.photos)
     return {'image': image, 'mask': mask}

@@ -26,6 +26,8 @@ from typing import Dict, Tuple
 import cv2
 import numpy as np
 
+from crm_jax.data import source_index
+
 # Target fraction of the image covered by the noise blob.
 BLOB_AREA_RANGE = (0.08, 0.4)
 # Value-noise octaves of the blob: (cells across the longer side, amplitude).
@@ -233,11 +235,7 @@ class SyntheticSource:
     return self.num_examples
 
   def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
-    index = int(index)
-    if index < 0:
-      index += self.num_examples
-    if not 0 <= index < self.num_examples:
-      raise IndexError(f"index {index} out of range for {self.num_examples} examples")
+    index = source_index(index, self.num_examples)
     rng = np.random.default_rng([self.seed, index])
     image, mask = make_synthetic_pair(self.height, self.width, rng)
     return {"image": image, "mask": mask}

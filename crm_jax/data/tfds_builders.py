@@ -43,7 +43,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from crm_jax.data import folders
+from crm_jax.data import folders, source_index
 from crm_jax import io as image_io
 from crm_jax.io import InputError, as_rgb, img_bgr_to_rgb
 
@@ -437,11 +437,11 @@ class DecodedSource:
     return self._len
 
   def __getitem__(self, index: int) -> Dict[str, Any]:
-    index = _check_index(index, self._len)
+    index = source_index(index, self._len)
     return self._decode(self._open()[index])
 
   def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
-    indices = [_check_index(i, self._len) for i in indices]
+    indices = [source_index(i, self._len) for i in indices]
     return [self._decode(ex) for ex in self._open().__getitems__(indices)]
 
   def __iter__(self):
@@ -461,15 +461,6 @@ class DecodedSource:
 def load_source(name: str, data_dir: PathLike, split: str = "train") -> DecodedSource:
   """A random-access, OpenCV-decoded source over a prepared split (see ``DecodedSource``)."""
   return DecodedSource(name, data_dir, split)
-
-
-def _check_index(index: int, length: int) -> int:
-  index = int(index)
-  if index < 0:
-    index += length
-  if not 0 <= index < length:
-    raise IndexError(f"index {index} out of range for {length} items")
-  return index
 
 
 class MixtureSource:
@@ -496,7 +487,7 @@ class MixtureSource:
 
   def locate(self, index: int) -> Tuple[int, int]:
     """(source number, index within that source) of a global index."""
-    index = _check_index(index, len(self))
+    index = source_index(index, len(self))
     i = bisect.bisect_right(self.offsets, index) - 1
     return i, index - self.offsets[i]
 
