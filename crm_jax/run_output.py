@@ -22,7 +22,7 @@ from crm_jax import export as export_lib
 from crm_jax.distributed import maybe_initialize_distributed
 from crm_jax.dispatch import (Job, Log, Processes, RunSummary, host_lines, local_refiners,
                               one_line, refine_jobs, run_together)
-from crm_jax.folder_lock import LOCK_FILE, FolderLock
+from crm_jax.folder_lock import FolderLock
 from crm_jax.io import InputError, check_output_dir, remove_leftovers, write_text
 from crm_jax.metrics import scale_key
 from crm_jax.scales import check_min_side, check_scales
@@ -287,10 +287,7 @@ def run_dataset(out_dir: str, inputs: Sequence[str],
 
 def _remove_if_unused(folder: str) -> None:
   try:
-    names = os.listdir(folder)
-    if set(names) <= {LOCK_FILE}:
-      for name in names:
-        os.remove(os.path.join(folder, name))
+    if not os.listdir(folder):
       os.rmdir(folder)
   except OSError:
     pass

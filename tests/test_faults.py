@@ -185,8 +185,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(pairs, tmp_path, capsys):
   with FolderLock(str(out)):  # another run holds the folder
     assert _refine(pairs, out, '--mask-suffix', '_mask') == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith(f'error: {out}: another crm-jax run (process '
-                                             f'{os.getpid()})'), err
+  assert len(err) == 1 and err[0].startswith(f'error: {out}: another crm-jax run is using'), err
   assert not [f for f in os.listdir(out) if f.endswith(('.png', '.json'))]
   assert _refine(pairs, out, '--mask-suffix', '_mask') == 0  # released: the run goes ahead
 
@@ -220,7 +219,7 @@ def test_a_second_training_run_into_a_workdir_in_use_is_refused(tmp_path):
   work = tmp_path / 'work'
   work.mkdir()
   with FolderLock(str(work)):
-    with pytest.raises(InputError, match='another crm-jax run .* is using this workdir'):
+    with pytest.raises(InputError, match='another crm-jax run is using this workdir'):
       training.train_and_evaluate(small_test_config(num_steps=1), str(work))
   assert not os.path.exists(work / 'checkpoints')  # refused before anything was written
   assert int(training.train_and_evaluate(small_test_config(num_steps=1), str(work)).step) == 1
