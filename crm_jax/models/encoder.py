@@ -123,7 +123,7 @@ class BatchNorm(nn.Module):
     else:
       mean, var, count = self._batch_statistics(x)
       if not self.is_initializing():
-        unbiased = var * (count / (count - 1))
+        unbiased = var * (count / max(count - 1, 1))
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
     scale = self.param("scale", nn.initializers.ones, shape, jnp.float32)
@@ -150,9 +150,8 @@ class BatchNorm(nn.Module):
     var = jnp.mean(jnp.square(x - mean), axes)
     if synced:
       var = jax.lax.pmean(var, self.axis_name)
-    if count < 2:
-      raise ValueError(f"BatchNorm in training needs more than one value per channel, got {count}"
-                       " (as PyTorch)")
+    # One value per channel (a 1x1 map of one crop, e.g. a pass_scales step at a small scale):
+    # PyTorch refuses it; here the running variance then takes the biased one (n / max(n-1, 1)).
     return mean, var, count
 
 
