@@ -30,12 +30,14 @@ MASK_EXT = ".png"
 SUMMARY_FILE = "summary.json"
 
 
-def read_pair(image_path: str, mask_path: str) -> Tuple[np.ndarray, np.ndarray]:
+def read_pair(image_path: str, mask_path: str,
+              orientation: str = "stored") -> Tuple[np.ndarray, np.ndarray]:
   """The image (RGB uint8 ``[H, W, 3]``) and its coarse mask (uint8 ``[H, W]``), read by the
-  rules of ``crm_jax.io``; ``InputError`` naming the file when one is unreadable or the sizes
+  rules of ``crm_jax.io`` (``orientation``: ``"stored"``, as published, or ``"exif"``, as
+  viewers show them); ``InputError`` naming the file when one is unreadable or the sizes
   differ."""
-  image = read_image(image_path)
-  mask = read_mask(mask_path)
+  image = read_image(image_path, orientation)
+  mask = read_mask(mask_path, orientation)
   if image.shape[:2] != mask.shape:
     raise InputError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but {image_path} "
                      f"is {image.shape[1]}x{image.shape[0]}")
@@ -131,14 +133,20 @@ def _is_png(file_name: str) -> bool:
   return not file_name.startswith(".") and file_name.lower().endswith(MASK_EXT)
 
 
-def pair_jobs(pairs: Sequence[FolderPair], out_dir: str, last_scale: float) -> List[Job]:
-  """The pairs as ``crm_jax.dispatch.Job`` s writing ``out_dir/<output>`` (the last scale)."""
+def pair_jobs(pairs: Sequence[FolderPair], out_dir: str, last_scale: float,
+              orientation: str = "stored") -> List[Job]:
+  """The pairs as ``crm_jax.dispatch.Job`` s writing ``out_dir/<output>`` (the last scale);
+  ``orientation`` as for ``read_pair`` (with ``"exif"`` the header size is not used: an
+  orientation tag may turn it)."""
   def write(path):
     return lambda loaded, probs: write_image(path, prob_to_uint8(probs[last_scale]))
-  return [Job(p.name, lambda p=p: read_pair(p.image, p.mask) + (None,),
+
+  def size(p):
+    return None if orientation == "exif" else file_image_size(p.image)
+  return [Job(p.name, lambda p=p: read_pair(p.image, p.mask, orientation) + (None,),
               write(os.path.join(out_dir, p.output)),
               lambda p=p: is_complete_output(os.path.join(out_dir, p.output)),
-              lambda p=p: file_image_size(p.image)) for p in pairs]
+              lambda p=p: size(p)) for p in pairs]
 
 
 def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
@@ -147,7 +155,7 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
                   dtype: str = "float32", plan: str = "auto", batch_size: int = 1,
                   devices: Optional[int] = None, overwrite: bool = False,
                   progress: bool = True, log: Log = print, refiner=None,
-                  export: Optional[str] = None) -> Dict:
+                  export: Optional[str] = None, orientation: str = "stored") -> Dict:
   """Refines every pair of ``pair_folders(images, masks, suffix)`` into ``out_dir`` on every
   local device (and every host, with ``JAX_COORDINATOR_ADDRESS`` etc.: ``crm_jax.dispatch``);
   writes ``out_dir/summary.json`` (process 0) and returns it.
@@ -156,7 +164,9 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
   ``checkpoint`` (it carries its own ``min_side``, dtype and plan). ``min_side``: as
   ``Refiner(min_side=...)``, 0 being the published loop; None (default): what the checkpoint
   recommends (``crm_jax.checkpoint.recommended_min_side``). ``export``: a ``crm_jax.export``
-  folder of ``checkpoint`` whose programs run the fused plan. Raises ``InputError`` for bad
+  folder of ``checkpoint`` whose programs run the fused plan. ``orientation``: ``"stored"``
+  (default, as published: EXIF orientation ignored, with a warning line per file) or ``"exif"``
+  (images and masks read as viewers show them; the outputs are in that orientation). Raises ``InputError`` for bad
   arguments or folders (before any work) and when nothing could be refined (nothing refined now
   and nothing complete before); a ``CheckpointError`` for a bad checkpoint; an ``OSError``
   naming an output that cannot be written.
@@ -166,7 +176,7 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
 
   def list_jobs():
     state["pairs"], problems = pair_folders(images, masks, suffix)
-    return pair_jobs(state["pairs"], out_dir, scales[-1]), problems
+    return pair_jobs(state["pairs"], out_dir, scales[-1], orientation), problems
 
   def finish(run: DatasetRun):
     summary = run.summary
@@ -190,5 +200,5 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
       out_dir, [images, masks], list_jobs, scales, finish, checkpoint=checkpoint,
       refiner=refiner, min_side=min_side, dtype=dtype, plan=plan, batch_size=batch_size,
       devices=devices, overwrite=overwrite, progress=progress, log=log, export=export,
-      is_output=_is_png, results_file=SUMMARY_FILE)
+      orientation=orientation, is_output=_is_png, results_file=SUMMARY_FILE)
   return result

@@ -747,18 +747,56 @@ def _write_all(fd: int, data: bytes) -> None:
     view = view[n:]
 
 
+# The temporary files this process is filling now, and whether writes were stopped
+# (``stop_writes``); both under ``_WRITES_LOCK``.
+_WRITES_LOCK = threading.Lock()
+_FILLING: set = set()
+_STOPPED: List[bool] = [False]
+
+
+def stop_writes() -> List[str]:
+  """Ends this process's output writes for good, for a run that a signal interrupts: the
+  temporary files being filled now (by any thread) are removed and every later write raises
+  ``WriteError`` (``ECANCELED``), so that no temporary file is left once the caller exits.
+  A write whose rename already happened is whole. Returns the paths removed."""
+  with _WRITES_LOCK:
+    _STOPPED[0] = True
+    removed = sorted(_FILLING)
+    for tmp in removed:
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+    _FILLING.clear()
+  return removed
+
+
 def _replace(path: str, fill: Callable[[int, str], None]) -> None:
   """The one way outputs are written: ``fill(fd, tmp)`` fills a new temporary file in the
   target's folder, which is fsynced, closed and renamed over ``path``; then the folder is fsynced.
   A failure removes the temporary file, leaves ``path`` as it was, and raises ``WriteError``
-  (an ``OSError`` naming ``path``, never the temporary file) for an ``OSError``."""
+  (an ``OSError`` naming ``path``, never the temporary file) for an ``OSError``; so does a
+  write after ``stop_writes``."""
   directory = os.path.dirname(os.path.abspath(path))
+  with _WRITES_LOCK:
+    try:
+      if _STOPPED[0]:
+        raise OSError(errno.ECANCELED, "the run was interrupted: no more writes")
+      os.makedirs(directory, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), suffix=os.path.splitext(path)[1],
+                                 dir=directory)
+    except OSError as e:
+      raise _write_error(path, e) from None
+    _FILLING.add(tmp)
   try:
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), suffix=os.path.splitext(path)[1],
-                               dir=directory)
-  except OSError as e:
-    raise _write_error(path, e) from None
+    _fill_and_rename(path, fill, fd, tmp)
+  finally:
+    with _WRITES_LOCK:
+      _FILLING.discard(tmp)
+  _fsync_dir(directory)
+
+
+def _fill_and_rename(path: str, fill: Callable[[int, str], None], fd: int, tmp: str) -> None:
   try:
     try:
       fill(fd, tmp)
@@ -775,7 +813,6 @@ def _replace(path: str, fill: Callable[[int, str], None]) -> None:
     if isinstance(e, OSError):
       raise _write_error(path, e) from None
     raise
-  _fsync_dir(directory)
 
 
 def write_bytes(path: str, data: bytes) -> None:

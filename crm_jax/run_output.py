@@ -29,9 +29,10 @@ from crm_jax.scales import check_min_side, check_scales
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "crm-jax-output"
-SETTINGS = ("fingerprint", "scales", "dtype", "plan", "min_side")  # what the masks depend on
+# What the masks depend on.
+SETTINGS = ("fingerprint", "scales", "dtype", "plan", "min_side", "orientation")
 # A setting added later: its value in a manifest written before it existed.
-SETTING_DEFAULTS = {"min_side": 0}
+SETTING_DEFAULTS = {"min_side": 0, "orientation": "stored"}
 DEFAULT_PLAN = "banded"  # for a refiner that does not name its execution plan
 _SETUP_ERRORS = (InputError, OSError, ckpt.CheckpointError)  # stop every process before any work
 
@@ -50,9 +51,10 @@ def as_refiners(refiner) -> list:
 # Provenance: the manifest.
 
 
-def run_settings(refiner, scales: Sequence[float], checkpoint: Optional[str] = None) -> Dict:
-  """The manifest of a run: the model's fingerprint, the scales, dtype, plan and ``min_side``
-  (``SETTINGS``) and, for information, the checkpoint path."""
+def run_settings(refiner, scales: Sequence[float], checkpoint: Optional[str] = None,
+                 orientation: str = "stored") -> Dict:
+  """The manifest of a run: the model's fingerprint, the scales, dtype, plan, ``min_side`` and
+  how EXIF orientation is read (``SETTINGS``) and, for information, the checkpoint path."""
   fp = getattr(refiner, "fingerprint", None)
   if fp is None:
     fp = ckpt.fingerprint(refiner.config, refiner.variables)
@@ -61,6 +63,7 @@ def run_settings(refiner, scales: Sequence[float], checkpoint: Optional[str] = N
           "dtype": str(getattr(refiner, "dtype", "float32")),
           "plan": str(getattr(refiner, "plan", DEFAULT_PLAN)),
           "min_side": int(getattr(refiner, "min_side", 0)),
+          "orientation": orientation,
           "checkpoint": os.path.abspath(checkpoint) if checkpoint else None}
 
 
@@ -226,7 +229,7 @@ def run_dataset(out_dir: str, inputs: Sequence[str],
                 plan: str = "auto", batch_size: int = 1, devices: Optional[int] = None,
                 overwrite: bool = False, progress: bool = True, log: Log = print,
                 all_processes: Optional[bool] = None, export: Optional[str] = None,
-                **prepare) -> Tuple[DatasetRun, object]:
+                orientation: str = "stored", **prepare) -> Tuple[DatasetRun, object]:
   """The dataset run of ``evaluate`` and folder mode; returns ``(run, finish(run))``.
 
   ``list_jobs()`` gives the jobs in the data's order and one line per object left out;
@@ -235,6 +238,8 @@ def run_dataset(out_dir: str, inputs: Sequence[str],
   (``start_output``; keyword arguments go to ``prepare_output``), every job not complete is
   refined (``crm_jax.dispatch.refine_jobs``), then ``finish(run)`` runs on process 0 and every
   process returns its value (JSON-able). An error on any process stops every process.
+  ``orientation``: how the jobs read EXIF orientation (``crm_jax.io.ORIENTATIONS``), recorded in
+  the manifest.
   """
   start = time.time()
   scales = check_scales(scales)
@@ -253,7 +258,7 @@ def run_dataset(out_dir: str, inputs: Sequence[str],
     state["refiners"] = load_refiners(refiner, checkpoint, devices, dtype=dtype, plan=plan,
                                       min_side=min_side, log=log if processes.is_main else None,
                                       export=export)
-    return run_settings(state["refiners"][0], scales, checkpoint)
+    return run_settings(state["refiners"][0], scales, checkpoint, orientation)
 
   existed = os.path.isdir(out_dir)
   lock = FolderLock(out_dir) if processes.is_main else None

@@ -352,6 +352,22 @@ def check_keys(state: Mapping[str, np.ndarray], config: ModelConfig) -> None:
                          "(the architecture read from the other keys)")
 
 
+def torch_load_reason(e: BaseException) -> str:
+  """The cause of a ``torch.load(weights_only=True)`` failure in whole sentences on one line:
+  for an unpickling refusal, the paragraph naming what was refused (not torch's advice about
+  ``weights_only=False``, its issue-tracker line or its documentation link); otherwise the
+  message's first line."""
+  text = str(e).strip()
+  if not text:
+    return type(e).__name__
+  paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+  if paragraphs[0].startswith("Weights only load failed"):
+    specific = [p for p in paragraphs[1:] if not p.startswith("Check the documentation")]
+    if specific:
+      return " ".join(specific).rstrip(".") + "."
+  return text.splitlines()[0].strip()
+
+
 def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads a ``.pth`` file: a state dict, or a dict holding one.
 
@@ -368,8 +384,12 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   except FileNotFoundError:
     raise MappingError(f"{path}: no such file") from None
   except Exception as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise MappingError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+    reason = torch_load_reason(e)
+    if "GLOBAL" in reason:  # an object other than tensors, which unpickling would construct
+      raise MappingError(f"{path}: refused: it holds Python objects besides tensors, which "
+                         f"loading could run as code ({reason}); only weights-only files are "
+                         "read, as the published checkpoint is") from None
+    raise MappingError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
   if isinstance(obj, Mapping):
     for wrapper in ("state_dict", "model", "net", "model_state_dict"):
       if wrapper in obj and isinstance(obj[wrapper], Mapping):

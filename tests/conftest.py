@@ -43,6 +43,7 @@ SLOW = frozenset({
     'test_multidevice.py::test_folder_mode_exits_nonzero_only_when_nothing_is_refined',
     'test_multidevice.py::test_two_processes_equal_one_process',
     'test_multidevice.py::test_killed_process_then_both_restarted_complete_the_run',
+    'test_multidevice.py::test_a_process_whose_peer_dies_ends_in_bounded_time',
     'test_train.py::test_cli_error_is_one_line',
     'test_train.py::test_init_checkpoint_is_loaded',
     'test_train.py::test_loss_falls_on_a_fixed_batch',

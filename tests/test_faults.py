@@ -139,11 +139,12 @@ def test_crm_train_exit_status_and_one_line(tmp_path, kind):
 
 @pytest.fixture(scope='module')
 def pairs(tmp_path_factory):
-  """IMAGES/<x>.png with MASKS/<x>_mask.png (two pairs) and a TINY checkpoint."""
+  """IMAGES/<x>.png with MASKS/<x>_mask.png (two pairs), a TINY checkpoint, and a BIG-style
+  folder of two objects (``data``)."""
   import cv2
   from tests.big_objects import make_world, object_triple
   root = tmp_path_factory.mktemp('faults')
-  _, ckpt = make_world(root, {'o1': (64, 72)}, seed=3)
+  data, ckpt = make_world(root, {'o1': (64, 72), 'o2': (72, 64)}, seed=3)
   images, masks = root / 'images', root / 'masks'
   images.mkdir()
   masks.mkdir()
@@ -152,7 +153,7 @@ def pairs(tmp_path_factory):
     image, seg, _ = object_triple(64, 80, rng)
     assert cv2.imwrite(str(images / f'{name}.png'), image[:, :, ::-1])
     assert cv2.imwrite(str(masks / f'{name}_mask.png'), seg)
-  return {'images': str(images), 'masks': str(masks), 'ckpt': ckpt}
+  return {'images': str(images), 'masks': str(masks), 'ckpt': ckpt, 'data': data}
 
 
 def _refine(pairs, out, *extra):
@@ -160,6 +161,81 @@ def _refine(pairs, out, *extra):
   return refine_cli.main(['--images', pairs['images'], '--masks', pairs['masks'], '--output',
                           str(out), '--checkpoint', pairs['ckpt'], '--no-progress',
                           '--scales', '0.5', '1.0', *extra])
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted dataset runs: SIGTERM / SIGINT stop at once, leave no partial or temporary file,
+# and the same command finishes the run with the bytes of an uninterrupted one.
+
+_INTERRUPTED = """
+import os, signal, sys, time
+from crm_jax.cli import evaluate, refine
+real_replace, calls = os.replace, [0]
+def replace(src, dst):
+  calls[0] += 1
+  if calls[0] == int(sys.argv[2]):  # a worker thread with its temporary file written
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    time.sleep(30)  # still renaming when the main thread stops the run
+  return real_replace(src, dst)
+os.replace = replace
+command = {'refine': refine, 'evaluate': evaluate}[sys.argv[3]]
+sys.exit(command.main(sys.argv[4:]))
+"""
+
+
+def _command_args(pairs, command, out):
+  if command == 'refine':
+    return ['--images', pairs['images'], '--masks', pairs['masks'], '--mask-suffix', '_mask',
+            '--output', str(out), '--checkpoint', pairs['ckpt'], '--no-progress', '--scales',
+            '0.5', '1.0']
+  return ['--data', pairs['data'], '--checkpoint', pairs['ckpt'], '--output', str(out),
+          '--no-progress', '--scales', '0.5', '1.0']
+
+
+def _outputs(folder):
+  """{name: bytes} of every image of an output folder, and the scores of ``metrics.json`` (not
+  the run's own record: times and counts)."""
+  import json
+  out = {f: open(os.path.join(folder, f), 'rb').read() for f in sorted(os.listdir(folder))
+         if f.endswith(('.png', '.jpg'))}
+  if os.path.exists(os.path.join(folder, 'metrics.json')):
+    out['metrics.json'] = json.load(open(os.path.join(folder, 'metrics.json')))['scales']
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('command', ['refine', 'evaluate'])
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+def test_an_interrupted_run_leaves_whole_files_and_the_rerun_finishes_it(pairs, tmp_path, command,
+                                                                        sig):
+  """The signal comes while a worker thread holds a written temporary file (its second write:
+  the first mask or copy of an object): the run stops at once with 128 + the signal and one
+  line, every output left is whole, no temporary file is left, and the same command run again
+  ends with the bytes of an uninterrupted run."""
+  import signal
+  import subprocess
+  import sys
+  from crm_jax import io
+  from crm_jax.cli import evaluate as evaluate_cli
+  from crm_jax.cli import refine as refine_cli
+  main = {'refine': refine_cli.main, 'evaluate': evaluate_cli.main}[command]
+  whole, out = tmp_path / 'whole', tmp_path / 'out'
+  assert main(_command_args(pairs, command, whole)) == 0
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, '-c', _INTERRUPTED, sig, '3', command, *_command_args(pairs, command, out)],
+      cwd=root, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=root), capture_output=True,
+      text=True, timeout=600)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 128 + getattr(signal, sig), proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr and lines[-1].startswith(f'stopped by {sig}: '), lines
+  left = os.listdir(out)
+  assert not [f for f in left if io.TMP_MARK in f], left
+  written = [f for f in left if f.endswith('.png')]
+  assert all(io.is_complete_output(str(out / f)) for f in written), written
+  assert set(_outputs(out)) < set(_outputs(whole))  # stopped before the end
+  assert main(_command_args(pairs, command, out)) == 0
+  assert _outputs(out) == _outputs(whole)
 
 
 def test_masks_of_another_suffix_are_listed_with_a_hint_and_no_folder_is_left(

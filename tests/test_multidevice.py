@@ -281,12 +281,12 @@ def _env(**extra):
               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
 
 
-def _start_two(world, out):
+def _start_two(world, out, **extra):
   port = _free_port()
   return [subprocess.Popen(_evaluate_cmd(world, out), cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True,
                            env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid)))
+                                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid), **extra))
           for pid in (0, 1)]
 
 
@@ -372,15 +372,20 @@ def test_two_processes_equal_one_process(world, one_process, tmp_path):
   assert sorted(blob["object_seconds"]) == sorted(SIZES)
 
 
+def _wait_for_first_mask(out, procs, timeout=400):
+  """Returns once a mask of the run into `out` is written (both processes still running)."""
+  deadline = time.time() + timeout
+  while not any(f.endswith("_mask.png") for f in
+                (os.listdir(out) if os.path.isdir(out) else [])):
+    assert time.time() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.02)
+
+
 def test_killed_process_then_both_restarted_complete_the_run(world, one_process, tmp_path):
   out = tmp_path / "killed"
   procs = _start_two(world, out)
   try:
-    deadline = time.time() + 400
-    while not any(f.endswith("_mask.png") for f in
-                  (os.listdir(out) if os.path.isdir(out) else [])):
-      assert time.time() < deadline and all(p.poll() is None for p in procs)
-      time.sleep(0.02)
+    _wait_for_first_mask(out, procs)
     procs[1].send_signal(signal.SIGKILL)  # one host dies mid-run ...
     procs[1].wait()
     procs[0].send_signal(signal.SIGKILL)  # ... and the job with it
@@ -399,3 +404,50 @@ def test_killed_process_then_both_restarted_complete_the_run(world, one_process,
       json.load(open(one_process / "metrics.json")))
   assert blob["already_complete"] == len(complete)
   assert blob["refined"] == len(SIZES) - len(complete)
+
+
+@pytest.mark.parametrize("lost", [0, 1])
+def test_a_process_whose_peer_dies_ends_in_bounded_time(world, tmp_path, lost):
+  """One process of a two-process run is killed mid-run (the coordinator's process or the
+  other): the survivor does not wait forever in a collective or the shutdown barrier; it exits
+  non-zero within about JAX_HEARTBEAT_TIMEOUT_SECONDS, saying which task was lost or that the
+  coordination service went away."""
+  heartbeat = 10
+  out = tmp_path / "lost"
+  procs = _start_two(world, out, JAX_HEARTBEAT_TIMEOUT_SECONDS=str(heartbeat))
+  try:
+    _wait_for_first_mask(out, procs)
+    procs[lost].send_signal(signal.SIGKILL)
+    procs[lost].wait()
+    killed = time.time()
+    survivor = procs[1 - lost]
+    try:
+      text = survivor.communicate(timeout=heartbeat * 6)[0]
+    except subprocess.TimeoutExpired:
+      survivor.kill()
+      pytest.fail(f"process {1 - lost} still running {heartbeat * 6} s after its peer died: "
+                  f"{survivor.communicate()[0][-3000:]}")
+    waited = time.time() - killed
+  finally:
+    _wait(procs, timeout=10)
+  print(f"process {1 - lost} ended {waited:.1f} s after its peer, status {survivor.returncode}")
+  assert survivor.returncode != 0, text[-3000:]
+  assert any(w in text for w in ("task died", "unhealthy", "heartbeat")), text[-3000:]
+
+
+@pytest.mark.parametrize("bad", [{"JAX_NUM_PROCESSES": "two"},
+                                 {"JAX_HEARTBEAT_TIMEOUT_SECONDS": "0"},
+                                 {"JAX_HEARTBEAT_TIMEOUT_SECONDS": "ten"},
+                                 {"JAX_LOCAL_DEVICE_IDS": "0,x"}])
+def test_bad_multi_process_variables_are_one_input_error(monkeypatch, bad):
+  """Checked before JAX is touched: the run never starts with a variable it cannot read."""
+  from crm_jax import distributed
+  from crm_jax.io import InputError
+  env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2",
+         "JAX_PROCESS_ID": "0", **bad}
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setattr(distributed.jax.distributed, "initialize",
+                      lambda **kw: pytest.fail(f"initialize called with {kw}"))
+  with pytest.raises(InputError, match="JAX_HEARTBEAT_TIMEOUT_SECONDS to a positive one"):
+    distributed.maybe_initialize_distributed()

@@ -412,6 +412,13 @@ def test_sobel_and_loss_match_reference():
 # Errors: one line naming the file and the key.
 # ----------------------------------------------------------------------------
 
+class _RunsCode:
+  """Unpickling this object calls os.system (what a weights-only load must refuse)."""
+
+  def __reduce__(self):
+    return (os.system, ("echo unpickled",))
+
+
 @pytest.fixture(scope="module")
 def bad_checkpoints(converted, tmp_path_factory):
   """Broken checkpoint files: ``{name: (path, pattern the message must match)}``."""
@@ -429,6 +436,14 @@ def bad_checkpoints(converted, tmp_path_factory):
   with open(truncated, "wb") as f:
     f.write(data[: len(data) // 2])
   files["truncated"] = (truncated, "not a readable PyTorch checkpoint")
+  junk = str(root / "junk.pth")
+  with open(junk, "wb") as f:
+    f.write(b"n" * 64)
+  files["junk"] = (junk, re.escape("not a readable PyTorch checkpoint (Unsupported operand 110.)"))
+  save("pickled", {"fc.weight": torch.zeros(2), "run": _RunsCode()},
+       re.escape("refused: it holds Python objects besides tensors, which loading could run as "
+                 "code (Trying to load unsupported GLOBAL posix.system whose module posix is "
+                 "blocked.); only weights-only files are read"))
   save("classifier", {"fc.weight": torch.zeros(10, 2048), "fc.bias": torch.zeros(10)},
        "missing key 'feats.conv1.weight': not a CRM checkpoint")
   other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
@@ -449,8 +464,8 @@ def bad_checkpoints(converted, tmp_path_factory):
 
 @pytest.mark.torch
 @requires_torch
-@pytest.mark.parametrize("name", ["truncated", "classifier", "other_net", "missing_key",
-                                  "wrong_shape", "extra_key"])
+@pytest.mark.parametrize("name", ["truncated", "junk", "pickled", "classifier", "other_net",
+                                  "missing_key", "wrong_shape", "extra_key"])
 def test_bad_checkpoint_errors(bad_checkpoints, tmp_path, capsys, name):
   path, pattern = bad_checkpoints[name]
   out = str(tmp_path / "out")

@@ -193,3 +193,52 @@ def test_folder_mode_min_side(files, ckpt, capsys, tmp_path):
     outputs[label] = {f: open(out / f, "rb").read() for f in ("p0.png", "p1.png")}
   assert outputs["min_side"] == outputs["last"]
   assert outputs["default"] != outputs["last"]
+
+
+@pytest.mark.slow  # two TINY-model runs
+def test_orientation_flag_reads_photos_as_viewers_show_them(files, ckpt, capsys, tmp_path):
+  """A phone photo stored sideways with EXIF orientation 6 and a mask drawn on it as viewers show
+  it: refused by default (as published: read as stored, with the warning line); with
+  ``--orientation exif`` refined in the viewer's orientation, in one-image and folder mode, and
+  the same refinement as of the turned pixels saved without a tag; the folder's manifest keeps
+  the orientation, so a rerun with the other one is refused."""
+  from crm_jax import io
+  from tests.test_io_faults import _with_exif
+  image = io.read_image(files["image"])  # H x W, as viewers show the photo
+  mask = io.read_mask(files["mask"])
+  stored = np.ascontiguousarray(np.rot90(image, 1))  # what the camera stored (turned back)
+  photos, masks = tmp_path / "photos", tmp_path / "masks"
+  photos.mkdir()
+  masks.mkdir()
+  ok, jpg = cv2.imencode(".jpg", stored[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 100])
+  assert ok
+  (photos / "phone.jpg").write_bytes(_with_exif(jpg.tobytes(), 6))
+  assert cv2.imwrite(str(masks / "phone.png"), mask)
+  viewer = io.read_image(str(photos / "phone.jpg"), orientation="exif")
+  assert viewer.shape[:2] == mask.shape
+  (tmp_path / "plain.png").write_bytes(io.encode_image(viewer))
+
+  one = ["--image", str(photos / "phone.jpg"), "--mask", str(masks / "phone.png"),
+         "--checkpoint", ckpt, "--scales", "0.5", "1.0"]
+  code, _, err = _run(capsys, one + ["--output", str(tmp_path / "stored.png")])
+  assert code == 2 and f"mask is {W}x{H} but" in err.splitlines()[-1], err  # (and a warning)
+  code, _, err = _run(capsys, one + ["--output", str(tmp_path / "exif.png"),
+                                     "--orientation", "exif"])
+  assert code == 0, err
+  code, _, _ = _run(capsys, ["--image", str(tmp_path / "plain.png"), "--mask",
+                             str(masks / "phone.png"), "--checkpoint", ckpt, "--scales", "0.5",
+                             "1.0", "--output", str(tmp_path / "plain_out.png")])
+  assert code == 0
+  refined = read_grey(str(tmp_path / "exif.png"))
+  assert refined.shape == mask.shape
+  assert np.array_equal(refined, read_grey(str(tmp_path / "plain_out.png")))
+
+  folder = ["--images", str(photos), "--masks", str(masks), "--checkpoint", ckpt, "--scales",
+            "0.5", "1.0", "--output", str(tmp_path / "out"), "--no-progress"]
+  code, _, err = _run(capsys, folder + ["--orientation", "exif"])
+  assert code == 0, err
+  assert np.array_equal(read_grey(str(tmp_path / "out" / "phone.png")), refined)
+  manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+  assert manifest["orientation"] == "exif"
+  code, _, err = _run(capsys, folder)
+  assert code == 2 and "orientation exif instead of stored" in err, err

@@ -1,26 +1,65 @@
 """What the commands share: the model and run flags of refine and evaluate, and the exit-status
-rule (a bad input, checkpoint or OS error is one ``error:`` line and status 2, no traceback)."""
+rule (a bad input, checkpoint or OS error is one ``error:`` line and status 2, no traceback; a
+run that SIGTERM or SIGINT interrupts leaves no partial file and ends with 128 + the signal)."""
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 from crm_jax.checkpoint import CheckpointError
 from crm_jax.constants import SCALES
-from crm_jax.io import InputError, os_error_line
+from crm_jax.io import InputError, os_error_line, stop_writes
 from crm_jax.refine import DTYPES, PLAN_CHOICES
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+  """Raised in the main thread by SIGTERM or SIGINT while a command runs (``exit_status``)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+def _interrupt(signum, frame):
+  del frame
+  raise Interrupted(signum)
 
 
 def exit_status(run: Callable[[], object]) -> int:
-  """``run()``, then 0; a bad input, checkpoint or OS error is one ``error:`` line and 2."""
+  """``run()``, then 0; a bad input, checkpoint or OS error is one ``error:`` line and 2.
+
+  SIGTERM and SIGINT (handlers installed for the call, from the main thread) stop the run at
+  once: the temporary files being written are removed (``io.stop_writes``), so every output in
+  place is whole and a rerun of the same command finishes the rest; one line says so, and the
+  process exits with 128 + the signal's number without the interpreter's shutdown (worker
+  threads may be inside XLA, and a multi-process run's peers may never reach its barrier)."""
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
   try:
     run()
+  except (Interrupted, KeyboardInterrupt) as e:
+    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    stop_writes()
+    print(f"stopped by {signal.Signals(signum).name}: the outputs written so far are whole and "
+          "no partial file is left; run the same command again to finish", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
   except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except OSError as e:
     print(f"error: {os_error_line(e)}", file=sys.stderr)
     return 2
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
   return 0
 
 

@@ -39,6 +39,10 @@ def parser() -> argparse.ArgumentParser:
                       "(default: no suffix)")
   p.add_argument("--output", required=True,
                  help="PNG of the refined mask (0-255); folder mode: the output folder")
+  p.add_argument("--orientation", choices=io.ORIENTATIONS, default="stored",
+                 help="EXIF orientation of images and masks: stored (default, as the published "
+                      "code: ignored, with a warning line per file) or exif (read as viewers "
+                      "show them; the output is in that orientation); docs/faults_and_files.md")
   add_run_flags(p, checkpoint_help="model checkpoint directory (default: the bundled small one, "
                                    "trained on synthetic data)",
                 batch_help="folder mode: pairs of one size bucket refined as one batch (fused "
@@ -72,7 +76,7 @@ def _refine_one(args) -> None:
   if os.path.exists(args.output) and not args.overwrite:
     raise io.InputError(f"{args.output}: already exists; pass --overwrite to replace it")
   io.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
-  image, mask = read_pair(args.image, args.mask)
+  image, mask = read_pair(args.image, args.mask, args.orientation)
   check_scales(scales, image.shape[:2])
   path, min_side = _model(args)
   note = None if min_side else small_image_note(scales, image.shape[:2])
@@ -96,7 +100,7 @@ def _refine_folder(args) -> None:
                 suffix=args.mask_suffix, scales=args.scales, min_side=min_side,
                 dtype=args.dtype, plan=args.plan, batch_size=args.batch_size,
                 devices=args.devices, overwrite=args.overwrite, progress=not args.no_progress,
-                export=args.export)
+                export=args.export, orientation=args.orientation)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
