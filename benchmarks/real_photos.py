@@ -60,13 +60,32 @@ def score_pair(pair, prob):
   return out
 
 
+def before_after(image, coarse, prob, width=640):
+  """Two panels, `width` px each: the coarse mask's boundary (red) and the refined mask's
+  (green) drawn over the image (RGB uint8)."""
+  import cv2
+  import numpy as np
+  from crm_jax.cli.demo import COLOURS, boundary_overlay
+  from crm_jax.preprocess import prob_to_uint8
+  panels = [boundary_overlay(image, coarse, COLOURS["coarse"]),
+            boundary_overlay(image, prob_to_uint8(prob), COLOURS["refined"])]
+  size = (width, max(1, round(image.shape[0] * width / image.shape[1])))
+  panels = [cv2.resize(p, size, interpolation=cv2.INTER_AREA) for p in panels]
+  for p, title in zip(panels, ("coarse", "refined")):
+    cv2.putText(p, title, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
+  return np.concatenate(panels, axis=1)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--checkpoint", default=None, help="default: the bundled checkpoint")
   parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES)
   parser.add_argument("--composites", type=int, default=6, help="held-out composites per size")
+  parser.add_argument("--min-side", type=int, default=None,
+                      help="the Refiner's min_side (default: the checkpoint's recommendation)")
   parser.add_argument("--output", default=None,
-                      help="write every image, coarse, gt and refined mask here as PNG")
+                      help="write every image, coarse, gt and refined mask here as PNG, and "
+                           "a before/after picture of each (<name>_compare.jpg)")
   args = parser.parse_args(argv)
 
   from crm_jax import bundled
@@ -76,7 +95,8 @@ def main(argv=None) -> int:
 
   enable_compilation_cache()
   checkpoint = args.checkpoint or bundled.DEMO_CHECKPOINT
-  refiner = Refiner.from_checkpoint(checkpoint, warn_small=False)
+  refiner = Refiner.from_checkpoint(checkpoint, warn_small=False,
+                                    min_side=args.min_side)
   rows = []
   for size in args.sizes:
     sets = (("composites", real_photos.heldout_composites(size, args.composites)),
@@ -99,6 +119,8 @@ def main(argv=None) -> int:
                       (prob * 255).round().clip(0, 255).astype("uint8"))
           if pair.gt is not None:
             write_image(os.path.join(folder, f"{pair.name}_gt.png"), pair.gt)
+          write_image(os.path.join(folder, f"{pair.name}_compare.jpg"),
+                      before_after(pair.image, pair.coarse, prob))
         detail = (f"IoU {s['old_iou']:.4f} -> {s['new_iou']:.4f}, mBA {s['old_mba']:.4f} -> "
                   f"{s['new_mba']:.4f}, " if pair.gt is not None else "")
         print(f"{size:>5} px {pair.name}: {detail}far flips {100 * s['flip']:.2f} % "

@@ -85,11 +85,14 @@ def test_bundled_checkpoint_on_the_bundled_set_downscaled_to_512_px():
   """The bundled checkpoint (trained with scale augmentation) on the bundled images at 512 px,
   where the multi-scale loop shows the encoder 48-64 px at scale 0.125: the published loop no
   longer falls apart (the checkpoint trained without it: IoU 0.45 from a coarse 0.96), and with
-  min_side 128 the refined masks beat the coarse ones in mBA without losing IoU."""
-  rows = _size_rows("--sizes", "512", "--min-sides", "0", "128")
+  the checkpoint's recommended min_side the refined masks beat the coarse ones in mBA without
+  losing IoU."""
+  from crm_jax.checkpoint import recommended_min_side
+  advised = recommended_min_side(bundled.DEMO_CHECKPOINT)
+  rows = _size_rows("--sizes", "512", "--min-sides", "0", str(advised))
   coarse_iou, iou, _, _ = rows[512, 0]
   assert iou > coarse_iou - 0.15, rows
-  coarse_iou, iou, coarse_mba, mba = rows[512, 128]
+  coarse_iou, iou, coarse_mba, mba = rows[512, advised]
   assert iou > coarse_iou - 0.01 and mba > coarse_mba + 0.01, rows
 
 

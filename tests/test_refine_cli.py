@@ -124,7 +124,7 @@ def test_note_on_the_bundled_checkpoint(files, capsys, tmp_path, monkeypatch):
   assert used == [default_checkpoint()]
   notes = [l for l in err.splitlines() if l.startswith("note:")]
   assert len(notes) == 1
-  assert all(w in notes[0] for w in ("bundled small checkpoint", "synthetic", "published weights",
+  assert all(w in notes[0] for w in ("bundled small checkpoint", "real photographs", "published weights",
                                      default_checkpoint(), "recommends min_side"))
   assert not [l for l in err.splitlines() if l.startswith("warning:")]  # min_side: no warning
 

@@ -181,12 +181,12 @@ def test_a_checkpoint_recommends_its_min_side(tiny_vars, tmp_path):
 
 
 def test_the_bundled_checkpoint_recommends_the_small_side():
-  """The bundled checkpoint (trained with configs/synthetic_small_sizes.py) carries that
-  config's refine_min_side; the published recipe's is 0."""
-  from configs import crm_resnet50, synthetic_small_sizes
+  """The bundled checkpoint (trained with configs/real_photos_small.py) carries that config's
+  refine_min_side; the published recipe's is 0."""
+  from configs import crm_resnet50, real_photos_small
   from crm_jax.bundled import default_checkpoint
   from crm_jax.checkpoint import read_config, recommended_min_side
-  want = synthetic_small_sizes.get_config().refine_min_side
+  want = real_photos_small.get_config().refine_min_side
   assert want > 0 and crm_resnet50.get_config().refine_min_side == 0
   assert recommended_min_side(default_checkpoint()) == want
   assert read_config(default_checkpoint())[1]["train_config"]["refine_min_side"] == want

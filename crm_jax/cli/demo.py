@@ -27,7 +27,7 @@ PANEL_WIDTH = 640
 COLOURS = {"coarse": (255, 64, 64), "refined": (64, 255, 64), "gt": (255, 255, 0)}
 
 
-def _boundary_overlay(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
+def boundary_overlay(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
   """The image with the mask's boundary drawn on it (RGB uint8)."""
   binary = (mask > BINARY_THRESHOLD).astype(np.uint8)
   contours, _ = cv2.findContours(binary, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
@@ -40,7 +40,7 @@ def _boundary_overlay(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray
 def side_by_side(image, coarse, refined, gt) -> np.ndarray:
   """Four panels: image, coarse, refined, ground truth (boundaries overlaid)."""
   panels = [image] + [
-      _boundary_overlay(image, m, COLOURS[k])
+      boundary_overlay(image, m, COLOURS[k])
       for k, m in (("coarse", coarse), ("refined", refined), ("gt", gt))]
   scale = PANEL_WIDTH / image.shape[1]
   size = (PANEL_WIDTH, max(1, round(image.shape[0] * scale)))

@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
                       "code: ignored, with a warning line per file) or exif (read as viewers "
                       "show them; the output is in that orientation); docs/faults_and_files.md")
   add_run_flags(p, checkpoint_help="model checkpoint directory (default: the bundled small one, "
-                                   "trained on synthetic data)",
+                                   "trained on synthetic shapes and composites of real "
+                                   "photographs)",
                 batch_help="folder mode: pairs of one size bucket refined as one batch (fused "
                            "plan)")
   return p
@@ -59,8 +60,8 @@ def _model(args) -> Tuple[str, int]:
   notes = [] if min_side_note is None else [min_side_note]
   if args.checkpoint is None:
     notes.insert(0, f"no --checkpoint given: using the bundled small checkpoint ({path}), "
-                 "trained on synthetic data only; for real photographs convert the published "
-                 "weights (docs/big.md)")
+                 "a small model trained on synthetic shapes and composites of real photographs; "
+                 "for the published accuracy convert the published weights (docs/big.md)")
   if notes:
     print("note: " + "; ".join(notes), file=sys.stderr)
   return path, min_side
