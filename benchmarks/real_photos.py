@@ -60,20 +60,14 @@ def score_pair(pair, prob):
   return out
 
 
-def before_after(image, coarse, prob, width=640):
-  """Two panels, `width` px each: the coarse mask's boundary (red) and the refined mask's
-  (green) drawn over the image (RGB uint8)."""
-  import cv2
-  import numpy as np
-  from crm_jax.cli.demo import COLOURS, boundary_overlay
+def before_after(image, coarse, prob) -> "np.ndarray":
+  """Two panels, 640 px each: the coarse mask's boundary (red) and the refined mask's (green)
+  drawn over the image (RGB uint8)."""
+  from crm_jax.cli.demo import COLOURS, boundary_overlay, labelled_row
   from crm_jax.preprocess import prob_to_uint8
-  panels = [boundary_overlay(image, coarse, COLOURS["coarse"]),
-            boundary_overlay(image, prob_to_uint8(prob), COLOURS["refined"])]
-  size = (width, max(1, round(image.shape[0] * width / image.shape[1])))
-  panels = [cv2.resize(p, size, interpolation=cv2.INTER_AREA) for p in panels]
-  for p, title in zip(panels, ("coarse", "refined")):
-    cv2.putText(p, title, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
-  return np.concatenate(panels, axis=1)
+  return labelled_row([boundary_overlay(image, coarse, COLOURS["coarse"]),
+                       boundary_overlay(image, prob_to_uint8(prob), COLOURS["refined"])],
+                      ("coarse", "refined"))
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,7 @@ def maybe_initialize_distributed() -> bool:
     local_ids = [int(i) for i in local.split(',')] if local else None
     heartbeat = os.environ.get('JAX_HEARTBEAT_TIMEOUT_SECONDS')
     timeouts = {'heartbeat_timeout_seconds': int(heartbeat)} if heartbeat else {}
-    if heartbeat and int(heartbeat) < 1:
+    if timeouts and timeouts['heartbeat_timeout_seconds'] < 1:
       raise ValueError(heartbeat)
   except (KeyError, ValueError):
     raise InputError('JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and '

@@ -747,11 +747,11 @@ def _write_all(fd: int, data: bytes) -> None:
     view = view[n:]
 
 
-# The temporary files this process is filling now, and whether writes were stopped
-# (``stop_writes``); both under ``_WRITES_LOCK``.
+# The temporary files this process is filling now (under ``_WRITES_LOCK``), and whether writes
+# were stopped (``stop_writes``; set and read under the same lock).
 _WRITES_LOCK = threading.Lock()
 _FILLING: set = set()
-_STOPPED: List[bool] = [False]
+_STOPPED = threading.Event()
 
 
 def stop_writes() -> List[str]:
@@ -760,7 +760,7 @@ def stop_writes() -> List[str]:
   ``WriteError`` (``ECANCELED``), so that no temporary file is left once the caller exits.
   A write whose rename already happened is whole. Returns the paths removed."""
   with _WRITES_LOCK:
-    _STOPPED[0] = True
+    _STOPPED.set()
     removed = sorted(_FILLING)
     for tmp in removed:
       try:
@@ -780,7 +780,7 @@ def _replace(path: str, fill: Callable[[int, str], None]) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   with _WRITES_LOCK:
     try:
-      if _STOPPED[0]:
+      if _STOPPED.is_set():
         raise OSError(errno.ECANCELED, "the run was interrupted: no more writes")
       os.makedirs(directory, exist_ok=True)
       fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), suffix=os.path.splitext(path)[1],

@@ -37,17 +37,22 @@ def boundary_overlay(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
   return out
 
 
+def labelled_row(panels, titles, width: int = PANEL_WIDTH) -> np.ndarray:
+  """Panels of one size (RGB uint8), each resized to ``width`` px wide with its title written
+  in its corner, side by side."""
+  size = (width, max(1, round(panels[0].shape[0] * width / panels[0].shape[1])))
+  panels = [cv2.resize(p, size, interpolation=cv2.INTER_AREA) for p in panels]
+  for p, title in zip(panels, titles):
+    cv2.putText(p, title, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
+  return np.concatenate(panels, axis=1)
+
+
 def side_by_side(image, coarse, refined, gt) -> np.ndarray:
   """Four panels: image, coarse, refined, ground truth (boundaries overlaid)."""
   panels = [image] + [
       boundary_overlay(image, m, COLOURS[k])
       for k, m in (("coarse", coarse), ("refined", refined), ("gt", gt))]
-  scale = PANEL_WIDTH / image.shape[1]
-  size = (PANEL_WIDTH, max(1, round(image.shape[0] * scale)))
-  panels = [cv2.resize(p, size, interpolation=cv2.INTER_AREA) for p in panels]
-  for p, title in zip(panels, ("image", "coarse", "refined", "ground truth")):
-    cv2.putText(p, title, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
-  return np.concatenate(panels, axis=1)
+  return labelled_row(panels, ("image", "coarse", "refined", "ground truth"))
 
 
 def run_demo(output: str = "demo_output", checkpoint: str = DEMO_CHECKPOINT,
