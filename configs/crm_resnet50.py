@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   # px; crm_jax.data.augment.SOFT_SEG_SIGMA_RANGE), like the seg of every scale after the first
   # in the multi-scale loop; 0 is the published recipe (binary segs only).
   c.soft_seg_fraction = 0.0
+  # Share of examples whose coarse seg is the crop's gt through a low-resolution segmenter of
+  # factor 2-4, blurred (crm_jax.data.augment.Options.fine_seg_fraction): right away from the
+  # boundary, like the seg of the later scales of the loop; 0 is the published recipe.
+  c.fine_seg_fraction = 0.0
   # (low, high) or None: every training pair is first resized by a factor drawn log-uniformly in
   # [low, high] (crm_jax.data.augment.random_rescale), so that objects and boundaries are seen at
   # the pixel sizes the multi-scale loop shows on small and large images; None is the published

@@ -246,6 +246,35 @@ def test_soft_seg_fraction_option():
   np.testing.assert_allclose(blurred[far], binary[far], atol=1e-3)
 
 
+def test_fine_seg_fraction_option():
+  """fine_seg_fraction=0 draws nothing (the published stream); 1 gives a seg that is the crop's
+  own gt away from the boundary (a later pass's seg), soft at it, with image and gt unchanged."""
+  from crm_jax.data.synthetic import make_synthetic_pair
+  image, gt = make_synthetic_pair(256, 256, np.random.default_rng(5))
+  for seed in range(4):
+    plain = augment.make_training_example(image, gt, np.random.default_rng(seed), 96)
+    zero = augment.make_training_example(image, gt, np.random.default_rng(seed), 96,
+                                         augment.Options(fine_seg_fraction=0.0))
+    for k in plain:
+      np.testing.assert_array_equal(plain[k], zero[k])
+    fine = augment.make_training_example(image, gt, np.random.default_rng(seed), 96,
+                                         augment.Options(fine_seg_fraction=1.0))
+    np.testing.assert_array_equal(fine["image"], plain["image"])
+    np.testing.assert_array_equal(fine["gt"], plain["gt"])
+    seg, g = fine["seg"][..., 0], fine["gt"][..., 0] > 0.5
+    assert seg.min() >= -1.0 and seg.max() <= 1.0
+    # Farther from the gt's boundary than the largest factor and blur reach, seg is the gt.
+    inside = cv2.distanceTransform(g.astype(np.uint8), cv2.DIST_L2, 5)
+    outside = cv2.distanceTransform((~g).astype(np.uint8), cv2.DIST_L2, 5)
+    reach = 2 * max(augment.FINE_SEG_FACTORS) + 4 * augment.SOFT_SEG_SIGMA_RANGE[1]
+    far = np.where(g, inside, outside) > reach
+    np.testing.assert_array_equal(seg[far] > 0, g[far])
+    # ... while the published seg of the same draws is wrong somewhere (it perturbs the gt).
+    assert ((plain["seg"][..., 0] > 0) != g).any()
+  with pytest.raises(ValueError, match="fine_seg_fraction"):
+    augment.Options(fine_seg_fraction=2.0)
+
+
 def test_random_rescale_draws_one_factor_for_every_array():
   """Every array is resized to the same size, log-uniformly in the range (both ends reached
   over many draws), dtypes and ranks kept; a binary mask comes back soft only at its edge."""

@@ -164,3 +164,32 @@ def test_far_flip_share_on_a_constructed_case():
   empty = rp.far_flip_share(np.zeros((h, w), np.uint8), coarse)
   assert empty.num_far == h * w
   assert empty.share == pytest.approx(np.count_nonzero(coarse) / (h * w))
+
+
+def test_distractors_change_the_picture_never_the_gt():
+  plain = rp.RealPhotoSource(12, SIZE, seed=4)
+  none = rp.RealPhotoSource(12, SIZE, seed=4, distractor_prob=0.0)
+  every = rp.RealPhotoSource(12, SIZE, seed=4, distractor_prob=1.0)
+  changed = 0
+  for i in range(len(plain)):
+    for key in ('image', 'mask'):  # probability 0 draws nothing: the composites of before
+      np.testing.assert_array_equal(plain[i][key], none[i][key])
+    np.testing.assert_array_equal(plain[i]['mask'], every[i]['mask'])
+    changed += not np.array_equal(plain[i]['image'], every[i]['image'])
+  assert changed >= 10
+  with pytest.raises(ValueError, match='distractor_prob'):
+    rp.RealPhotoSource(4, SIZE, distractor_prob=1.5)
+
+
+def test_outer_distractors_stay_away_from_the_silhouette():
+  rng = np.random.default_rng(0)
+  layer = np.zeros((SIZE, SIZE, 3), np.float32)
+  centres = np.zeros((SIZE, SIZE), bool)
+  centres[70:, 70:] = True
+  out = rp.paste_distractors(layer, centres, rng, rp.TRAIN_PHOTOS)
+  touched = np.abs(out).sum(-1) > 0
+  assert touched.any()
+  side = int(rp.DISTRACTOR_SIDE[1] * SIZE)
+  assert not touched[:70 - side // 2 - 1].any() and not touched[:, :70 - side // 2 - 1].any()
+  np.testing.assert_array_equal(rp.paste_distractors(layer, ~centres & False, rng,
+                                                     rp.TRAIN_PHOTOS), layer)

@@ -40,6 +40,9 @@ GRAYSCALE_PROB = 0.1
 LOWRES_TRAIN_FACTORS = (8, 16)
 # Gaussian sigma range, in pixels, of the optional soft coarse masks (soft_seg_fraction).
 SOFT_SEG_SIGMA_RANGE = (0.5, 4.0)
+# Downsampling factors of the optional later-pass coarse masks (fine_seg_fraction); they are
+# blurred with a sigma in SOFT_SEG_SIGMA_RANGE.
+FINE_SEG_FACTORS = (2, 3, 4)
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L").
 
 
@@ -64,6 +67,12 @@ class Options:
       binary gt (and the lowres seg) is thresholded at half its range after the resize, so it
       stays binary with sharp boundaries, as BIG's ground truths are at every size; a soft gt
       stays soft.
+    fine_seg_fraction: share of examples whose coarse seg is the crop's own gt through a
+      low-resolution segmenter of a small factor (``FINE_SEG_FACTORS``) and blurred (sigma in
+      ``SOFT_SEG_SIGMA_RANGE``): right away from the boundary, soft and slightly off at it, like
+      the seg that the later passes of the multi-scale loop receive from the pass before
+      (instead of the published perturbation, whose blobs and holes lie anywhere; upstream
+      trains on those only).
     pass_scales: increasing scales in (0, 1] or None. Each step draws one of them, ``s``, for
       its whole batch (``pass_scale``), and the batch's image and seg are resized to
       ``round(S * s)`` as the multi-scale loop resizes its inputs (``loop_resize``), while the gt
@@ -75,9 +84,10 @@ class Options:
   soft_seg_fraction: float = 0.0
   rescale_range: Optional[Tuple[float, float]] = None
   pass_scales: Optional[Tuple[float, ...]] = None
+  fine_seg_fraction: float = 0.0
 
   def __post_init__(self):
-    for name in ("lowres_fraction", "soft_seg_fraction"):
+    for name in ("lowres_fraction", "soft_seg_fraction", "fine_seg_fraction"):
       value = getattr(self, name)
       if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -97,11 +107,12 @@ class Options:
   @classmethod
   def from_config(cls, config: Any) -> "Options":
     """From a training config's ``lowres_mask_fraction``, ``soft_seg_fraction``,
-    ``rescale_range`` and ``pass_scales`` (each optional)."""
+    ``rescale_range``, ``pass_scales`` and ``fine_seg_fraction`` (each optional)."""
     get = lambda name, default: config[name] if name in config else default  # noqa: E731
     r, p = get("rescale_range", None), get("pass_scales", None)
     return cls(float(get("lowres_mask_fraction", 0.0)), float(get("soft_seg_fraction", 0.0)),
-               None if r is None else tuple(r), None if p is None else tuple(p))
+               None if r is None else tuple(r), None if p is None else tuple(p),
+               float(get("fine_seg_fraction", 0.0) or 0.0))
 
 
 
@@ -327,14 +338,23 @@ def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Gene
     image, gt = random_hflip(image, gt, rng)
   image = color_jitter(image, rng)
   image = random_grayscale(image, rng)
-  seg = synthesis.synthesize_coarse_mask(gt, rng) if lowres_seg is None else lowres_seg
-  if options.soft_seg_fraction > 0 and rng.random() < options.soft_seg_fraction:
-    sigma = float(rng.uniform(*SOFT_SEG_SIGMA_RANGE))
-    seg = cv2.GaussianBlur(seg.astype(np.float32), (0, 0), sigma,
-                           borderType=cv2.BORDER_REPLICATE).reshape(seg.shape)
-    seg = np.clip(seg, 0.0, 255.0)  # the blur's rounding may step just outside
+  if options.fine_seg_fraction > 0 and rng.random() < options.fine_seg_fraction:
+    seg = synthesis.lowres_segmenter_mask(gt, rng, int(rng.choice(FINE_SEG_FACTORS)))
+    seg = _blur_seg(seg, float(rng.uniform(*SOFT_SEG_SIGMA_RANGE)))
+  else:
+    seg = synthesis.synthesize_coarse_mask(gt, rng) if lowres_seg is None else lowres_seg
+    if options.soft_seg_fraction > 0 and rng.random() < options.soft_seg_fraction:
+      seg = _blur_seg(seg, float(rng.uniform(*SOFT_SEG_SIGMA_RANGE)))
   return {
       "image": normalize_image(image),
       "seg": normalize_seg(seg)[..., None],
       "gt": _gt_to_unit(gt)[..., None],
   }
+
+
+def _blur_seg(seg: np.ndarray, sigma: float) -> np.ndarray:
+  """A binary uint8 seg blurred into a continuous float32 one in [0, 255]."""
+  seg = cv2.GaussianBlur(seg.astype(np.float32), (0, 0), sigma,
+                         borderType=cv2.BORDER_REPLICATE).reshape(seg.shape)
+  return np.clip(seg, 0.0, 255.0)  # the blur's rounding may step just outside
+

@@ -93,6 +93,11 @@ NOISE_PROB = 0.3
 NOISE_SIGMA = (1.0, 6.0)
 JPEG_PROB = 0.6
 JPEG_QUALITY = (30, 95)
+# Distractors (``distractor_prob``): small regions of other photographs, cut with smooth
+# silhouettes, pasted inside the foreground (they stay foreground) or onto the background away
+# from the silhouette (they stay background): strong edges that are not the object's boundary.
+DISTRACTOR_COUNT = (1, 4)  # per side, [low, high)
+DISTRACTOR_SIDE = (0.1, 0.4)  # of the canvas side
 
 
 class PhotoError(RuntimeError):
@@ -336,11 +341,41 @@ def composite(fg: np.ndarray, bg: np.ndarray, alpha: np.ndarray) -> np.ndarray:
   return (a * fg + (1.0 - a) * bg).astype(np.float32)
 
 
+def paste_distractors(layer: np.ndarray, centres: np.ndarray, rng: np.random.Generator,
+                      photos: Sequence[str]) -> np.ndarray:
+  """``layer`` (float32 RGB ``[S, S, 3]``) with ``DISTRACTOR_COUNT`` small regions of
+  ``photos`` pasted, each cut with a smooth silhouette, jittered, and centred on a pixel drawn
+  from ``centres`` (bool ``[S, S]``; nothing is pasted where it is empty)."""
+  ys, xs = np.nonzero(centres)
+  if ys.size == 0:
+    return layer
+  size = layer.shape[0]
+  layer = layer.copy()
+  for _ in range(int(rng.integers(*DISTRACTOR_COUNT))):
+    side = max(4, int(rng.uniform(*DISTRACTOR_SIDE) * size))
+    patch = jitter(photo_region(photos[int(rng.integers(len(photos)))], side, side, rng), rng)
+    alpha = alpha_from_silhouette(smooth_shape(2 * side, rng), side)
+    k = int(rng.integers(ys.size))
+    y0, x0 = int(ys[k]) - side // 2, int(xs[k]) - side // 2
+    # The part of the patch inside the canvas.
+    py0, px0 = max(0, -y0), max(0, -x0)
+    y1, x1 = min(size, y0 + side), min(size, x0 + side)
+    y0, x0 = max(0, y0), max(0, x0)
+    a = alpha[py0:py0 + y1 - y0, px0:px0 + x1 - x0, None]
+    p = patch[py0:py0 + y1 - y0, px0:px0 + x1 - x0]
+    layer[y0:y1, x0:x1] = a * p + (1.0 - a) * layer[y0:y1, x0:x1]
+  return layer
+
+
 def make_composite(size: int, rng: np.random.Generator,
                    photos: Sequence[str] = TRAIN_PHOTOS,
-                   kind: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+                   kind: Optional[str] = None,
+                   distractor_prob: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
   """One training composite of ``size x size``: (image uint8 ``[S, S, 3]``, gt uint8 ``[S, S]``
-  in {0, 255}). The photographs are drawn from ``photos`` only."""
+  in {0, 255}). The photographs are drawn from ``photos`` only. With probability
+  ``distractor_prob`` each, distractors (``paste_distractors``) are pasted inside the
+  foreground, and onto the background farther than a tenth of the side from the silhouette; the
+  gt is unchanged. ``distractor_prob == 0`` draws nothing more from ``rng``."""
   kind = kind or _pick_kind(rng)
   mask_2x = silhouette(kind, 2 * size, rng)
   alpha = alpha_from_silhouette(mask_2x, size)
@@ -360,6 +395,13 @@ def make_composite(size: int, rng: np.random.Generator,
     fg = match_lighting(fg, bg, rng)
   else:
     fg = jitter(fg, rng)
+  if distractor_prob > 0:
+    if rng.random() < distractor_prob:
+      fg = paste_distractors(fg, gt > 0, rng, photos)
+    if rng.random() < distractor_prob:
+      far = cv2.dilate(gt, cv2.getStructuringElement(
+          cv2.MORPH_ELLIPSE, (2 * (size // 10) + 1,) * 2)) == 0
+      bg = paste_distractors(bg, far, rng, photos)
   if rng.random() < ALPHA_BLUR_PROB:
     alpha = cv2.GaussianBlur(alpha, (0, 0), rng.uniform(*ALPHA_BLUR_SIGMA)).reshape(size, size)
   image = camera(composite(fg, bg, alpha), rng)
@@ -375,7 +417,7 @@ class RealPhotoSource:
   """
 
   def __init__(self, num_examples: int, size: int, seed: int = 0,
-               photos: Sequence[str] = TRAIN_PHOTOS):
+               photos: Sequence[str] = TRAIN_PHOTOS, distractor_prob: float = 0.0):
     if num_examples < 0 or seed < 0 or size < 8:
       raise ValueError(f'num_examples and seed must be >= 0 and size >= 8, got {num_examples}, '
                        f'{seed} and {size}')
@@ -386,6 +428,9 @@ class RealPhotoSource:
     self.size = int(size)
     self.seed = int(seed)
     self.photos = tuple(photos)
+    if not 0.0 <= distractor_prob <= 1.0:
+      raise ValueError(f'distractor_prob must be in [0, 1], got {distractor_prob}')
+    self.distractor_prob = float(distractor_prob)
     data_dir()  # fails now, with the install command, when scikit-image is missing
 
   def __len__(self) -> int:
@@ -394,12 +439,13 @@ class RealPhotoSource:
   def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
     index = source_index(index, self.num_examples)
     image, mask = make_composite(self.size, np.random.default_rng([self.seed, index]),
-                                 self.photos)
+                                 self.photos, distractor_prob=self.distractor_prob)
     return {'image': image, 'mask': mask}
 
   def __repr__(self) -> str:
     return (f'RealPhotoSource(num_examples={self.num_examples}, size={self.size}, '
-            f'seed={self.seed}, photos={self.photos})')
+            f'seed={self.seed}, photos={self.photos}, '
+            f'distractor_prob={self.distractor_prob})')
 
 
 # -- the held-out evaluation sets (benchmarks/real_photos.py) -----------------------------------
@@ -598,7 +644,9 @@ def make_source(config):
                      f'positive and real_photos_synthetic_fraction ({fraction}) in [0, 1)')
   seed = int(get('seed', 0))
   n_synthetic = int(round(n * fraction))
-  sources = {'real_photos': RealPhotoSource(n - n_synthetic, size, seed)}
+  distractor_prob = float(get('real_photos_distractor_prob', 0.0))
+  sources = {'real_photos': RealPhotoSource(n - n_synthetic, size, seed,
+                                            distractor_prob=distractor_prob)}
   if n_synthetic:
     side = int(get('synthetic_size', 0))
     if side <= 0:

@@ -30,7 +30,8 @@ RESUMABLE_FIELDS = ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoi
                     'refine_min_side')
 # Fields added to the configs after runs were recorded, with the value that means "off": a
 # recorded config without one of them ran with that value (``workdir.check_config``).
-ADDED_FIELDS = {'rescale_range': None, 'pass_scales': None, 'refine_min_side': 0}
+ADDED_FIELDS = {'rescale_range': None, 'pass_scales': None, 'refine_min_side': 0,
+                'fine_seg_fraction': 0.0}
 # Fields that another replaced: old name -> (new name, the new value of an old value). A recorded
 # config with the old field ran with that new value (``recorded_fields``); a config to run may not
 # hold the old field (``check_config``). sync_batch_norm True synchronised every BatchNorm
