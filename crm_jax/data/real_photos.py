@@ -18,6 +18,9 @@ A composite of side S:
 - **lighting**: the foreground's colour statistics matched to the background's (per channel mean
   and spread: the two sides of the boundary look alike, so only the coarse mask and the edge tell
   them apart), or jittered independently (brightness, contrast, saturation);
+- optionally (``distractor_prob``), **distractors**: regions of other photographs pasted inside
+  the foreground and onto the background away from the silhouette, strong edges that are not
+  the boundary (the gt is unchanged);
 - the foreground pasted with the alpha, blurred at random (a defocused or motion-soft edge);
 - the **camera**: sometimes a blur, a lower resolution (down, then up again), noise, and JPEG
   compression at a random quality, over the whole composite.
@@ -413,7 +416,7 @@ class RealPhotoSource:
 
   ``source[i]`` is ``{'image': uint8 [S, S, 3], 'mask': uint8 [S, S]}`` from
   ``np.random.default_rng([seed, i])``; only ``photos`` (default ``TRAIN_PHOTOS``: every
-  photograph but ``HELD_OUT``) are used.
+  photograph but ``HELD_OUT``) are used; ``distractor_prob`` as in ``make_composite``.
   """
 
   def __init__(self, num_examples: int, size: int, seed: int = 0,
@@ -630,7 +633,8 @@ def make_source(config):
 
   ``real_photos_num_examples`` examples in all, of which a share ``real_photos_synthetic_fraction``
   (default 0) are ``synthetic.SyntheticSource`` pairs of ``synthetic_size`` and the rest
-  ``RealPhotoSource`` composites of ``real_photos_size``, concatenated (the loader's per-epoch
+  ``RealPhotoSource`` composites of ``real_photos_size`` (with ``real_photos_distractor_prob``,
+  default 0), concatenated (the loader's per-epoch
   permutation mixes them); both seeded with ``config.seed``.
   """
   # tfds_builders imports TFDS (seconds): only on this path, which mixes the two sources.
