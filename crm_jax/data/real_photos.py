@@ -364,9 +364,8 @@ def paste_distractors(layer: np.ndarray, centres: np.ndarray, rng: np.random.Gen
     py0, px0 = max(0, -y0), max(0, -x0)
     y1, x1 = min(size, y0 + side), min(size, x0 + side)
     y0, x0 = max(0, y0), max(0, x0)
-    a = alpha[py0:py0 + y1 - y0, px0:px0 + x1 - x0, None]
-    p = patch[py0:py0 + y1 - y0, px0:px0 + x1 - x0]
-    layer[y0:y1, x0:x1] = a * p + (1.0 - a) * layer[y0:y1, x0:x1]
+    window = (slice(py0, py0 + y1 - y0), slice(px0, px0 + x1 - x0))
+    layer[y0:y1, x0:x1] = composite(patch[window], layer[y0:y1, x0:x1], alpha[window])
   return layer
 
 
