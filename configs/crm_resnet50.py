@@ -105,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
   # WORKDIR/validation.json. eval_data: a BIG-layout folder, 'tfds:NAME[:SPLIT]' (a prepared
   # TFDS set with seg/gt features, e.g. 'tfds:crm_big:test', in data_dir) or 'synthetic' (a
   # held-out synthetic set of eval_synthetic_num_examples pairs of eval_synthetic_size pixels,
-  # written into the workdir). Upstream validates nothing during training: off here.
+  # made in memory, nothing written). Upstream validates nothing during training: off here.
   c.eval_every = 0
   c.eval_data = ml_collections.config_dict.placeholder(str)
   c.eval_scales = constants.SCALES  # evaluate.py's scales.

@@ -1,31 +1,32 @@
-"""The one multi-host start-up (training, evaluation, folder mode) and the barrier.
+"""Multi-host runs: the one start-up (training, evaluation, folder mode) and ``allgather``.
 
-``maybe_initialize_distributed`` calls ``jax.distributed.initialize`` when the environment sets
-``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0's coordinator), together with
-``JAX_NUM_PROCESSES`` (the number of processes) and ``JAX_PROCESS_ID`` (this process, 0-based);
-optionally ``JAX_LOCAL_DEVICE_IDS`` (comma-separated local device ids) and
-``JAX_HEARTBEAT_TIMEOUT_SECONDS`` (default JAX's, 100): a process whose peer dies (killed, its
-host lost) is ended by JAX's coordination service within about that time, with a non-zero
-status and a line naming the lost task, instead of waiting in a collective. On CPU the cross-process
-collectives use gloo (``jax_cpu_collectives_implementation``). Needs only JAX (no training
-packages), so the refinement path can use it.
+``maybe_initialize_distributed`` starts ``jax.distributed`` when ``JAX_COORDINATOR_ADDRESS`` is
+set (with ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; optionally ``JAX_LOCAL_DEVICE_IDS`` and
+``JAX_HEARTBEAT_TIMEOUT_SECONDS``: docs/devices.md). Needs only JAX, so the refinement path
+can use it.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from crm_jax.io import InputError
 
 _STATE = {'initialized': False}
+_CALLS = itertools.count(1)  # every process makes the same sequence of allgather calls
+_WAIT_MS = 7 * 24 * 3600 * 1000  # a dead peer ends the run sooner (the heartbeat timeout)
+_CHUNK = 1 << 20  # characters per value in the coordination service's key-value store
 
 
 def maybe_initialize_distributed() -> bool:
-  """Returns whether a multi-process run was set up (now or before). Must run before anything
-  touches a JAX backend. Bad variables are an ``InputError``."""
+  """Whether a multi-process run was set up (now or before); bad variables: ``InputError``.
+  Must run before anything touches a JAX backend."""
   address = os.environ.get('JAX_COORDINATOR_ADDRESS')
   if not address:
     return False
@@ -45,8 +46,7 @@ def maybe_initialize_distributed() -> bool:
                      'JAX_PROCESS_ID must be set to integers too (JAX_LOCAL_DEVICE_IDS to '
                      'integers and JAX_HEARTBEAT_TIMEOUT_SECONDS to a positive one, if set)'
                      ) from None
-  # CPU collectives across processes (no effect on GPU/TPU collectives).
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU only; GPU/TPU unchanged
   jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
                              process_id=process_id, local_device_ids=local_ids, **timeouts)
   _STATE['initialized'] = True
@@ -57,3 +57,55 @@ def barrier(name: str) -> None:
   """Every process waits here for the others (no-op with one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def coordination_client():
+  """The coordination service's client (private JAX: ``jax._src.distributed``), or None."""
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    client = distributed.global_state.client
+  except (ImportError, AttributeError):
+    return None
+  if client is None or not all(hasattr(client, m)
+                               for m in ('key_value_set', 'blocking_key_value_get')):
+    return None
+  return client
+
+
+def allgather(value) -> list:
+  """Every process's ``value`` (anything JSON writes), in process order; a barrier.
+
+  Through the coordination service's key-value store, the one use of a private JAX API: a
+  collective on the CPU (gloo) gives up after 30 s, and processes that refine shares of
+  different sizes arrive minutes apart. A JAX without that client: a public collective.
+  """
+  if jax.process_count() == 1:
+    return [value]
+  client = coordination_client()
+  text = json.dumps(value)
+  if client is None:
+    data = np.frombuffer(text.encode('utf-8'), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(rows[i, :n]).decode('utf-8')) for i, n in enumerate(sizes)]
+  prefix = f'crm_jax/allgather/{next(_CALLS)}'
+  chunks = [text[i:i + _CHUNK] for i in range(0, len(text), _CHUNK)] or ['']
+  for k, chunk in enumerate(chunks):
+    client.key_value_set(f'{prefix}/{jax.process_index()}/{k}', chunk)
+  client.key_value_set(f'{prefix}/{jax.process_index()}/n', str(len(chunks)))
+  out = []
+  for i in range(jax.process_count()):
+    n = int(client.blocking_key_value_get(f'{prefix}/{i}/n', _WAIT_MS))
+    out.append(json.loads(''.join(client.blocking_key_value_get(f'{prefix}/{i}/{k}', _WAIT_MS)
+                                  for k in range(n))))
+  return out
+
+
+def agree(error: str | None = None) -> None:
+  """A barrier that fails together: ``InputError`` on every process when any passes an error."""
+  for i, e in enumerate(allgather(error)):
+    if e is not None:
+      raise InputError(e if jax.process_count() == 1 or i == jax.process_index()
+                       else f'process {i}: {e}')

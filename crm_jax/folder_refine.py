@@ -1,10 +1,7 @@
 """Folder mode of ``crm-refine``: every image of a folder with its coarse mask from another
-folder (any segmenter's output), refined into an output folder: ``refine_folder()``.
-
-Owns the pairing (``IMAGES/<x>.<ext>`` with ``MASKS/<x><suffix>.png``; the output is
-``OUTPUT/<x><suffix>.png``, the last scale's ``uint8(p * 255)``; one line per file left out) and
-``OUTPUT/summary.json``. The run (manifest, resume, devices, hosts) is
-``crm_jax.run_output.run_dataset``. For users: docs/refining.md.
+folder (``IMAGES/<x>.<ext>`` with ``MASKS/<x><suffix>.png``), refined into
+``OUTPUT/<x><suffix>.png`` (the last scale's ``uint8(p * 255)``) by ``crm_jax.dataset_run.run``,
+and ``OUTPUT/summary.json``. For users: docs/refining.md.
 """
 
 from __future__ import annotations
@@ -14,16 +11,26 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import jax
 import numpy as np
 
+from crm_jax import dataset_run, distributed
 from crm_jax.constants import SCALES
-from crm_jax.dispatch import Job, Log
 from crm_jax.io import (InputError, file_image_size, is_complete_output, read_image, read_mask,
                         write_image)
 from crm_jax.metrics import scale_key
+from crm_jax.parallel import Item, Log
 from crm_jax.preprocess import prob_to_uint8
-from crm_jax.run_output import DatasetRun, NothingToRefine, run_dataset, write_json
-from crm_jax.scales import check_scales
+from crm_jax.scales import check_min_side, check_scales
+
+
+class NothingToRefine(InputError):
+  """A listing that found nothing to refine; ``problems``: one line per file left out."""
+
+  def __init__(self, message: str, problems: Sequence[str]):
+    super().__init__(message)
+    self.problems = list(problems)
+
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXT = ".png"
@@ -133,22 +140,6 @@ def _is_png(file_name: str) -> bool:
   return not file_name.startswith(".") and file_name.lower().endswith(MASK_EXT)
 
 
-def pair_jobs(pairs: Sequence[FolderPair], out_dir: str, last_scale: float,
-              orientation: str = "stored") -> List[Job]:
-  """The pairs as ``crm_jax.dispatch.Job`` s writing ``out_dir/<output>`` (the last scale);
-  ``orientation`` as for ``read_pair`` (with ``"exif"`` the header size is not used: an
-  orientation tag may turn it)."""
-  def write(path):
-    return lambda loaded, probs: write_image(path, prob_to_uint8(probs[last_scale]))
-
-  def size(p):
-    return None if orientation == "exif" else file_image_size(p.image)
-  return [Job(p.name, lambda p=p: read_pair(p.image, p.mask, orientation) + (None,),
-              write(os.path.join(out_dir, p.output)),
-              lambda p=p: is_complete_output(os.path.join(out_dir, p.output)),
-              lambda p=p: size(p)) for p in pairs]
-
-
 def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
                   suffix: str = "", scales: Sequence[float] = SCALES,
                   min_side: Optional[int] = None,
@@ -157,48 +148,59 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
                   progress: bool = True, log: Log = print, refiner=None,
                   export: Optional[str] = None, orientation: str = "stored") -> Dict:
   """Refines every pair of ``pair_folders(images, masks, suffix)`` into ``out_dir`` on every
-  local device (and every host, with ``JAX_COORDINATOR_ADDRESS`` etc.: ``crm_jax.dispatch``);
-  writes ``out_dir/summary.json`` (process 0) and returns it.
+  local device and host; process 0 writes ``out_dir/summary.json``, which is returned.
 
-  ``refiner``: a loaded ``crm_jax.refine.Refiner`` or a list of them, instead of
-  ``checkpoint`` (it carries its own ``min_side``, dtype and plan). ``min_side``: as
-  ``Refiner(min_side=...)``, 0 being the published loop; None (default): what the checkpoint
-  recommends (``crm_jax.checkpoint.recommended_min_side``). ``export``: a ``crm_jax.export``
-  folder of ``checkpoint`` whose programs run the fused plan. ``orientation``: ``"stored"``
-  (default, as published: EXIF orientation ignored, with a warning line per file) or ``"exif"``
-  (images and masks read as viewers show them; the outputs are in that orientation). Raises ``InputError`` for bad
-  arguments or folders (before any work) and when nothing could be refined (nothing refined now
-  and nothing complete before); a ``CheckpointError`` for a bad checkpoint; an ``OSError``
-  naming an output that cannot be written.
+  ``refiner``: a ``Refiner`` or one per device instead of ``checkpoint``. ``min_side``, dtype,
+  ``plan``, ``export``: as ``Refiner`` (``min_side`` None: the checkpoint's recommendation).
+  ``orientation``: ``"stored"`` (as published; EXIF orientation warned about) or ``"exif"``.
+  Raises ``InputError`` (bad arguments or folders, before any work; nothing refined now or
+  before), ``CheckpointError``, ``OSError`` (an output that cannot be written).
   """
   scales = check_scales(scales)
-  state = {}
+  if min_side is not None:
+    check_min_side(min_side)
+  if batch_size < 1:
+    raise InputError(f"batch size {batch_size}: must be at least 1")
+  if refiner is None:
+    distributed.maybe_initialize_distributed()
+  main = jax.process_index() == 0
+  try:
+    pairs, problems = pair_folders(images, masks, suffix)
+  except NothingToRefine as e:
+    for p in e.problems if main else ():
+      log(f"skipped {p}")
+    raise
+  by_name = {p.name: p for p in pairs}
+  items = [Item(p.name, lambda p=p: read_pair(p.image, p.mask, orientation),
+                None if orientation == "exif" else file_image_size(p.image))  # a tag may turn it
+           for p in pairs]
+  last = scales[-1]
 
-  def list_jobs():
-    state["pairs"], problems = pair_folders(images, masks, suffix)
-    return pair_jobs(state["pairs"], out_dir, scales[-1], orientation), problems
+  def write(item, loaded, probs):
+    write_image(os.path.join(out_dir, by_name[item.name].output), prob_to_uint8(probs[last]))
 
-  def finish(run: DatasetRun):
-    summary = run.summary
-    log(f"refined {len(summary.refined)} of {len(state['pairs'])} pair(s) into {out_dir} in "
-        f"{summary.seconds:.1f} s, {len(summary.skipped_complete)} already complete; "
+  run = dataset_run.run(
+      out_dir, [images, masks], items, problems, scales, write,
+      is_complete=lambda item: is_complete_output(os.path.join(out_dir,
+                                                               by_name[item.name].output)),
+      is_output=_is_png, results_file=SUMMARY_FILE, refiner=refiner, checkpoint=checkpoint,
+      min_side=min_side, dtype=dtype, plan=plan, batch_size=batch_size, devices=devices,
+      overwrite=overwrite, progress=progress, log=log, export=export, orientation=orientation,
+      keep=(last,))
+  if main:
+    log(f"refined {len(run.refined)} of {len(pairs)} pair(s) into {out_dir} in "
+        f"{run.refine_seconds:.1f} s, {len(run.complete)} already complete; "
         f"{len(run.skipped)} file(s) or pair(s) not refined"
         + (" (listed above)" if run.skipped else ""))
-    if not summary.refined and not summary.skipped_complete:
-      raise InputError(f"{images}: nothing could be refined ({len(run.skipped)} file(s) or "
-                       "pair(s) skipped)")
-    result = {"model": run.settings, "scales": [scale_key(s) for s in scales],
-              "pairs": len(state["pairs"]), "refined": len(summary.refined),
-              "already_complete": len(summary.skipped_complete), "skipped": run.skipped,
-              "seconds": time.time() - run.start, "refine_seconds": summary.seconds,
-              "seconds_per_object": summary.seconds_per_object,
-              "object_seconds": summary.object_seconds, "hosts": summary.hosts}
-    write_json(os.path.join(out_dir, SUMMARY_FILE), result)
-    return result
-
-  _, result = run_dataset(
-      out_dir, [images, masks], list_jobs, scales, finish, checkpoint=checkpoint,
-      refiner=refiner, min_side=min_side, dtype=dtype, plan=plan, batch_size=batch_size,
-      devices=devices, overwrite=overwrite, progress=progress, log=log, export=export,
-      orientation=orientation, is_output=_is_png, results_file=SUMMARY_FILE)
+  if not run.refined and not run.complete:
+    raise InputError(f"{images}: nothing could be refined ({len(run.skipped)} file(s) or "
+                     "pair(s) skipped)")
+  result = {"model": run.settings, "scales": [scale_key(s) for s in scales],
+            "pairs": len(pairs), "refined": len(run.refined),
+            "already_complete": len(run.complete), "skipped": run.skipped,
+            "seconds": time.time() - run.start, "refine_seconds": run.refine_seconds,
+            "seconds_per_object": run.seconds_per_object,
+            "object_seconds": run.object_seconds, "hosts": run.hosts}
+  if main:
+    dataset_run.write_json(os.path.join(out_dir, SUMMARY_FILE), result)
   return result

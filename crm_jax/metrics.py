@@ -1,50 +1,8 @@
-"""IoU and mBA of refined masks, as the published eval_post scripts compute them (docs/metrics.md).
+"""IoU and mBA of refined masks, as the published eval_post scripts compute them, and the
+published output layout (``<s>_<name>_mask.png`` per scale, ``<name>_{im,seg,gt}.png``).
 
-Pure NumPy + OpenCV (no JAX), so ``python evaluate.py --metrics-only`` starts fast.
-
-The output layout (the published one; ``crm_jax.evaluation`` writes it, ``output_files`` lists
-it): per object ``<s>_<name>_mask.png`` per scale ``s`` (the refined mask, ``uint8(prob * 255)``)
-and ``<name>_im.png``, ``<name>_seg.png`` (the input coarse mask), ``<name>_gt.png``. The gt and
-seg are read by the mask encoding rules (``crm_jax.io.read_mask``), the refined masks as the
-8-bit grey they are (``crm_jax.io.read_grey``); all are binarised with ``> 128``. An object is
-complete (``is_complete``: a resumed run skips it) when every one of its files is whole
-(``crm_jax.io.is_complete_output``), not merely present.
-
-- Small-input rule: when the input seg's grey values sum to less than ``32 * 32`` (fewer than
-  5 foreground pixels at 255), the refined mask is replaced by the input seg.
-- IoU is aggregated over the data set: sum of intersections / sum of unions (not the mean of
-  per-image IoUs). "old" is the input seg, "new" the refined mask.
-- mBA per image: radii ``r_i = 1 + int((r_max - 1) / 5 * i)`` for ``i`` in 0..4, with
-  ``r_max = (W + H) / 300``; ``int`` truncates towards zero, so images with ``W + H < 600`` use
-  radius 1 five times (``floor`` would give radius 0 and an empty band). The band is
-  ``morphologyEx(gt, MORPH_GRADIENT, getStructuringElement(MORPH_ELLIPSE, (2r+1, 2r+1))) > 0``
-  and the accuracy is the share of band pixels where the mask equals gt. mBA is the mean over
-  the radii, then the mean over images.
-
-Decisions where the published code is silent or odd (each tested in ``tests/test_metrics.py``):
-
-- gt given to the gradient: the published code passes the binarised gt as uint8 0/1. The
-  gradient of 0/255 is 255 exactly where that of 0/1 is 1, so ``> 0`` gives the same band;
-  ``boundary_band`` uses 0/1. OpenCV's default morphology border (the image is extended with
-  values that never win the min/max) means the image edge itself is no boundary.
-- Empty band: the band is empty at every radius exactly when gt is all background or all
-  foreground (the 3x3 ellipse is a cross, so any two 4-adjacent pixels that differ make a band
-  pixel). The published code then divides 0 by 0, the image's mBA is NaN and so is the mBA of
-  the whole data set. Here ``boundary_accuracy`` returns NaN for such an image, and the
-  accumulator leaves it out of the mBA mean (old and new alike, so both average the same
-  images) while it still counts towards IoU; the names are listed under ``"no_boundary"``. A
-  data set in which no image has a boundary has mBA ``None``.
-- Small-input rule: applied for every image as docs/metrics.md states. (The published CascadePSP
-  ``eval_post.py`` compares the mask's height with the image's width before the rule, so for
-  non-square images it keeps the refined mask; that reads as a bug, and is not reproduced.)
-- Sizes: images of different sizes are fine (each image has its own radii). gt, seg and a mask
-  of different sizes are an error for that object (the published code resizes a mismatched
-  mask bilinearly; this pipeline never writes one, so a mismatch means a foreign file).
-- Missing or unreadable files: an object without a readable gt or seg is left out everywhere
-  (``"skipped"``); a missing or unreadable mask leaves the object out of that scale only
-  (``"missing"`` of the scale). Each such case is reported in one line.
-- An empty union (gt and mask both empty) adds 0 to both sums; a data set whose unions all are
-  empty has IoU ``None``.
+Pure NumPy + OpenCV (no JAX), so ``crm-evaluate --metrics-only`` starts fast. The rules, and
+where crm-jax decides what the published code leaves open: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -277,72 +235,89 @@ def list_names(out_dir: str) -> List[str]:
                 if f.endswith(GT_SUFFIX) and len(f) > len(GT_SUFFIX) and not f.startswith("."))
 
 
+def score_object(gt: np.ndarray, seg: np.ndarray, masks: Dict[str, np.ndarray]) -> Dict:
+  """One object's record: ``{"scales": {scale_key: ImageScores fields as a list}}`` from grey
+  uint8 ``[H, W]`` gt, input seg and the refined mask of each scale (JSON-able, so processes
+  can gather records; ``summarize`` adds them up)."""
+  bands = boundary_bands(gt)
+  return {"scales": {k: list(dataclasses.astuple(per_image(gt, seg, m, bands)))
+                     for k, m in masks.items()}, "missing": {}}
+
+
+def score_files(out_dir: str, name: str, scales: Sequence[float],
+                say: Callable[[str], None] = print) -> Dict:
+  """``score_object`` of an object in an output folder, read from its files; an object without
+  a usable gt or seg is ``{"skipped": reason}``, a scale without a usable mask is listed under
+  ``"missing"``. Each such case is reported through ``say`` in one line."""
+  try:
+    gt = read_mask(copy_path(out_dir, name, "gt"))
+    seg = read_mask(copy_path(out_dir, name, "seg"))
+    if seg.shape != gt.shape:
+      raise InputError(f"{name}{SEG_SUFFIX} is {_wxh(seg)} but {name}{GT_SUFFIX} is "
+                       f"{_wxh(gt)}")
+  except InputError as e:
+    say(f"metrics: skipped {name}: {e}")
+    return {"skipped": f"{name}: {e}"}
+  masks, missing = {}, {}
+  for s in scales:
+    path = mask_path(out_dir, name, s)
+    try:
+      mask = read_grey(path)
+      if mask.shape != gt.shape:
+        raise InputError(f"{path}: {_wxh(mask)} but {name}{GT_SUFFIX} is {_wxh(gt)}")
+      masks[scale_key(s)] = mask
+    except InputError as e:
+      missing[scale_key(s)] = str(e)
+      say(f"metrics: {name} left out of scale {scale_key(s)}: {e}")
+  record = score_object(gt, seg, masks)
+  record["missing"] = missing
+  return record
+
+
+def summarize(records: Sequence[Tuple[str, Dict]], scales: Sequence[float]) -> Dict:
+  """The metrics of ``(name, record)`` pairs, added up in their order.
+
+  Returns ``{"scales": {scale_key(s): {"iou", "mba", "old_iou", "old_mba", "num_images",
+  "num_mba_images", "missing": [names]}}, "num_images", "num_objects", "skipped": ["name:
+  reason"], "small_seg": [names], "no_boundary": [names]}``; a score is ``None`` when undefined.
+  """
+  accs = {scale_key(s): Accumulator() for s in scales}
+  missing: Dict[str, List[str]] = {k: [] for k in accs}
+  skipped, evaluated = [], set()
+  for name, record in records:
+    if "skipped" in record:
+      skipped.append(record["skipped"])
+      continue
+    for key in accs:
+      if key in record["scales"]:
+        accs[key].add(ImageScores(*record["scales"][key]), name)
+        evaluated.add(name)
+      else:
+        missing[key].append(name)
+  return {
+      "scales": {k: {**a.result(), "missing": missing[k]} for k, a in accs.items()},
+      "num_images": len(evaluated),
+      "num_objects": len(records),
+      "skipped": skipped,
+      "small_seg": sorted({n for a in accs.values() for n in a.small_seg}),
+      "no_boundary": sorted({n for a in accs.values() for n in a.no_boundary}),
+  }
+
+
 def evaluate_folder(out_dir: str, scales: Sequence[float] = SCALES,
                     names: Optional[Sequence[str]] = None, progress: bool = False,
                     log: Callable[[str], None] = print) -> Dict:
-  """The metrics of an output folder, per scale.
-
-  Args:
-    out_dir: folder with ``<name>_gt.png``, ``<name>_seg.png`` and ``<s>_<name>_mask.png``.
-    scales: the scales to evaluate.
-    names: the objects to evaluate (default: every ``<name>_gt.png`` in ``out_dir``).
-    progress: show a tqdm bar.
-    log: where the one-line reports of left-out objects go.
-
-  Returns:
-    ``{"scales": {scale_key(s): {"iou", "mba", "old_iou", "old_mba", "num_images",
-    "num_mba_images", "missing": [names without a usable mask at s]}}, "num_images": objects
-    evaluated at one scale at least, "num_objects": objects looked at, "skipped":
-    ["name: reason"] (no usable gt or seg), "small_seg": [names], "no_boundary": [names]}``.
-    Scores are ``None`` when undefined (nothing evaluated at that scale, no union, no boundary).
-  """
+  """The metrics (``summarize``) of the objects ``names`` (default: every ``<name>_gt.png``) of
+  an output folder, read from its files (``score_files``)."""
   if names is None:
     names = list_names(out_dir)
-  accs = {scale_key(s): Accumulator() for s in scales}
-  missing: Dict[str, List[str]] = {k: [] for k in accs}
-  skipped: List[str] = []
-  evaluated = set()
-  bar = tqdm(names, desc="metrics", unit="object", disable=not progress, leave=False)
 
   def say(msg: str) -> None:
     with tqdm.external_write_mode():
       log(msg)
 
-  for name in bar:
-    try:
-      gt = read_mask(copy_path(out_dir, name, "gt"))
-      seg = read_mask(copy_path(out_dir, name, "seg"))
-      if seg.shape != gt.shape:
-        raise InputError(f"{name}{SEG_SUFFIX} is {_wxh(seg)} but {name}{GT_SUFFIX} is "
-                         f"{_wxh(gt)}")
-    except InputError as e:
-      skipped.append(f"{name}: {e}")
-      say(f"metrics: skipped {name}: {e}")
-      continue
-    bands = boundary_bands(gt)
-    for s in scales:
-      key = scale_key(s)
-      path = mask_path(out_dir, name, s)
-      try:
-        mask = read_grey(path)
-        if mask.shape != gt.shape:
-          raise InputError(f"{path}: {_wxh(mask)} but {name}{GT_SUFFIX} is {_wxh(gt)}")
-      except InputError as e:
-        missing[key].append(name)
-        say(f"metrics: {name} left out of scale {key}: {e}")
-        continue
-      accs[key].add(per_image(gt, seg, mask, bands), name)
-      evaluated.add(name)
-  small = sorted({n for a in accs.values() for n in a.small_seg})
-  no_boundary = sorted({n for a in accs.values() for n in a.no_boundary})
-  return {
-      "scales": {k: {**a.result(), "missing": missing[k]} for k, a in accs.items()},
-      "num_images": len(evaluated),
-      "num_objects": len(names),
-      "skipped": skipped,
-      "small_seg": small,
-      "no_boundary": no_boundary,
-  }
+  bar = tqdm(names, desc="metrics", unit="object", disable=not progress, leave=False)
+  return summarize([(n, score_files(out_dir, n, scales, say)) for n in bar], scales)
 
 
 def _wxh(m: np.ndarray) -> str:

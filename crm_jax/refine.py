@@ -264,9 +264,11 @@ class Refiner:
                                            self.band_elements)
     return results
 
-  def _crop(self, probs: Dict[float, np.ndarray]) -> Dict[float, np.ndarray]:
+  def _crop(self, probs: Dict[float, np.ndarray], keep) -> Dict[float, np.ndarray]:
+    """The scales in ``keep`` cropped to the image and copied to the host (only those)."""
     p = self.pad
-    return {s: np.array(prob[p:prob.shape[0] - p, p:prob.shape[1] - p]) for s, prob in probs.items()}
+    return {s: np.array(prob[p:prob.shape[0] - p, p:prob.shape[1] - p])
+            for s, prob in probs.items() if s in keep}
 
   def _warn_if_small(self, sizes: Sequence[Tuple[int, int]], scales: Tuple[float, ...]) -> None:
     """The once-per-Refiner ``SmallImageWarning`` (see ``warn_small``)."""
@@ -281,8 +283,10 @@ class Refiner:
                       "Refiner)", SmallImageWarning, stacklevel=_caller_stacklevel())
         return
 
-  def _refine_prepared(self, prepared, scales: Tuple[float, ...]) -> List[Dict[float, np.ndarray]]:
-    """``_prepared`` pairs -> ``{s: [H, W] float32}`` for every ``s`` of ``scales``.
+  def _refine_prepared(self, prepared, scales: Tuple[float, ...],
+                       keep=None) -> List[Dict[float, np.ndarray]]:
+    """``_prepared`` pairs -> ``{s: [H, W] float32}`` for every ``s`` of ``keep`` (default:
+    every scale; the others never leave the device).
 
     Each pair is refined at ``scales_to_run(scales, (H, W), self.min_side)`` (pairs of one such
     tuple go to ``_run`` together); a scale left out holds ``mask / 255``.
@@ -291,12 +295,13 @@ class Refiner:
     groups: Dict[Tuple[float, ...], List[int]] = {}
     for i, (mask, _) in enumerate(prepared):
       groups.setdefault(scales_to_run(scales, mask.shape, self.min_side), []).append(i)
+    keep = tuple(scales if keep is None else keep)
     results: List[Optional[Dict[float, np.ndarray]]] = [None] * len(prepared)
     for kept, idx in groups.items():
       for i, probs in zip(idx, self._run([prepared[i][1] for i in idx], kept)):
-        probs = self._crop(probs)
+        probs = self._crop(probs, keep)
         results[i] = {s: probs[s] if s in probs else mask_to_prob(prepared[i][0])
-                      for s in scales}
+                      for s in scales if s in keep}
     return results
 
   def refine_all_scales(self, image: np.ndarray, mask: np.ndarray,
@@ -316,10 +321,14 @@ class Refiner:
   def refine(self, image: np.ndarray, mask: np.ndarray,
              scales: Sequence[float] = SCALES) -> np.ndarray:
     """The refined probability ``[H, W]`` float32 after the last scale."""
-    return self.refine_all_scales(image, mask, scales)[scales[-1]]
+    scales = check_scales(scales)
+    return self._refine_prepared([self._prepared(image, mask, scales)], scales,
+                                 scales[-1:])[0][scales[-1]]
 
   def refine_batch_all_scales(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                              scales: Sequence[float] = SCALES) -> List[Dict[float, np.ndarray]]:
+                              scales: Sequence[float] = SCALES,
+                              keep: Optional[Sequence[float]] = None
+                              ) -> List[Dict[float, np.ndarray]]:
     """``refine_all_scales`` of every pair; pairs of one bucket run as one batch (``fused``).
 
     Sizes may differ; pairs whose ``min_side`` scales differ run as separate
@@ -341,7 +350,7 @@ class Refiner:
       except InputError as e:
         bad[i] = str(e)
     results: List[Optional[Dict[float, np.ndarray]]] = [None] * len(images)
-    for i, r in zip(good, self._refine_prepared(prepared, scales)):
+    for i, r in zip(good, self._refine_prepared(prepared, scales, keep)):
       results[i] = r
     if bad:
       raise BatchInputError(bad, results)

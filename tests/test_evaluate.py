@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import evaluate as evaluate_cli
-from crm_jax import evaluation, metrics, run_output
+from crm_jax import dataset_run, evaluation, metrics
 from crm_jax.checkpoint import fingerprint, load_model, save_model
 from crm_jax.constants import SCALES
 from crm_jax.io import InputError, read_grey, read_image, read_mask
@@ -71,9 +71,9 @@ class CountingRefiner:
   def __getattr__(self, name):
     return getattr(self.inner, name)
 
-  def refine_all_scales(self, image, mask, scales):
-    self.calls += 1
-    return self.inner.refine_all_scales(image, mask, scales)
+  def refine_batch_all_scales(self, images, masks, scales, keep=None):
+    self.calls += len(images)  # pairs refined (a dataset run refines batches)
+    return self.inner.refine_batch_all_scales(images, masks, scales, keep)
 
 
 def _copytree(src, dst):
@@ -115,7 +115,7 @@ def test_cli_run_writes_the_published_layout(world, refiner):
   assert manifest["fingerprint"] == fingerprint(config, variables) == fingerprint(
       refiner.config, refiner.variables)
   assert manifest["scales"] == KEYS and manifest["dtype"] == "float32"
-  assert manifest["plan"] == getattr(refiner, "plan", run_output.DEFAULT_PLAN)
+  assert manifest["plan"] == getattr(refiner, "plan", dataset_run.DEFAULT_PLAN)
   assert manifest["min_side"] == 0
   # The default loop on small images: one line for the run, not one per object.
   small = [l for l in proc.stdout.splitlines() if "small images" in l]
@@ -545,7 +545,7 @@ def test_min_side_is_recorded_and_outputs_of_another_are_refused(world, refiner,
   old = _copytree(world["out"], tmp_path / "old")
   manifest = json.load(open(os.path.join(old, "manifest.json")))
   del manifest["min_side"]
-  run_output.write_json(os.path.join(old, "manifest.json"), manifest)
+  dataset_run.write_json(os.path.join(old, "manifest.json"), manifest)
   counting = CountingRefiner(refiner)
   res = evaluation.evaluate(world["data"], None, old, progress=False, log=_quiet,
                             refiner=counting)

@@ -1,4 +1,4 @@
-"""Issue 10: whole datasets on every local device and every host (crm_jax.dispatch), and the
+"""Issue 10: whole datasets on every local device and every host (crm_jax.dataset_run), and the
 folder mode of ``crm-refine`` (crm_jax.folder_refine).
 
 The session has four forced host devices (conftest.py). TINY model, images of 64-120 pixels,
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from crm_jax import dispatch, evaluation, folder_refine, io
+from crm_jax import evaluation, folder_refine, io, parallel
 from crm_jax.cli import refine as refine_cli
 from crm_jax.io import InputError, read_image, read_mask
 from crm_jax.preprocess import prob_to_uint8
@@ -65,30 +65,28 @@ def _without_run_fields(blob):
 # The schedule (pure).
 
 
-def _items(pixels, bucket=None):
-  noop = lambda *a: None  # noqa: E731
-  return [dispatch.Item(dispatch.Job(f"j{i}", noop, noop, noop), p, bucket and bucket[i])
-          for i, p in enumerate(pixels)]
+def _items(pixels):
+  return [parallel.Item(f"j{i}", None, (p, 1)) for i, p in enumerate(pixels)]
 
 
 def test_batches_are_largest_first_and_of_one_bucket():
-  items = _items([10, 50, 30, 50, 20], bucket=["a", "b", "a", "b", "a"])
-  assert [[it.job.name for it in b] for b in dispatch.make_batches(items)] == [
+  items = _items([10, 50, 30, 50, 20])
+  bucket = {(10, 1): "a", (50, 1): "b", (30, 1): "a", (20, 1): "a"}.get
+  assert [[it.name for it in b] for b in parallel.share(items, index=0, count=1)] == [
       ["j1"], ["j3"], ["j2"], ["j4"], ["j0"]]
-  batches = dispatch.make_batches(items, batch_size=2)
-  assert [[it.job.name for it in b] for b in batches] == [["j1", "j3"], ["j2", "j4"], ["j0"]]
+  batches = parallel.share(items, 2, bucket, index=0, count=1)
+  assert [[it.name for it in b] for b in batches] == [["j1", "j3"], ["j2", "j4"], ["j0"]]
 
 
 def test_shares_balance_pixels_and_cover_every_batch_once():
   items = _items([100, 90, 40, 30, 20, 10, 5])
-  batches = dispatch.make_batches(items)
-  shares = dispatch.assign_shares(batches, 2)
-  names = [[b[0].job.name for b in s] for s in shares]
+  shares = [parallel.share(items, index=k, count=2) for k in (0, 1)]
+  names = [[b[0].name for b in s] for s in shares]
   assert names == [["j0", "j3", "j4"], ["j1", "j2", "j5", "j6"]]
-  assert sorted(sum(names, [])) == sorted(it.job.name for it in items)
+  assert sorted(sum(names, [])) == sorted(it.name for it in items)
   loads = [sum(b[0].pixels for b in s) for s in shares]
   assert abs(loads[0] - loads[1]) <= max(it.pixels for it in items)
-  assert dispatch.assign_shares(batches, 3) == dispatch.assign_shares(batches, 3)
+  assert parallel.share(items, index=2, count=3) == parallel.share(items, index=2, count=3)
 
 
 def test_sizes_from_headers(tmp_path):
@@ -305,23 +303,23 @@ def _wait(procs, timeout=500):
 
 _ALLGATHER_SCRIPT = """
 import json, sys
-from crm_jax import dispatch
-from crm_jax.distributed import maybe_initialize_distributed
-maybe_initialize_distributed()
-processes = dispatch.Processes()
-value = {"process": processes.index, "text": "\u00e9" * (3000 * (processes.index + 1))}
-by_store = processes.allgather(value)
-client = dispatch.coordination_client()
-dispatch.coordination_client = lambda: None  # as on a JAX without the private client
-by_collective = processes.allgather(value)
-with open(sys.argv[1] + str(processes.index), "w") as f:  # not stdout: a full pipe would
+import jax
+from crm_jax import distributed
+distributed.maybe_initialize_distributed()
+index = jax.process_index()
+value = {"process": index, "text": "\u00e9" * (3000 * (index + 1))}
+by_store = distributed.allgather(value)
+client = distributed.coordination_client()
+distributed.coordination_client = lambda: None  # as on a JAX without the private client
+by_collective = distributed.allgather(value)
+with open(sys.argv[1] + str(index), "w") as f:  # not stdout: a full pipe would
   json.dump({"store": by_store, "collective": by_collective,  # block the exit barrier
              "had_client": client is not None}, f)
 """
 
 
 def test_allgather_through_the_store_and_through_a_collective_agree(tmp_path):
-  """Processes.allgather gives every process's value, in process order, on both of its paths:
+  """distributed.allgather gives every process's value, in process order, on both of its paths:
   the coordination service's key-value store (JAX 0.10/0.11's private client) and the public
   collective that replaces it where a JAX has no such client."""
   port = _free_port()

@@ -293,7 +293,7 @@ for m in ("grain", "tensorflow_datasets", "ml_collections", "tensorboardX", "ten
   sys.modules[m] = None  # importing any of them now fails
 import jax, numpy as np
 import crm_jax.cli.refine, crm_jax.cli.evaluate, crm_jax.evaluation, crm_jax.folder_refine
-import crm_jax.dispatch, crm_jax.run_output
+import crm_jax.dataset_run, crm_jax.parallel
 from crm_jax.models import CRM, TINY, init_variables
 from crm_jax.refine import Refiner
 variables = init_variables(CRM(TINY), jax.random.PRNGKey(0))

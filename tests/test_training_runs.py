@@ -23,6 +23,7 @@ from crm_jax.training import resume
 from crm_jax.training import config as cfg_lib
 from crm_jax.training import devices
 from crm_jax.training import step as step_lib
+from crm_jax.training import validation
 from crm_jax.training import workdir as wd
 from tests.train_config import small_test_config
 
@@ -143,6 +144,17 @@ def _scalars(logdir):
   return out
 
 
+def test_validation_does_not_import_the_dataset_run():
+  """Validation scores in memory: no output folder or manifest machinery behind it."""
+  code = ('import sys, crm_jax.training.validation; '
+          'print(sorted(m for m in sys.modules if m in ("crm_jax.dataset_run", '
+          '"crm_jax.evaluation", "crm_jax.folder_refine")))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '[]'
+
+
 def test_validation_runs_at_eval_every_and_writes_its_scalars(tmp_path, capsys):
   config = small_test_config(num_steps=4, eval_every=2, eval_data='synthetic',
                              eval_synthetic_num_examples=2, eval_synthetic_size=64,
@@ -158,11 +170,16 @@ def test_validation_runs_at_eval_every_and_writes_its_scalars(tmp_path, capsys):
   scalars = _scalars(tmp_path / 'tensorboard')
   for tag in ('val/iou_0.5', 'val/iou_1.0', 'val/mba_0.5', 'val/mba_1.0'):
     assert sorted(scalars[tag]) == [2, 4], tag
-  # The scores are evaluate.py's for the same weights: the exported model at step 4.
-  held_out = tmp_path / 'validation_data' / 'synthetic_2x64px_seed0'
+  # Validation wrote no picture anywhere: the held-out set lives in memory, scored there.
+  assert not [f for _, _, files in os.walk(tmp_path) for f in files
+              if f.lower().endswith(('.png', '.jpg'))]
+  # The scores are crm-evaluate's for the same weights (the exported model at step 4) on the
+  # same objects, written out as a BIG folder.
+  held_out = tmp_path.parent / (tmp_path.name + '_held_out')
+  validation.make_held_out_set(str(held_out), 2, 64, int(config.seed))
   result = evaluation.evaluate(str(held_out), str(tmp_path / 'model'),
-                               str(tmp_path / 'eval'), (0.5, 1.0), progress=False,
-                               log=lambda _: None)
+                               str(tmp_path.parent / (tmp_path.name + '_eval')), (0.5, 1.0),
+                               progress=False, log=lambda _: None)
   for s in ('0.5', '1.0'):
     for m in ('iou', 'mba'):
       assert record['steps']['4'][f'val/{m}_{s}'] == pytest.approx(result['scales'][s][m],

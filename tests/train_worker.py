@@ -27,17 +27,16 @@ def main(argv):
 
   delay = float(os.environ.get('CRM_TEST_DELAY_AFTER_EVALUATE', 0))
   if delay and os.environ.get('JAX_PROCESS_ID') == '1':
-    # The fault test: this process comes back from every evaluation (validation) late, after
-    # process 0 has already removed the evaluation's folder.
+    # The fault test: this process comes back from every validation late.
     import time
-    from crm_jax import evaluation
-    run_dataset = evaluation.run_dataset
+    from crm_jax.training import validation
+    validate = validation.Validator.__call__
 
     def late(*args, **kwargs):
-      out = run_dataset(*args, **kwargs)
+      out = validate(*args, **kwargs)
       time.sleep(delay)
       return out
-    evaluation.run_dataset = late
+    validation.Validator.__call__ = late
 
   workdir, out, num_steps = argv[1], argv[2], int(argv[3])
   config = train_config.small_test_config(num_steps=num_steps)

@@ -1,48 +1,37 @@
-"""Validation during training: the multi-scale loop on every validation object, scored.
+"""Validation during training: the multi-scale loop on every validation object, scored in memory.
 
-``config.eval_data`` names the validation set:
-
-- a BIG-layout folder (``<name>_im.jpg|png``, ``<name>_seg.png``, ``<name>_gt.png``);
-- ``'tfds:NAME'`` or ``'tfds:NAME:SPLIT'``: a prepared TFDS set with seg/gt features
-  (``crm_big``) in ``config.data_dir``;
-- ``'synthetic'``: a held-out synthetic set (``crm_jax.data.synthetic`` pairs drawn from a seed
-  sequence that training never uses, coarse masks from a low-resolution segmenter), written
-  once into ``WORKDIR/validation_data/synthetic_<num>x<size>px_seed<seed>``.
-
-Every ``config.eval_every`` steps the current weights refine every object at
-``config.eval_scales`` through ``crm_jax.evaluation.evaluate``, the code ``evaluate.py`` runs;
-IoU and mBA at each scale go to TensorBoard (``val/iou_<s>``, ``val/mba_<s>``) and the console,
-and ``WORKDIR/validation.json`` records every evaluated step and the best one (the highest
-``config.eval_best_metric`` at the finest scale).
-
-Several devices or hosts: process 0 validates alone, on its first device (a multi-device,
-multi-host evaluator is future work); the other processes wait for it at their next step.
+``config.eval_data`` names the set: a BIG-layout folder, ``'tfds:NAME[:SPLIT]'`` (a prepared
+TFDS set with seg/gt features in ``config.data_dir``) or ``'synthetic'`` (held-out synthetic
+pairs made in memory from seeds training never uses). Every process refines its share on every
+local device, scores it as ``crm-evaluate`` does (``crm_jax.metrics``), and the records are
+gathered; nothing is written but ``WORKDIR/validation.json`` (docs/training.md).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from crm_jax import evaluation
-from crm_jax.dispatch import local_refiners
+from crm_jax import distributed, metrics
 from crm_jax.constants import SCALES
+from crm_jax.data import big
 from crm_jax.data.synthesis import lowres_segmenter_mask
 from crm_jax.data.synthetic import make_synthetic_pair
-from crm_jax.io import InputError, write_image, write_text
+from crm_jax.io import InputError, as_mask, as_rgb, write_image, write_text
 from crm_jax.metrics import scale_key
+from crm_jax.parallel import Item, error_line, local_refiners, refine_share, share
+from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales
 from crm_jax.training import workdir as wd
 from crm_jax.training.config import TrainingError
 
 SYNTHETIC = 'synthetic'
 TFDS_PREFIX = 'tfds:'
-# First entry of the held-out set's seed sequences; SyntheticSource draws pair i of training
-# from default_rng([seed, i]), a two-entry sequence, so no held-out pair is a training pair.
+# First entry of the held-out seed sequences; training draws pair i from default_rng([seed, i]),
+# a two-entry sequence, so no held-out pair is a training pair.
 HELD_OUT_TAG = 7_919
 
 
@@ -53,17 +42,27 @@ def scales(config) -> Tuple[float, ...]:
     raise TrainingError(f'config.eval_scales: {e}') from None
 
 
+def held_out_pair(size: int, seed: int, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Held-out object ``i``: ``(image RGB uint8 [size, size, 3], seg, gt uint8 [size, size])``,
+  the seg from a low-resolution segmenter."""
+  image, gt = make_synthetic_pair(size, size, np.random.default_rng([HELD_OUT_TAG, seed, i]))
+  return image, lowres_segmenter_mask(gt), gt
+
+
+def held_out_items(num: int, size: int, seed: int) -> List[Item]:
+  """The held-out set as items, read as ``crm-evaluate`` reads its files."""
+  def load(i):
+    image, seg, gt = held_out_pair(size, seed, i)
+    return as_rgb(image), as_mask(seg), as_mask(gt)
+  return [Item(f'held_out_{i:03d}', lambda i=i: load(i), (size, size)) for i in range(num)]
+
+
 def make_held_out_set(folder: str, num: int, size: int, seed: int) -> None:
-  """Writes ``num`` synthetic BIG objects ``held_out_<i>`` of ``size``x``size`` into
-  ``folder`` (skipping complete ones; every file atomic)."""
+  """Writes the held-out set as a BIG-layout folder (``held_out_<i>_{im,seg,gt}.png``), to
+  score a checkpoint with ``crm-evaluate`` on the objects validation uses."""
   for i in range(num):
-    name = f'held_out_{i:03d}'
-    paths = [os.path.join(folder, f'{name}_{role}.png') for role in ('im', 'seg', 'gt')]
-    if all(os.path.isfile(p) for p in paths):
-      continue
-    image, gt = make_synthetic_pair(size, size, np.random.default_rng([HELD_OUT_TAG, seed, i]))
-    for path, picture in zip(paths, (image, lowres_segmenter_mask(gt), gt)):
-      write_image(path, picture)
+    for role, picture in zip(('im', 'seg', 'gt'), held_out_pair(size, seed, i)):
+      write_image(os.path.join(folder, f'held_out_{i:03d}_{role}.png'), picture)
 
 
 class Validator:
@@ -71,68 +70,61 @@ class Validator:
 
   def __init__(self, config, workdir: str, model_cfg, is_main: bool = True):
     self.is_main = is_main
-    self.data = str(config.eval_data)
     self.model_cfg = model_cfg
-    self.workdir = workdir
     self.scales = scales(config)
     self.best_metric = config.get('eval_best_metric') or 'mba'
-    self.tfds_data_dir: Optional[str] = None
-    self.split: Optional[str] = None
-    if self.data == SYNTHETIC:
-      num, size = int(config.eval_synthetic_num_examples), int(config.eval_synthetic_size)
-      folder = os.path.join(workdir, wd.VALIDATION_DATA_DIR,
-                            f'synthetic_{num}x{size}px_seed{int(config.seed)}')
-      make_held_out_set(folder, num, size, int(config.seed))
-      self.data = folder
-    elif self.data.startswith(TFDS_PREFIX):
-      name, _, split = self.data[len(TFDS_PREFIX):].partition(':')
-      self.data, self.split = name, split or None
-      self.tfds_data_dir = os.path.expanduser(str(config.data_dir))
-    else:
-      self.data = os.path.abspath(os.path.expanduser(self.data))
+    data = str(config.eval_data)
     try:  # a missing or empty set fails now, before any step
-      if self.tfds_data_dir:
-        objects, _ = evaluation.tfds_objects(self.data, self.tfds_data_dir, self.split)
+      if data == SYNTHETIC:
+        self.items = held_out_items(int(config.eval_synthetic_num_examples),
+                                    int(config.eval_synthetic_size), int(config.seed))
+      elif data.startswith(TFDS_PREFIX):
+        name, _, split = data[len(TFDS_PREFIX):].partition(':')
+        self.items, _ = big.tfds_objects(name, os.path.expanduser(str(config.data_dir)),
+                                         split or None)
       else:
-        objects, _ = evaluation.folder_objects(self.data)
+        self.items, _ = big.folder_objects(os.path.abspath(os.path.expanduser(data)))
     except InputError as e:
       raise TrainingError(f'config.eval_data: {e}') from None
-    self.num_objects = len(objects)
+    self.num_objects = len(self.items)
     self.path = os.path.join(workdir, wd.VALIDATION_FILE)
-    self.record = self._load()
-
-  def _load(self) -> Dict:
+    self.record = {'metric': None, 'best': None, 'steps': {}}
     if os.path.isfile(self.path):
       try:
         with open(self.path) as f:
-          return json.load(f)
+          self.record = json.load(f)
       except (OSError, json.JSONDecodeError):
         pass  # rewritten at the next validation
-    return {'metric': None, 'best': None, 'steps': {}}
 
   def __call__(self, variables, step: int) -> Dict[str, float]:
-    """Refines every object with ``variables`` and returns ``{'val/iou_<s>': .., 'val/mba_<s>':
-    ..}``; records the step (and the best one) in ``validation.json``."""
-    # Every local device of every process refines its share (crm_jax.dispatch), into one folder
-    # of the shared workdir; process 0 computes the metrics and every process gets them.
-    refiners = local_refiners(self.model_cfg, variables)
-    out_dir = os.path.join(self.workdir, f'.tmp-validation-{step}')
-    try:
-      result = evaluation.evaluate(self.data, None, out_dir, self.scales, progress=False,
-                                   log=lambda _: None, tfds_data_dir=self.tfds_data_dir,
-                                   split=self.split, refiner=refiners, overwrite=True,
-                                   all_processes=True)
-    except InputError as e:
-      raise TrainingError(f'validation at step {step}: {e}') from None
-    finally:
-      if self.is_main:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    """Refines every object with ``variables``; returns ``{'val/iou_<s>': .., 'val/mba_<s>':
+    ..}`` and records the step (and the best one) in ``validation.json``."""
+    keys = [scale_key(s) for s in self.scales]
+
+    def score(item, loaded, probs):  # as crm-evaluate scores what it writes
+      masks = {k: prob_to_uint8(probs[s]) for k, s in zip(keys, self.scales)}
+      return metrics.score_object(as_mask(loaded[2]), as_mask(loaded[1]), masks)
+
+    result = refine_share(share(self.items), local_refiners(self.model_cfg, variables),
+                          self.scales, score, log=lambda _: None)
+    gathered = distributed.allgather({
+        'records': result.records, 'failed': result.failed,
+        'error': None if result.error is None else error_line(result.error)})
+    for g in gathered:
+      if g['error'] is not None:
+        raise TrainingError(f'validation at step {step}: {g["error"]}')
+    records = {n: r for g in gathered for n, r in g['records'].items()}
+    summary = metrics.summarize([(it.name, records[it.name]) for it in self.items
+                                 if it.name in records], self.scales)
+    if not summary['num_images']:
+      failed = [f for g in gathered for f in g['failed']]
+      raise TrainingError(f'validation at step {step}: nothing could be evaluated'
+                          + (f' ({failed[0]})' if failed else ''))
     scores = {}
-    for s in self.scales:
-      r = result['scales'][scale_key(s)]
-      scores[f'val/iou_{scale_key(s)}'] = float(r['iou'])
-      scores[f'val/mba_{scale_key(s)}'] = float(r['mba'])
-    self._update(step, scores, int(result['num_images']))
+    for k in keys:
+      scores[f'val/iou_{k}'] = float(summary['scales'][k]['iou'])
+      scores[f'val/mba_{k}'] = float(summary['scales'][k]['mba'])
+    self._update(step, scores, int(summary['num_images']))
     return scores
 
   def _update(self, step: int, scores: Dict[str, float], num_images: int) -> None:
