@@ -42,6 +42,7 @@ SLOW = frozenset({
     'test_multidevice.py::test_folder_mode_refines_reports_and_resumes',
     'test_multidevice.py::test_folder_mode_exits_nonzero_only_when_nothing_is_refined',
     'test_multidevice.py::test_two_processes_equal_one_process',
+    'test_multidevice.py::test_two_processes_in_folder_mode_equal_one_process',
     'test_multidevice.py::test_killed_process_then_both_restarted_complete_the_run',
     'test_multidevice.py::test_a_process_whose_peer_dies_ends_in_bounded_time',
     'test_train.py::test_cli_error_is_one_line',
@@ -54,6 +55,7 @@ SLOW = frozenset({
     'test_train.py::test_two_processes_hold_identical_parameters',
     'test_train.py::test_pass_scales_train_one_pass_of_the_loop_per_step',
     'test_train.py::test_worker_processes_give_the_same_batches',
+    'test_train.py::test_run_with_worker_processes_ends_without_leaked_shared_memory',
 })
 
 

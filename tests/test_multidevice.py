@@ -404,6 +404,30 @@ def test_killed_process_then_both_restarted_complete_the_run(world, one_process,
   assert blob["refined"] == len(SIZES) - len(complete)
 
 
+def test_two_processes_in_folder_mode_equal_one_process(world, folders, tmp_path):
+  """crm-refine --images on two processes: each its share of the pairs, the same bytes as one
+  process, one summary.json by process 0 counting both."""
+  cmd = lambda out: [sys.executable, "-m", "crm_jax.cli.refine", "--images", folders["images"],  # noqa: E731
+                     "--masks", folders["masks"], "--output", str(out), "--mask-suffix", "_m",
+                     "--checkpoint", world["ckpt"], "--no-progress", *SCALE_ARGS]
+  one = subprocess.run(cmd(tmp_path / "one"), cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=500)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(cmd(tmp_path / "two"), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid)))
+           for pid in (0, 1)]
+  outs = _wait(procs)
+  assert [p.returncode for p in procs] == [0, 0], outs
+  pngs = lambda d: {f: b for f, b in _files(d).items() if f.endswith(".png")}  # noqa: E731
+  assert pngs(tmp_path / "two") == pngs(tmp_path / "one") and len(pngs(tmp_path / "one")) == 3
+  summary = json.load(open(tmp_path / "two" / "summary.json"))
+  assert summary["refined"] == 3 and [h["process"] for h in summary["hosts"]] == [0, 1]
+  assert all(h["refined"] > 0 for h in summary["hosts"])
+
+
 @pytest.mark.parametrize("lost", [0, 1])
 def test_a_process_whose_peer_dies_ends_in_bounded_time(world, tmp_path, lost):
   """One process of a two-process run is killed mid-run (the coordinator's process or the

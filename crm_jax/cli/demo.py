@@ -2,10 +2,8 @@
 
     python -m crm_jax.cli.demo [--output demo_output] [--overwrite]
 
-Runs the BIG evaluation on ``crm_jax/assets/demo_big`` with
-``crm_jax/assets/crm_small``, prints the before/after IoU and mBA table and
-writes side-by-side pictures (image, coarse mask, refined mask, ground truth,
-each boundary drawn over the image).
+Evaluates ``crm_jax/assets/crm_small`` on ``crm_jax/assets/demo_big``: the before/after IoU and
+mBA table and side-by-side pictures (image, coarse, refined, ground truth).
 """
 
 import argparse
@@ -38,8 +36,7 @@ def boundary_overlay(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
 
 
 def labelled_row(panels, titles, width: int = PANEL_WIDTH) -> np.ndarray:
-  """Panels of one size (RGB uint8), each resized to ``width`` px wide with its title written
-  in its corner, side by side."""
+  """Panels of one size (RGB uint8), each resized to ``width`` px and titled, side by side."""
   size = (width, max(1, round(panels[0].shape[0] * width / panels[0].shape[1])))
   panels = [cv2.resize(p, size, interpolation=cv2.INTER_AREA) for p in panels]
   for p, title in zip(panels, titles):

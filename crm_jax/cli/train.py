@@ -48,10 +48,8 @@ def _fail(message) -> None:
 
 
 def _end(status: int, message=None) -> None:
-  """Ends a run that has started: the ``error:`` line (if any), then exit at once, skipping the
-  interpreter's shutdown (JAX's multi-process shutdown barrier, which would wait for a peer
-  that may never come, and the noise of background threads); the peers of a multi-process run
-  learn of it from the coordination service within its heartbeat timeout."""
+  """Ends a started run: the ``error:`` line (if any), then ``os._exit``, skipping JAX's
+  multi-process shutdown barrier (a peer may never come) and background threads' noise."""
   if message is not None:
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
   sys.stdout.flush()
@@ -60,8 +58,7 @@ def _end(status: int, message=None) -> None:
 
 
 def os_error_in(e: BaseException):
-  """The ``OSError`` with an errno that caused ``e`` (``e`` itself, or along its causes and
-  contexts), or None."""
+  """The ``OSError`` with an errno that caused ``e`` (itself, its causes or contexts), or None."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
@@ -73,8 +70,7 @@ def os_error_in(e: BaseException):
 
 def _quiet_closed_loops() -> None:
   """Drops the "Event loop is closed" reports of orbax's background reads that outlive a failed
-  restore (a damaged checkpoint, which training reports in one line and steps over); every
-  other unraisable exception is reported as usual."""
+  restore (a damaged checkpoint, reported in one line); others are reported as usual."""
   report = sys.unraisablehook
 
   def hook(unraisable):
@@ -112,10 +108,8 @@ def _parse_train_flags(argv):
 
 
 def main(argv=None) -> None:
-  """``argv`` is the whole command line, program name first (``sys.argv`` when None). The
-  current folder and the folder above the config file's go first on ``sys.path`` (as for
-  ``python train.py`` in a checkout), so that config files importing ``configs.*`` load from
-  anywhere."""
+  """``argv``: the whole command line (``sys.argv`` when None). The current folder and the one
+  above the config file's go first on ``sys.path``, so that configs importing ``configs.*`` load."""
   argv = list(sys.argv if argv is None else argv)
   if any(a in HELP_FLAGS for a in argv[1:]):
     print("usage: crm-train --config CONFIG.py --workdir DIR [--config.FIELD=VALUE ...]\n")

@@ -1,18 +1,7 @@
-"""Per-sample training augmentation (docs/data.md), in NumPy/OpenCV, NHWC.
+"""Per-sample training augmentation in NumPy/OpenCV, NHWC (docs/data.md, "Per sample").
 
-Per sample, in this order:
-0. optionally (``Options.rescale_range``, off in the published recipe), image and gt resized
-   together by a random factor;
-1. the same random ``crop_size`` crop (zero padding when the image is smaller) and the same
-   horizontal flip (p 0.5) for image and gt;
-2. image only: colour jitter (brightness 0.2, contrast 0.05, saturation 0.05, hue 0) and random
-   greyscale (p 0.1);
-3. the coarse seg, synthesised from the cropped gt (``synthesis.synthesize_coarse_mask``);
-4. normalisation: image ``(x / 255 - mean) / std``, seg ``(x / 255 - 0.5) / 0.5``, gt ``x / 255``
-   (kept soft).
-
-All randomness comes from a ``np.random.Generator`` argument. Upstream applied torchvision
-transforms to PIL images; the semantics are reproduced, the random streams are not.
+Upstream's torchvision transforms reproduced (not their random streams); all randomness comes
+from a ``np.random.Generator`` argument.
 """
 
 from __future__ import annotations
@@ -36,49 +25,19 @@ JITTER_BRIGHTNESS = 0.2
 JITTER_CONTRAST = 0.05
 JITTER_SATURATION = 0.05  # hue jitter is 0 upstream, so it is not implemented.
 GRAYSCALE_PROB = 0.1
-# Downsampling factors of the optional low-resolution-segmenter coarse masks (lowres_fraction).
-LOWRES_TRAIN_FACTORS = (8, 16)
-# Gaussian sigma range, in pixels, of the optional soft coarse masks (soft_seg_fraction).
-SOFT_SEG_SIGMA_RANGE = (0.5, 4.0)
-# Downsampling factors of the optional later-pass coarse masks (fine_seg_fraction); they are
-# blurred with a sigma in SOFT_SEG_SIGMA_RANGE.
-FINE_SEG_FACTORS = (2, 3, 4)
+LOWRES_TRAIN_FACTORS = (8, 16)  # lowres_fraction's segmenter factors
+SOFT_SEG_SIGMA_RANGE = (0.5, 4.0)  # pixels: soft_seg_fraction's and fine_seg_fraction's blur
+FINE_SEG_FACTORS = (2, 3, 4)  # fine_seg_fraction's segmenter factors
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L").
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """What the training examples add to the published recipe; the defaults are the recipe itself
-  (each option off draws nothing from the example's random stream).
-
-  Attributes:
-    lowres_fraction: share of examples whose coarse seg is ``synthesis.lowres_segmenter_mask`` of
-      the whole pair's gt (factor drawn from ``LOWRES_TRAIN_FACTORS``, with its random error
-      field), made before the rescale and the crop and resized and cropped with the pair: the
-      errors of a low-resolution segmenter rather than the training perturbation.
-    soft_seg_fraction: share of examples whose coarse seg is blurred (Gaussian, sigma uniform in
-      ``SOFT_SEG_SIGMA_RANGE`` pixels) into a continuous mask, like the ``(prob - 0.5) * 2`` seg
-      that every scale after the first receives in the multi-scale loop (upstream trains on
-      binary segs only).
-    rescale_range: ``(low, high)`` or None. Every pair is first resized by a factor drawn
-      log-uniformly in [low, high] (``random_rescale``), so the network sees objects and
-      boundaries at the pixel sizes that the multi-scale loop shows it on small and large images
-      (a factor below ``crop_size / size`` leaves zero padding around the whole pair). A
-      binary gt (and the lowres seg) is thresholded at half its range after the resize, so it
-      stays binary with sharp boundaries, as BIG's ground truths are at every size; a soft gt
-      stays soft.
-    fine_seg_fraction: share of examples whose coarse seg is the crop's own gt through a
-      low-resolution segmenter of a small factor (``FINE_SEG_FACTORS``) and blurred (sigma in
-      ``SOFT_SEG_SIGMA_RANGE``): right away from the boundary, soft and slightly off at it, like
-      the seg that the later passes of the multi-scale loop receive from the pass before
-      (instead of the published perturbation, whose blobs and holes lie anywhere; upstream
-      trains on those only).
-    pass_scales: increasing scales in (0, 1] or None. Each step draws one of them, ``s``, for
-      its whole batch (``pass_scale``), and the batch's image and seg are resized to
-      ``round(S * s)`` as the multi-scale loop resizes its inputs (``loop_resize``), while the gt
-      and the queries stay at S: the geometry of the loop's pass at scale s, whose encoder
-      reads a ``1/s`` times smaller input than the grid it is queried on (upstream trains on
-      ``s = 1`` only, and the loop's first pass on a small image reads a few features).
+  """What the training examples add to the published recipe (docs/data.md, "Options that are
+  off in the published recipe"); the defaults are the recipe, and an option left off draws
+  nothing from the example's random stream. ``lowres_fraction``, ``soft_seg_fraction``,
+  ``fine_seg_fraction``: shares in [0, 1]; ``rescale_range``: ``(low, high)`` or None;
+  ``pass_scales``: increasing scales in (0, 1] or None.
   """
   lowres_fraction: float = 0.0
   soft_seg_fraction: float = 0.0
@@ -106,8 +65,7 @@ class Options:
 
   @classmethod
   def from_config(cls, config: Any) -> "Options":
-    """From a training config's ``lowres_mask_fraction``, ``soft_seg_fraction``,
-    ``rescale_range``, ``pass_scales`` and ``fine_seg_fraction`` (each optional)."""
+    """From a training config (each field optional; ``lowres_mask_fraction``: lowres)."""
     get = lambda name, default: config[name] if name in config else default  # noqa: E731
     r, p = get("rescale_range", None), get("pass_scales", None)
     return cls(float(get("lowres_mask_fraction", 0.0)), float(get("soft_seg_fraction", 0.0)),
@@ -115,13 +73,12 @@ class Options:
                float(get("fine_seg_fraction", 0.0) or 0.0))
 
 
-
 def _to_uint8(x: np.ndarray) -> np.ndarray:
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
-  """[H, W], [H, W, 1] or [H, W, 3] -> [H, W, 3] (grey images are replicated, as PIL's RGB)."""
+  """[H, W], [H, W, 1] or [H, W, 3] -> [H, W, 3] (grey replicated, as PIL's RGB)."""
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
@@ -133,12 +90,7 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _crop_or_pad_1d(n: int, size: int, rng: np.random.Generator) -> Tuple[slice, slice]:
-  """Source and destination slices along one axis.
-
-  ``n >= size``: a crop starting uniformly in [0, n - size]. ``n < size``: the whole extent,
-  placed uniformly in [0, size - n] of a zero canvas; this is the distribution of torchvision's
-  ``RandomCrop(pad_if_needed=True)``, which pads ``size - n`` on both sides and then crops.
-  """
+  """Source and destination slices along one axis, as ``RandomCrop(pad_if_needed=True)``."""
   offset = int(rng.integers(abs(n - size) + 1))
   if n >= size:
     return slice(offset, offset + size), slice(0, size)
@@ -147,10 +99,8 @@ def _crop_or_pad_1d(n: int, size: int, rng: np.random.Generator) -> Tuple[slice,
 
 def random_rescale(rng: np.random.Generator, scale_range: Tuple[float, float],
                    *arrays: np.ndarray) -> Tuple[np.ndarray, ...]:
-  """``arrays`` ([H, W] or [H, W, C], all of one size) resized by one factor drawn
-  log-uniformly in ``scale_range`` (the new side is ``max(1, round(side * factor))``): area
-  interpolation down, bilinear up. Dtypes and ranks are kept (a soft gt stays soft).
-  """
+  """``arrays`` ([H, W] or [H, W, C], one size) resized by one factor log-uniform in
+  ``scale_range``: area interpolation down, bilinear up; dtypes and ranks kept."""
   low, high = scale_range
   factor = math.exp(rng.uniform(math.log(low), math.log(high)))
   h, w = arrays[0].shape[:2]
@@ -169,9 +119,7 @@ def pass_scale(rng: np.random.Generator, scales: Tuple[float, ...]) -> float:
 
 
 def loop_resize(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-  """``x`` float32 ``[B, H, W, C]`` resized to ``[B, h, w, C]`` as the multi-scale loop resizes
-  its inputs (bilinear, ``align_corners=True``, the tables of ``geometry.align_corners_table``;
-  ``crm_jax.ops.resize_bilinear_align_corners`` is the same resize in JAX)."""
+  """float32 ``[B, H, W, C]`` -> ``[B, h, w, C]`` as the loop resizes (``align_corners=True``)."""
   x = np.asarray(x, np.float32)
   (in_h, in_w), (out_h, out_w) = x.shape[1:3], size
   if (in_h, in_w) == (out_h, out_w):
@@ -185,8 +133,7 @@ def loop_resize(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
 
 
 def pass_inputs(batch: Dict[str, np.ndarray], scale: float) -> Dict[str, np.ndarray]:
-  """A batch (``image``, ``seg``, ``gt`` at S x S) with image and seg resized to the scale
-  ``scale`` of S (``loop_resize``); gt unchanged (``Options.pass_scales``)."""
+  """The batch with image and seg resized to ``scale`` of S (``loop_resize``); gt unchanged."""
   s = batch["gt"].shape[1]
   size = scaled_size((s, s), scale)
   return dict(batch, image=loop_resize(batch["image"], size), seg=loop_resize(batch["seg"], size))
@@ -200,11 +147,8 @@ def _is_binary(mask: np.ndarray) -> bool:
 
 def random_crop(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
                 size: int = CROP_SIZE) -> Tuple[np.ndarray, np.ndarray]:
-  """The same random ``size`` x ``size`` crop of image [H, W, C] and gt [H, W] (or [H, W, 1]).
-
-  Where the image is smaller than ``size`` it is zero-padded (both image and gt), at a random
-  offset. Dtypes are kept.
-  """
+  """The same random ``size`` x ``size`` crop of image [H, W, C] and gt [H, W] (or [H, W, 1]),
+  zero-padded at a random offset where smaller; dtypes kept."""
   image = np.asarray(image)
   gt = np.asarray(gt)
   h, w = image.shape[:2]
@@ -260,11 +204,8 @@ def _jitter_factor(amount: float, rng: np.random.Generator) -> float:
 def color_jitter(image: np.ndarray, rng: np.random.Generator,
                  brightness: float = JITTER_BRIGHTNESS, contrast: float = JITTER_CONTRAST,
                  saturation: float = JITTER_SATURATION) -> np.ndarray:
-  """torchvision ``ColorJitter(brightness, contrast, saturation, hue=0)`` on a uint8 RGB image.
-
-  Each factor is uniform in [max(0, 1 - x), 1 + x]; the adjustments run in a random order, each
-  rounding and clipping to uint8 as PIL does. An amount of 0 leaves that adjustment out.
-  """
+  """torchvision ``ColorJitter(brightness, contrast, saturation, hue=0)`` on uint8 RGB: factors
+  uniform in [max(0, 1 - x), 1 + x], applied in a random order, each rounding to uint8 as PIL."""
   image = np.asarray(image)
   ops = []
   if brightness > 0:
@@ -298,19 +239,10 @@ def _gt_to_unit(gt: np.ndarray) -> np.ndarray:
 def make_training_example(image: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
                           crop_size: int = CROP_SIZE,
                           options: Options = Options()) -> Dict[str, np.ndarray]:
-  """One training example from an (image, gt) pair, as docs/data.md describes it.
-
-  Args:
-    image: uint8 RGB [H, W, 3] (grey [H, W] or [H, W, 1] is replicated to RGB).
-    gt: grey mask [H, W] (or [H, W, 1]), uint8 in [0, 255] or floating in [0, 1]; may be soft.
-    rng: the source of randomness.
-    crop_size: S.
-    options: what is added to the published recipe (``Options``; the default adds nothing).
-
-  Returns:
-    dict with ``image`` float32 [S, S, 3] normalised, ``seg`` float32 [S, S, 1] in [-1, 1] (the
-    synthesised coarse mask) and ``gt`` float32 [S, S, 1] in [0, 1] (``gt / 255``, soft).
-  """
+  """One training example (docs/data.md) from uint8 RGB ``image`` [H, W, 3] (grey replicated)
+  and ``gt`` [H, W] (uint8 in [0, 255] or floating in [0, 1], may be soft): ``image`` float32
+  [S, S, 3] normalised, ``seg`` float32 [S, S, 1] in [-1, 1] (the synthesised coarse mask),
+  ``gt`` float32 [S, S, 1] in [0, 1]; S = ``crop_size``."""
   image = _as_rgb(image).astype(np.uint8, copy=False)
   gt = synthesis.as_mask_2d(gt)
   if gt.dtype != np.uint8 and not np.issubdtype(gt.dtype, np.floating):

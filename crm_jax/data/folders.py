@@ -1,28 +1,10 @@
-"""Scanning dataset folders laid out as the original archives (docs/refinement.md, docs/data.md).
+"""Scanning dataset folders laid out as the original archives (docs/data.md).
 
-Three layouts:
-
-- FSS-1000 (``scan_fss1000``): ``<root>/<class>/<k>.jpg`` + ``<root>/<class>/<k>.png``; the sample
-  name is ``<class>/<k>``.
-- Flat salient-object sets (``scan_flat``; DUTS-TR, DUTS-TE, ECSSD, MSRA-10K, DUT-OMRON):
-  ``<id>.jpg`` + ``<id>.png``, paired by stem anywhere under the root. This covers both a flat
-  folder (CascadePSP's prepared copies, MSRA10K's ``Imgs/``) and the original archives' split into
-  image and mask subfolders (``DUTS-TR/DUTS-TR-Image/*.jpg`` + ``DUTS-TR/DUTS-TR-Mask/*.png``,
-  ECSSD's ``images/`` + ``ground_truth_mask/``, DUT-OMRON's image and pixelwise-GT folders).
-- BIG (``scan_big``): ``<name>_im.jpg`` (or ``.png``), ``<name>_seg.png`` and ``<name>_gt.png`` in
-  one folder; ``big_split_folders`` finds the archive's ``val/`` and ``test/`` subfolders.
-
-Files that lack a partner are left out and counted in the report, as upstream drops them (one
-difference: upstream's FSS-1000 loader drops a whole class when one of its ``.jpg`` files has no
-``.png``; here only that file is left out. The published archive has no such class). Names that
-occur twice for the same role (for example ``a.jpg`` in two subfolders) are ambiguous: they are
-left out and listed as duplicates rather than paired at random. Hidden files and folders (``.*``)
-and macOS archive debris (``__MACOSX``) are ignored. With ``check_readable=True`` every kept file is
-checked (truncation included: ``is_readable``) and samples with an unreadable file are left out
-and listed.
-
-A missing root raises ``FileNotFoundError``, a root that is a file ``NotADirectoryError``, and a
-folder in which nothing pairs up ``FolderError``; each message names the folder and the layout.
+Layouts: FSS-1000 (``scan_fss1000``, ``FSS1000_LAYOUT``), flat salient-object sets paired by stem
+anywhere under the root (``scan_flat``: DUTS, ECSSD, MSRA-10K, DUT-OMRON) and BIG (``scan_big``,
+``big_split_folders``). Files without a partner, and names found twice for one role, are left out
+and listed in the ``ScanReport``; hidden files and ``__MACOSX`` are ignored. A missing root raises
+``FileNotFoundError``, a file ``NotADirectoryError``, a folder where nothing pairs ``FolderError``.
 """
 
 from __future__ import annotations
@@ -70,17 +52,7 @@ class BigTriple:
 
 @dataclasses.dataclass
 class ScanReport:
-  """What a scan found. Paths in the lists are relative to ``root``.
-
-  Attributes:
-    root: the scanned folder.
-    layout: which layout was scanned (``fss1000``, ``flat`` or ``big``).
-    matched: samples kept (every file present, and readable when checked).
-    unmatched: files left out because a partner is missing.
-    duplicates: files left out because their name occurs twice for the same role.
-    unreadable: files that OpenCV could not decode (their samples are left out); ``None`` when
-      readability was not checked.
-  """
+  """What a scan found (paths relative to ``root``); ``unreadable`` is None when not checked."""
   root: str
   layout: str
   matched: int = 0
@@ -157,8 +129,7 @@ def _pair_role(name: str) -> Tuple[str, Optional[str]]:
 
 
 def is_readable(path: str) -> bool:
-  """Whether the file is a complete image that decodes undamaged (``crm_jax.io.imdecode``: a full
-  decode, slow for big images)."""
+  """Whether the file decodes completely (``crm_jax.io.imdecode``: a full decode)."""
   try:
     imdecode(read_bytes(path), path)
   except InputError:
@@ -230,9 +201,7 @@ def scan_fss1000(root: "str | os.PathLike[str]", *, check_readable: bool = False
       stem, role = _pair_role(f)
       if role:
         entries.append((f"{cls}/{stem}", role, os.path.join(cls, f)))
-  out = _match(entries, ("image", "mask"), root, report, check_readable)
-  _check_found(out, report, what, FSS1000_LAYOUT, len(entries))
-  return [Pair(name=k, image=f["image"], mask=f["mask"]) for k, f in out], report
+  return _pairs(entries, report, check_readable, what, FSS1000_LAYOUT)
 
 
 def scan_flat(root: "str | os.PathLike[str]", *, check_readable: bool = False,
@@ -245,14 +214,17 @@ def scan_flat(root: "str | os.PathLike[str]", *, check_readable: bool = False,
     stem, role = _pair_role(f)
     if role:
       entries.append((stem, role, os.path.join(rel_dir, f)))
-  out = _match(entries, ("image", "mask"), root, report, check_readable)
-  _check_found(out, report, what, FLAT_LAYOUT, len(entries))
+  return _pairs(entries, report, check_readable, what, FLAT_LAYOUT)
+
+
+def _pairs(entries, report: ScanReport, check_readable: bool, what: str, layout: str):
+  out = _match(entries, ("image", "mask"), report.root, report, check_readable)
+  _check_found(out, report, what, layout, len(entries))
   return [Pair(name=k, image=f["image"], mask=f["mask"]) for k, f in out], report
 
 
 def big_entry(f: str) -> Optional[Tuple[str, str]]:
-  """(object name, role) of a BIG file name (``<name>_<role>.<ext>``, a role of ``BIG_ROLES``
-  with its extension), or None."""
+  """(object name, role) of a BIG file name ``<name>_<role>.<ext>``, or None."""
   stem, ext = _split_ext(f)
   for role in BIG_ROLES:
     suffix = "_" + role

@@ -2,9 +2,7 @@
 
     python -m crm_jax.data.make_demo_set --output crm_jax/assets/demo_big
 
-Coarse masks are what a low-resolution segmenter would give: the ground truth
-computed at 1/16 resolution, blurred and upsampled (not the training
-perturbation). Deterministic for a given seed.
+Coarse masks: ``synthesis.lowres_segmenter_mask`` of the ground truth. Deterministic per seed.
 """
 
 import argparse

@@ -1,36 +1,16 @@
-"""The seeded, deterministic, multi-process training loader (docs/training.md, docs/data.md).
+"""The seeded, deterministic, multi-process training loader (docs/data.md, "The loader").
 
-Determinism. Example ``j`` (0 <= j < global batch B) of global step ``t`` is a pure function of
-``(seed, t, j)`` (and of the source, ``crop_size`` and the ``augment.Options``):
-
-- its record is ``perm_e[g mod N]`` with ``g = t * B + j`` the global sample number, ``N`` the
-  source size, ``e = g // N`` the epoch and ``perm_e`` a permutation drawn from ``(seed, e)``:
-  every epoch visits every record once, in a new order, as upstream's shuffled DataLoader;
-- its augmentation (crop, flip, colour jitter, greyscale, the coarse seg with an IoU target in
-  [0.8, 1.0); ``crm_jax.data.augment.make_training_example``) draws from
-  ``np.random.default_rng([seed, 2, t, j])``.
-
-So the loader's position is just the step: resuming at step ``t`` reproduces the batches of an
-uninterrupted run exactly, whatever the number of worker processes, hosts or devices.
-
-Hosts. Process ``p`` of ``P`` (``jax.process_index()``, ``jax.process_count()``) builds only its
-own slice ``j in [p * B / P, (p + 1) * B / P)`` of every global batch.
-
-Output. One dict of numpy float32 arrays per step, for the host's ``b = B / P`` examples:
-``image`` ``[b, S, S, 3]`` normalised RGB, ``seg`` ``[b, S, S, 1]`` in [-1, 1] (the coarse mask),
-``gt`` ``[b, S, S, 1]`` in [0, 1] (soft), ``S = crop_size``. With ``pass_scales`` (off in the
-published recipe; ``augment.Options``) image and seg are ``[b, s', s', C]``, ``s' = round(S * s)``
-for the step's pass scale ``s`` (drawn from ``np.random.default_rng([seed, 3, t])``, so the same
-on every host).
-
-Workers. Batches are built by ``grain``: a ``MapDataset`` over the steps, mapped to batches, and
-``mp_prefetch`` over ``num_workers`` processes (0: a prefetch thread in this process).
+Example ``j`` of global step ``t`` is a pure function of ``(seed, t, j)``: resuming at step ``t``
+reproduces an uninterrupted run's batches whatever the number of workers, hosts or devices. Each
+host builds its slice of every global batch: ``image`` float32 ``[b, S, S, 3]`` normalised,
+``seg`` ``[b, S, S, 1]`` in [-1, 1], ``gt`` ``[b, S, S, 1]`` in [0, 1].
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 import time
 from typing import Any, Dict, Iterator, Optional, Sequence
@@ -66,18 +46,8 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
 
 
 def make_source(config: Any):
-  """The random-access source of ``{'image': uint8 [H, W, 3], 'mask': uint8 [H, W]}`` items.
-
-  ``config.dataset`` is ``'synthetic'`` (``SyntheticSource(synthetic_num_examples,
-  synthetic_size, synthetic_size, seed)``), ``'tfds_mixture'`` (every set of
-  ``config.tfds_sets``, prepared in ``config.data_dir``, concatenated) or ``'real_photos'``
-  (``real_photos.make_source``: composites of photographs shipped by scikit-image, with a share
-  ``real_photos_synthetic_fraction`` of synthetic pairs).
-
-  Raises:
-    DatasetError: an unknown dataset kind, an empty source, or TFDS sets that are not prepared
-      (the message names them and ``data_dir``).
-  """
+  """The random-access source of ``{'image': uint8 [H, W, 3], 'mask': uint8 [H, W]}`` items of
+  ``config.dataset`` (``DATASETS``); DatasetError for an unknown, empty or unprepared one."""
   kind = _get(config, 'dataset')
   if kind == SYNTHETIC:
     size = int(_get(config, 'synthetic_size'))
@@ -117,7 +87,7 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def record_index(seed: int, step: int, j: int, batch_size: int, num_records: int) -> int:
-  """The source record of example ``j`` of global step ``step`` (see the module docstring)."""
+  """The source record of example ``j`` of global step ``step`` (a per-epoch permutation)."""
   g = step * batch_size + j
   epoch, pos = divmod(g, num_records)
   return int(_epoch_permutation(seed, epoch, num_records)[pos])
@@ -126,10 +96,7 @@ def record_index(seed: int, step: int, j: int, batch_size: int, num_records: int
 def make_example(source, seed: int, step: int, j: int, batch_size: int,
                  crop_size: int, options: augment.Options = augment.Options()
                  ) -> Dict[str, np.ndarray]:
-  """Example ``j`` of global step ``step``: ``{'image' [S,S,3], 'seg' [S,S,1], 'gt' [S,S,1]}``.
-
-  ``options``: what is added to the published recipe (``augment.Options``; default nothing).
-  """
+  """Example ``j`` of global step ``step``: ``{'image' [S,S,3], 'seg' [S,S,1], 'gt' [S,S,1]}``."""
   item = source[record_index(seed, step, j, batch_size, len(source))]
   rng = np.random.default_rng([seed, _EXAMPLE_STREAM, step, j])
   return augment.make_training_example(item['image'], item['mask'], rng, crop_size, options)
@@ -170,8 +137,7 @@ class StepBatch:
 
 
 def step_pass_scale(seed: int, step: int, scales: Sequence[float]) -> float:
-  """The pass scale of global step ``step`` (``augment.Options.pass_scales``): a function of
-  ``(seed, step)`` only, so every host and device of a step agrees on the batch's shapes."""
+  """The pass scale of global step ``step``: of ``(seed, step)`` only, so all hosts agree."""
   return augment.pass_scale(np.random.default_rng([seed, _PASS_STREAM, step]), tuple(scales))
 
 
@@ -193,9 +159,7 @@ PARENT_POLL_SECONDS = 1.0
 
 
 def exit_with_parent(worker_index: int, worker_count: int) -> None:
-  """grain's ``worker_init_fn``: the worker ends itself within a second of its parent's end,
-  however the parent ended (a SIGKILL of train.py runs none of its clean-up), instead of living
-  on re-parented to init."""
+  """grain's ``worker_init_fn``: the worker ends within a second of its parent, however it ended."""
   del worker_index, worker_count
   parent = os.getppid()
 
@@ -208,22 +172,8 @@ def exit_with_parent(worker_index: int, worker_count: int) -> None:
 
 
 class TrainLoader:
-  """Iterates over the host batches of steps ``start_step, ..., num_steps - 1``.
-
-  Example::
-
-      with TrainLoader(config, start_step=state_step) as loader:
-        for step, batch in loader:   # batch: dict of numpy arrays, see the module docstring
-          ...
-
-  Args:
-    config: the training config (``dataset`` and its fields, ``seed``, ``batch_size`` (global),
-      ``crop_size``, ``num_steps``, ``num_workers``).
-    start_step: the first step to produce.
-    process_index, process_count: this host and the number of hosts (default: from JAX).
-    num_workers: overrides ``config.num_workers``.
-    source: an already built source (default ``make_source(config)``).
-  """
+  """Iterates ``(step, host batch)`` over steps ``start_step, ..., num_steps - 1``; a context
+  manager. Hosts default to JAX's; ``num_workers`` and ``num_steps`` override the config's."""
 
   def __init__(self, config: Any, start_step: int = 0, *, process_index: Optional[int] = None,
                process_count: Optional[int] = None, num_workers: Optional[int] = None,
@@ -241,10 +191,13 @@ class TrainLoader:
     ds = grain.MapDataset.range(self.start_step, max(self.start_step, self.num_steps)).map(fn)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if workers > 0:
-      # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they
-      # are not parsed yet, so their defaults are taken.
+      # grain's workers read absl flags: outside an absl app, take their defaults.
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+      # Batches travel pickled, not in shared memory: grain keeps each worker's last batch in a
+      # reference cycle, whose shared memory outlived the run (resource_tracker's warning).
+      it_ds = grain.experimental.WithOptionsIterDataset(
+          it_ds, grain.experimental.DatasetOptions(min_shm_size=sys.maxsize))
       it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                              per_worker_buffer_size=2),
                                 worker_init_fn=exit_with_parent)

@@ -1,37 +1,10 @@
 """A training source of composites cut from real photographs (docs/data.md, "Real photographs").
 
-The photographs are the sample images that scikit-image ships inside its wheel
-(``skimage/data/*.png|jpg``; the licence of each is in ``PHOTOS`` and docs/data.md). They are read
-from the installed package's folder with OpenCV; nothing is fetched, and ``skimage`` itself is
-never imported (``importlib.util.find_spec`` only locates it). Training needs scikit-image
-installed; refinement never imports this module.
-
-A composite of side S:
-
-- a **silhouette** (the gt) drawn at 2S and area-downsampled to an S x S alpha, so the cut edge is
-  anti-aliased as a photograph's: a smooth random shape (thresholded low-frequency noise), the
-  same with thin parts (limbs, hair-like strokes) and holes, or scikit-image's ``horse``
-  silhouette, scaled, rotated, sheared and flipped at random;
-- a **foreground**: a random region of one photograph, scaled by a random factor, flipped and
-  rotated by multiples of 90 degrees, and a **background** the same from another photograph (or
-  another region of the same one); grey photographs get a random duotone colouring;
-- **lighting**: the foreground's colour statistics matched to the background's (per channel mean
-  and spread: the two sides of the boundary look alike, so only the coarse mask and the edge tell
-  them apart), or jittered independently (brightness, contrast, saturation);
-- optionally (``distractor_prob``), **distractors**: regions of other photographs pasted inside
-  the foreground and onto the background away from the silhouette, strong edges that are not
-  the boundary (the gt is unchanged);
-- the foreground pasted with the alpha, blurred at random (a defocused or motion-soft edge);
-- the **camera**: sometimes a blur, a lower resolution (down, then up again), noise, and JPEG
-  compression at a random quality, over the whole composite.
-
-The gt is the silhouette at S thresholded at half (binary, as BIG's). The coarse masks are made
-later, as for every source, by ``augment.make_training_example`` (the published perturbation, or
-the low-resolution segmenter of ``lowres_mask_fraction``).
-
-``HELD_OUT`` photographs never appear in ``RealPhotoSource`` examples; ``heldout_composites`` and
-``heldout_photographs`` make the evaluation sets of ``benchmarks/real_photos.py`` from them.
-All randomness comes from ``np.random.default_rng([seed, ...])``: random-access and deterministic.
+The photographs are scikit-image's sample images (``skimage/data``, read with OpenCV; ``skimage``
+is never imported). A composite: a silhouette (the gt, anti-aliased), a foreground and a
+background cut from photographs, matched or jittered lighting, optional distractors, a random
+camera. ``HELD_OUT`` photographs never appear in training; they make the evaluation sets of
+``benchmarks/real_photos.py``. All randomness comes from ``np.random.default_rng([seed, ...])``.
 """
 
 from __future__ import annotations
@@ -48,8 +21,7 @@ import numpy as np
 from crm_jax.data import source_index, synthesis
 from crm_jax.data import synthetic
 
-# name -> (file in skimage/data, licence as scikit-image's docstring states it, kind).
-# kind 'photo': a photograph of a scene or object; 'texture': a close-up of a surface.
+# name -> (file in skimage/data, licence as scikit-image states it, 'photo' or 'texture').
 PHOTOS = {
     'astronaut': ('astronaut.png', 'public domain (NASA; "no known copyright restrictions")',
                   'photo'),
@@ -68,21 +40,14 @@ PHOTOS = {
 }
 # The silhouette that scikit-image ships (CC0, Andreas Preuss, openclipart).
 HORSE = ('horse.png', 'CC0 (Andreas Preuss, openclipart)')
-# Photographs kept out of training: the evaluation photographs (the two of the issue that showed
-# the synthetic-only model failing on real photographs).
 HELD_OUT = ('astronaut', 'chelsea')
 TRAIN_PHOTOS = tuple(n for n in PHOTOS if n not in HELD_OUT)
 
-# Silhouette kinds and their shares in training.
 SMOOTH, THIN_AND_HOLES, HORSE_SHAPE = 'smooth', 'thin_and_holes', 'horse'
 SILHOUETTE_WEIGHTS = {SMOOTH: 0.4, THIN_AND_HOLES: 0.4, HORSE_SHAPE: 0.2}
-# Share of the canvas the silhouette covers.
-AREA_RANGE = (0.08, 0.45)
-# Noise octaves of the smooth shape: (cells across, amplitude).
-SHAPE_OCTAVES = ((2.5, 1.0), (6.0, 0.3), (16.0, 0.08))
+AREA_RANGE = (0.08, 0.45)  # share of the canvas the silhouette covers
+SHAPE_OCTAVES = ((2.5, 1.0), (6.0, 0.3), (16.0, 0.08))  # (cells across, amplitude)
 SHAPE_FALLOFF = 2.5
-# Photograph regions are scaled by a factor log-uniform in this range (relative to the canvas
-# covering the photograph's shorter side).
 PHOTO_SCALE_RANGE = (0.5, 2.0)
 MATCH_LIGHTING_PROB = 0.4  # else independent jitter of the foreground
 SAME_PHOTO_PROB = 0.15  # foreground and background from the same photograph
@@ -96,16 +61,12 @@ NOISE_PROB = 0.3
 NOISE_SIGMA = (1.0, 6.0)
 JPEG_PROB = 0.6
 JPEG_QUALITY = (30, 95)
-# Distractors (``distractor_prob``): small regions of other photographs, cut with smooth
-# silhouettes, pasted inside the foreground (they stay foreground) or onto the background away
-# from the silhouette (they stay background): strong edges that are not the object's boundary.
 DISTRACTOR_COUNT = (1, 4)  # per side, [low, high)
 DISTRACTOR_SIDE = (0.1, 0.4)  # of the canvas side
 
 
 class PhotoError(RuntimeError):
-  """scikit-image (the package that ships the photographs) is not installed, or a file is
-  missing from it."""
+  """scikit-image (which ships the photographs) is not installed, or a file is missing."""
 
 
 def data_dir() -> str:
@@ -122,11 +83,15 @@ def load_photo(name: str) -> np.ndarray:
   """Photograph ``name`` of ``PHOTOS`` as uint8 ``[H, W, 3]`` RGB (grey ones replicated)."""
   if name not in PHOTOS:
     raise KeyError(f'unknown photograph {name!r}; known: {", ".join(PHOTOS)}')
-  path = os.path.join(data_dir(), PHOTOS[name][0])
-  image = cv2.imread(path, cv2.IMREAD_COLOR)
+  return np.ascontiguousarray(_read(PHOTOS[name][0], cv2.IMREAD_COLOR)[..., ::-1])
+
+
+def _read(file: str, flags: int) -> np.ndarray:
+  path = os.path.join(data_dir(), file)
+  image = cv2.imread(path, flags)
   if image is None:
     raise PhotoError(f'{path}: missing or unreadable')
-  return np.ascontiguousarray(image[..., ::-1])
+  return image
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,11 +105,7 @@ def is_grey(name: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def load_horse() -> np.ndarray:
   """scikit-image's horse silhouette, uint8 ``[H, W]`` in {0, 255} (the horse is 255)."""
-  path = os.path.join(data_dir(), HORSE[0])
-  image = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-  if image is None:
-    raise PhotoError(f'{path}: missing or unreadable')
-  return np.where(image < 128, 255, 0).astype(np.uint8)
+  return np.where(_read(HORSE[0], cv2.IMREAD_GRAYSCALE) < 128, 255, 0).astype(np.uint8)
 
 
 # -- silhouettes --------------------------------------------------------------------------------
@@ -164,9 +125,7 @@ def _threshold_area(field: np.ndarray, area: float) -> np.ndarray:
 
 
 def smooth_shape(n: int, rng: np.random.Generator) -> np.ndarray:
-  """A smooth random silhouette, uint8 ``[n, n]`` in {0, 255}: thresholded low-frequency noise
-  with a radial falloff around a random centre. Resolution-independent: the same draws give the
-  same shape at every ``n``."""
+  """uint8 ``[n, n]`` in {0, 255}: thresholded low-frequency noise with a radial falloff."""
   field = np.zeros((n, n), np.float32)
   for cells, amplitude in SHAPE_OCTAVES:
     field += amplitude * _noise(n, n, cells, rng)
@@ -186,8 +145,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def thin_and_holes_shape(n: int, rng: np.random.Generator) -> np.ndarray:
-  """A smooth silhouette with thin parts (limbs, tails, hair- or antenna-like strokes, some
-  curved) and holes, uint8 ``[n, n]`` in {0, 255}."""
+  """A smooth silhouette with thin parts and holes, uint8 ``[n, n]`` in {0, 255}."""
   mask = smooth_shape(n, rng)
   ys, xs = np.nonzero(mask[::8, ::8])
   if ys.size == 0:
@@ -220,8 +178,7 @@ def thin_and_holes_shape(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def horse_shape(n: int, rng: np.random.Generator) -> np.ndarray:
-  """scikit-image's horse silhouette, randomly scaled, rotated, sheared, flipped and placed,
-  uint8 ``[n, n]`` in {0, 255}."""
+  """scikit-image's horse, randomly scaled, rotated, sheared, flipped and placed."""
   horse = load_horse()
   h, w = horse.shape
   scale = rng.uniform(0.45, 0.95) * n / max(h, w)
@@ -260,17 +217,14 @@ def _pick_kind(rng: np.random.Generator) -> str:
 
 def photo_region(name: str, h: int, w: int, rng: np.random.Generator,
                  scale_range: Tuple[float, float] = PHOTO_SCALE_RANGE) -> np.ndarray:
-  """A random ``h x w`` region of photograph ``name``, float32 RGB: rotated by a multiple of 90
-  degrees, flipped, scaled so that the canvas covers ``1 / factor`` of the shorter side (factor
-  log-uniform in ``scale_range``; where that is more than the photograph has, the whole extent is
-  stretched to the canvas); grey photographs coloured by a random duotone."""
+  """A random ``h x w`` region of photograph ``name``, float32 RGB: rotated by k * 90 degrees,
+  flipped, scaled by a factor log-uniform in ``scale_range``; grey ones get a random duotone."""
   image = np.rot90(load_photo(name), int(rng.integers(4)))
   if rng.random() < 0.5:
     image = image[:, ::-1]
   factor = math.exp(rng.uniform(*np.log(scale_range)))
   ph, pw = image.shape[:2]
   zoom = factor * max(h, w) / min(ph, pw)
-  # The photograph's pixels that the region shows (cut first, resized after: cheaper).
   sh, sw = min(ph, max(1, math.ceil(h / zoom))), min(pw, max(1, math.ceil(w / zoom)))
   y0 = int(rng.integers(ph - sh + 1))
   x0 = int(rng.integers(pw - sw + 1))
@@ -285,8 +239,7 @@ def photo_region(name: str, h: int, w: int, rng: np.random.Generator,
 
 
 def match_lighting(fg: np.ndarray, bg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """``fg`` with its per-channel mean and spread moved to ``bg``'s (partly: a random weight in
-  [0.6, 1])."""
+  """``fg`` with its per-channel mean and spread moved (weight in [0.6, 1]) to ``bg``'s."""
   weight = rng.uniform(0.6, 1.0)
   f_mean, f_std = fg.mean(axis=(0, 1)), fg.std(axis=(0, 1)) + 1e-3
   b_mean, b_std = bg.mean(axis=(0, 1)), bg.std(axis=(0, 1)) + 1e-3
@@ -295,8 +248,7 @@ def match_lighting(fg: np.ndarray, bg: np.ndarray, rng: np.random.Generator) -> 
 
 
 def jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Independent lighting: brightness, contrast and saturation factors in [0.6, 1.4], a colour
-  cast of up to 20 grey levels per channel."""
+  """Brightness, contrast and saturation factors in [0.6, 1.4], a colour cast up to +-20."""
   image = image * rng.uniform(0.6, 1.4)
   mean = image.mean()
   image = (image - mean) * rng.uniform(0.6, 1.4) + mean
@@ -306,8 +258,7 @@ def jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def camera(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """The whole composite (float32 RGB) through a random camera: blur, lower resolution, noise,
-  JPEG. Returns uint8 RGB."""
+  """float32 RGB -> uint8 RGB through a random camera: blur, lower resolution, noise, JPEG."""
   h, w = image.shape[:2]
   if rng.random() < CAMERA_BLUR_PROB:
     image = cv2.GaussianBlur(image, (0, 0), rng.uniform(*CAMERA_BLUR_SIGMA)).reshape(h, w, 3)
@@ -331,8 +282,7 @@ def camera(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def alpha_from_silhouette(mask_2x: np.ndarray, size: int) -> np.ndarray:
-  """The anti-aliased alpha, float32 ``[size, size]`` in [0, 1], of a silhouette drawn at a
-  multiple of ``size`` (area downsampling: the edge a photograph of the shape would have)."""
+  """Area-downsampled alpha, float32 ``[size, size]`` in [0, 1], of a larger silhouette."""
   alpha = cv2.resize(mask_2x.astype(np.float32) / 255.0, (size, size),
                      interpolation=cv2.INTER_AREA)
   return alpha.reshape(size, size)
@@ -346,9 +296,8 @@ def composite(fg: np.ndarray, bg: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 def paste_distractors(layer: np.ndarray, centres: np.ndarray, rng: np.random.Generator,
                       photos: Sequence[str]) -> np.ndarray:
-  """``layer`` (float32 RGB ``[S, S, 3]``) with ``DISTRACTOR_COUNT`` small regions of
-  ``photos`` pasted, each cut with a smooth silhouette, jittered, and centred on a pixel drawn
-  from ``centres`` (bool ``[S, S]``; nothing is pasted where it is empty)."""
+  """``layer`` (float32 RGB ``[S, S, 3]``) with small jittered regions of ``photos``, cut with
+  smooth silhouettes, pasted centred on pixels of ``centres`` (bool ``[S, S]``)."""
   ys, xs = np.nonzero(centres)
   if ys.size == 0:
     return layer
@@ -360,7 +309,6 @@ def paste_distractors(layer: np.ndarray, centres: np.ndarray, rng: np.random.Gen
     alpha = alpha_from_silhouette(smooth_shape(2 * side, rng), side)
     k = int(rng.integers(ys.size))
     y0, x0 = int(ys[k]) - side // 2, int(xs[k]) - side // 2
-    # The part of the patch inside the canvas.
     py0, px0 = max(0, -y0), max(0, -x0)
     y1, x1 = min(size, y0 + side), min(size, x0 + side)
     y0, x0 = max(0, y0), max(0, x0)
@@ -373,11 +321,9 @@ def make_composite(size: int, rng: np.random.Generator,
                    photos: Sequence[str] = TRAIN_PHOTOS,
                    kind: Optional[str] = None,
                    distractor_prob: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
-  """One training composite of ``size x size``: (image uint8 ``[S, S, 3]``, gt uint8 ``[S, S]``
-  in {0, 255}). The photographs are drawn from ``photos`` only. With probability
-  ``distractor_prob`` each, distractors (``paste_distractors``) are pasted inside the
-  foreground, and onto the background farther than a tenth of the side from the silhouette; the
-  gt is unchanged. ``distractor_prob == 0`` draws nothing more from ``rng``."""
+  """(image uint8 ``[S, S, 3]``, gt uint8 ``[S, S]`` in {0, 255}) from ``photos`` only; with
+  ``distractor_prob`` each, distractors inside the foreground and on the far background (0 draws
+  nothing more from ``rng``)."""
   kind = kind or _pick_kind(rng)
   mask_2x = silhouette(kind, 2 * size, rng)
   alpha = alpha_from_silhouette(mask_2x, size)
@@ -411,12 +357,7 @@ def make_composite(size: int, rng: np.random.Generator,
 
 
 class RealPhotoSource:
-  """A random-access source of composites of real photographs, deterministic per (seed, index).
-
-  ``source[i]`` is ``{'image': uint8 [S, S, 3], 'mask': uint8 [S, S]}`` from
-  ``np.random.default_rng([seed, i])``; only ``photos`` (default ``TRAIN_PHOTOS``: every
-  photograph but ``HELD_OUT``) are used; ``distractor_prob`` as in ``make_composite``.
-  """
+  """``source[i]``: ``{'image': uint8 [S, S, 3], 'mask': uint8 [S, S]}`` from rng [seed, i]."""
 
   def __init__(self, num_examples: int, size: int, seed: int = 0,
                photos: Sequence[str] = TRAIN_PHOTOS, distractor_prob: float = 0.0):
@@ -452,18 +393,11 @@ class RealPhotoSource:
 
 # -- the held-out evaluation sets (benchmarks/real_photos.py) -----------------------------------
 
-# The held-out composites: seeds that training never draws (training uses [seed, index]).
-HELDOUT_STREAM = 7_919
+HELDOUT_STREAM = 7_919  # a seed stream training never draws
 HELDOUT_KINDS = (SMOOTH, THIN_AND_HOLES, HORSE_SHAPE, SMOOTH, THIN_AND_HOLES, HORSE_SHAPE)
-# The native resolution at which the held-out composites are pasted (the photographs' size), and
-# at which their coarse masks are made; the long sides asked for are resized from it, as the
-# issue's photographs were upscaled.
-HELDOUT_BASE = 512
-# Coarse masks of the held-out sets: the low-resolution segmenter sees HELDOUT_BASE / 4 pixels.
+HELDOUT_BASE = 512  # side at which the held-out composites and their coarse masks are made
 HELDOUT_LOWRES_FACTOR = 4
-# The held-out silhouettes are drawn at this side (or the long side asked for, if larger) and
-# resized, so that every size shows the same shapes.
-HELDOUT_SHAPE_SIDE = 2048
+HELDOUT_SHAPE_SIDE = 2048  # side at which the held-out silhouettes are drawn
 
 
 class EvalPair(NamedTuple):
@@ -491,14 +425,9 @@ def _resize_pair(image: np.ndarray, masks: Sequence[Optional[np.ndarray]], long_
 
 def heldout_composites(long_side: int, count: int = len(HELDOUT_KINDS),
                        seed: int = 0) -> List[EvalPair]:
-  """Composites of the ``HELD_OUT`` photographs only (each pasted onto the other), resized to
-  ``long_side``: the same scenes at every size. The silhouette is drawn at
-  ``HELDOUT_SHAPE_SIDE`` (the gt is its area-resized copy at ``long_side``, thresholded) and
-  area-downsampled to the paste's alpha at ``HELDOUT_BASE``; the composite is then upscaled (or
-  downscaled) as a whole, so its edge is as soft as its content. Coarse
-  masks, made at ``HELDOUT_BASE`` from the gt and resized: even pairs by the published
-  perturbation (``synthesis.synthesize_coarse_mask``), odd pairs by the low-resolution segmenter
-  (``synthesis.lowres_segmenter_mask``)."""
+  """Composites of the ``HELD_OUT`` photographs (each on the other) made at ``HELDOUT_BASE`` and
+  resized to ``long_side``: the same scenes at every size. Coarse masks: even pairs by the
+  published perturbation, odd ones by the low-resolution segmenter."""
   pairs = []
   for k in range(count):
     rng = np.random.default_rng([seed, HELDOUT_STREAM, k])
@@ -526,9 +455,7 @@ def heldout_composites(long_side: int, count: int = len(HELDOUT_KINDS),
   return pairs
 
 
-# Drawn outlines around the subject of each held-out photograph, as (x, y) fractions of the width
-# and height: a polygon drawn roughly around the subject, and an ellipse (centre, half-axes,
-# angle in degrees) as a blob would be.
+# Outlines around each held-out subject (fractions of width, height): polygon; ellipse, degrees.
 OUTLINES = {
     'astronaut': {
         'polygon': ((0.28, 0.05), (0.45, 0.02), (0.60, 0.06), (0.62, 0.30), (0.70, 0.45),
@@ -559,8 +486,7 @@ def outline_mask(name: str, shape: str, height: int, width: int) -> np.ndarray:
 
 
 def heldout_photographs(long_side: int) -> List[EvalPair]:
-  """Each ``HELD_OUT`` photograph resized to ``long_side`` (upscaled, as the issue's were), once
-  per drawn outline (``OUTLINES``); no gt."""
+  """Each ``HELD_OUT`` photograph resized to ``long_side``, once per ``OUTLINES`` shape; no gt."""
   pairs = []
   for name in HELD_OUT:
     photo = load_photo(name)
@@ -578,9 +504,8 @@ GREY_THRESHOLD = 128  # grey masks are foreground above this (crm_jax.metrics.bi
 
 
 def distance_to_boundary(mask: np.ndarray) -> np.ndarray:
-  """float32 ``[H, W]``: each pixel's distance to the nearest pixel of the other label (inside
-  the mask: to the background; outside: to the mask). ``mask`` is grey, foreground
-  ``> GREY_THRESHOLD``. Infinite everywhere when the mask is empty or full."""
+  """float32 ``[H, W]``: each pixel's distance to the nearest pixel of the other label of a grey
+  mask (foreground ``> GREY_THRESHOLD``); infinite everywhere when it is empty or full."""
   fg = np.asarray(mask) > GREY_THRESHOLD
   if fg.all() or not fg.any():
     return np.full(fg.shape, np.inf, np.float32)
@@ -599,16 +524,9 @@ class FarFlips(NamedTuple):
 
 def far_flip_share(coarse: np.ndarray, refined: np.ndarray,
                    fraction: float = FAR_FRACTION) -> FarFlips:
-  """The share of the pixels farther than ``fraction`` of the image diagonal from the coarse
-  mask's boundary whose label the refinement flips (all of them, and inside and outside the
-  coarse mask separately).
-
-  Args:
-    coarse: the coarse mask, grey ``[H, W]`` (foreground ``> GREY_THRESHOLD``).
-    refined: the refined mask, grey ``[H, W]`` on the same scale (``> GREY_THRESHOLD``), or a
-      probability map in [0, 1] (floating dtype, ``> 0.5``).
-    fraction: the distance, as a fraction of ``sqrt(H^2 + W^2)``.
-  """
+  """The share of the pixels farther than ``fraction`` of the diagonal from the coarse mask's
+  boundary whose label the refinement flips. ``coarse``: grey ``[H, W]``; ``refined``: grey
+  ``[H, W]``, or a floating probability map (foreground ``> 0.5``)."""
   coarse = np.asarray(coarse)
   refined = np.asarray(refined)
   if coarse.shape != refined.shape:
@@ -628,16 +546,8 @@ def far_flip_share(coarse: np.ndarray, refined: np.ndarray,
 
 
 def make_source(config):
-  """The training source of ``config.dataset = 'real_photos'`` (``pipeline.make_source``).
-
-  ``real_photos_num_examples`` examples in all, of which a share ``real_photos_synthetic_fraction``
-  (default 0) are ``synthetic.SyntheticSource`` pairs of ``synthetic_size`` and the rest
-  ``RealPhotoSource`` composites of ``real_photos_size`` (with ``real_photos_distractor_prob``,
-  default 0), concatenated (the loader's per-epoch
-  permutation mixes them); both seeded with ``config.seed``.
-  """
-  # tfds_builders imports TFDS (seconds): only on this path, which mixes the two sources.
-  from crm_jax.data.tfds_builders import MixtureSource
+  """The source of ``config.dataset = 'real_photos'`` (with synthetic pairs mixed in)."""
+  from crm_jax.data.tfds_builders import MixtureSource  # imports TFDS (seconds): only here
   get = lambda name, default=None: config[name] if name in config else default  # noqa: E731
   n = int(get('real_photos_num_examples', 0))
   size = int(get('real_photos_size', 0))

@@ -1,23 +1,9 @@
-"""Coarse-mask synthesis for training (docs/data.md, steps a and b).
+"""Coarse-mask synthesis for training (docs/data.md, "Coarse-mask synthesis").
 
-CRM is trained on (image, gt) pairs only; the coarse input mask ("seg") is made on the fly from the
-binarised gt in two steps:
-
-a. ``simplify_boundary``: every contour of at least ``MIN_CONTOUR_POINTS`` points loses a run of
-   ``REGIONAL_SAMPLE_RATE`` consecutive points (starting at a random pick among the
-   ``REMOVE_START_FRACTION`` of starts whose run endpoints are closest together, so the cut removes
-   a protrusion rather than tearing across the object), then a random ``SAMPLE_RATE`` of the
-   remaining points is kept in order and the polygons are filled.
-b. ``random_morphology``: up to ``MORPH_ROUNDS`` rounds of ``RECTS_PER_ROUND`` random rectangles,
-   each dilated or eroded with a random structuring element, stopping after the first round whose
-   IoU against step a's output falls below a target drawn uniformly in ``IOU_TARGET_RANGE``.
-
-All randomness comes from a ``np.random.Generator`` argument, so a seeded generator reproduces the
-mask exactly. Upstream drew from the global ``np.random`` and ``random`` states; the distribution is
-the same, the streams are not.
-
-``lowres_segmenter_mask`` is a separate stand-in for the output of a low-resolution segmenter: it
-made the bundled demo set, and training uses it for the optional ``lowres_mask_fraction``.
+``synthesize_coarse_mask``: upstream's step a (``simplify_boundary``) then step b
+(``random_morphology``) on the binarised gt. ``lowres_segmenter_mask``: a low-resolution
+segmenter's mask (the bundled demo set, ``lowres_mask_fraction``). All randomness comes from a
+``np.random.Generator`` argument (upstream's distribution, not its global random streams).
 """
 
 from __future__ import annotations
@@ -40,14 +26,10 @@ DILATE_PROB = 0.5  # per rectangle: dilate with this probability, else erode.
 KERNEL_SIZE_RANGE = (3, 10)  # structuring-element size, an integer in [3, 10).
 MIN_MORPH_SIDE = 3  # images with a side below this are returned unchanged (upstream: h, w <= 2).
 IOU_EPS = 1e-6  # (|A & B| + eps) / (|A | B| + eps): two empty masks have IoU 1.
+IOU_TARGET_RANGE = (0.8, 1.0)  # step b's IoU target, uniform in [lo, hi)
+GT_THRESHOLD = 0.5  # gt / 255 > 0.5
 
-# The IoU target of step b, drawn uniformly in [0.8, 1.0).
-IOU_TARGET_RANGE = (0.8, 1.0)
-
-# Gt binarisation: gt / 255 > 0.5.
-GT_THRESHOLD = 0.5
-
-# The low-resolution segmenter stand-in (demo data only).
+# The low-resolution segmenter stand-in.
 LOWRES_FACTOR = 16
 LOWRES_BLUR_SIGMA = 0.7  # Gaussian sigma at the low resolution, in low-res pixels.
 LOWRES_THRESHOLD = 0.5
@@ -67,15 +49,8 @@ def as_mask_2d(mask: np.ndarray) -> np.ndarray:
 
 
 def binarize_gt(gt: np.ndarray) -> np.ndarray:
-  """Binarises a gt mask to uint8 {0, 255}: ``gt / 255 > 0.5``.
-
-  Args:
-    gt: [H, W] (or [H, W, 1]) mask. Integer dtypes are grey values in [0, 255]; floating dtypes
-      are taken to be already divided by 255, i.e. in [0, 1].
-
-  Returns:
-    [H, W] uint8 in {0, 255}.
-  """
+  """[H, W] (or [H, W, 1]) gt, integer in [0, 255] or floating in [0, 1] -> [H, W] uint8 in
+  {0, 255}: ``gt / 255 > 0.5``."""
   gt = as_mask_2d(gt)
   prob = gt.astype(np.float32) if np.issubdtype(gt.dtype, np.floating) else gt / np.float32(255)
   return np.where(prob > GT_THRESHOLD, 255, 0).astype(np.uint8)
@@ -94,18 +69,15 @@ def _simplify_contour(contour: np.ndarray, rng: np.random.Generator) -> np.ndarr
   """Step a on one contour [N, 1, 2], N >= MIN_CONTOUR_POINTS; returns the kept points [M, 1, 2]."""
   n = contour.shape[0]
   num_remove = int(n * REGIONAL_SAMPLE_RATE)
-  # Candidate starts i (no wrap-around, as upstream), scored by the squared distance between the
-  # run's endpoints contour[i] and contour[i + num_remove].
+  # Candidate starts (no wrap-around, as upstream), by the squared distance of the run's ends.
   num_starts = n - num_remove
   pts = contour[:, 0, :].astype(np.int64)
   dist = np.sum((pts[:num_starts] - pts[num_remove:num_remove + num_starts]) ** 2, axis=1)
   order = np.argsort(dist, kind="stable")
-  # Upstream takes the first int(0.1 * num_starts) candidates, an empty set (and a crash) for
-  # 10 points; we keep at least one.
+  # At least one candidate (upstream's int(0.1 * num_starts) is none, a crash, for 10 points).
   num_candidates = max(1, int(num_starts * REMOVE_START_FRACTION))
   start = int(order[rng.integers(num_candidates)])
   kept = np.concatenate([contour[:start], contour[start + num_remove:]], axis=0)
-  # Keep a random SAMPLE_RATE of the remaining points, in contour order.
   m = kept.shape[0]
   num_sample = int(m * SAMPLE_RATE)
   idx = np.sort(rng.choice(m, size=num_sample, replace=False))
@@ -113,15 +85,8 @@ def _simplify_contour(contour: np.ndarray, rng: np.random.Generator) -> np.ndarr
 
 
 def simplify_boundary(gt_uint8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Step a: simplifies every contour of a binary mask and fills the kept polygons.
-
-  Args:
-    gt_uint8: [H, W] uint8 mask in {0, 255}.
-    rng: the source of randomness.
-
-  Returns:
-    [H, W] uint8 in {0, 255}; ``gt_uint8`` itself (a copy) when no polygon is left.
-  """
+  """Step a on a [H, W] uint8 mask in {0, 255}: every contour simplified, the kept polygons
+  filled; a copy of the input when no polygon is left."""
   gt_uint8 = np.ascontiguousarray(as_mask_2d(gt_uint8), dtype=np.uint8)
   contours, _ = cv2.findContours(gt_uint8, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
   polygons = []
@@ -153,18 +118,8 @@ def _random_structuring_element(rng: np.random.Generator) -> np.ndarray:
 
 def random_morphology(seg_uint8: np.ndarray, reference_uint8: np.ndarray, iou_target: float,
                       rng: np.random.Generator) -> np.ndarray:
-  """Step b: random local dilations and erosions until IoU(seg, reference) < iou_target.
-
-  Args:
-    seg_uint8: [H, W] uint8 mask to perturb (thresholded at 127 first).
-    reference_uint8: [H, W] mask the stop rule compares against (step a's output).
-    iou_target: stop after the first round whose IoU falls below this.
-    rng: the source of randomness.
-
-  Returns:
-    [H, W] uint8 in {0, 255}. Masks with a side below ``MIN_MORPH_SIDE`` come back only
-    thresholded. If ``MORPH_ROUNDS`` rounds never reach the target, the last mask is returned.
-  """
+  """Step b: random local dilations and erosions of ``seg_uint8`` [H, W] (thresholded at 127)
+  until IoU(seg, reference) < iou_target, at most ``MORPH_ROUNDS`` rounds; uint8 in {0, 255}."""
   seg = np.where(as_mask_2d(seg_uint8) > BINARY_THRESHOLD, 255, 0).astype(np.uint8)
   reference = as_mask_2d(reference_uint8) != 0
   h, w = seg.shape
@@ -199,17 +154,7 @@ def sample_iou_target(rng: np.random.Generator,
 
 def synthesize_coarse_mask(gt: np.ndarray, rng: np.random.Generator,
                            iou_range: tuple[float, float] = IOU_TARGET_RANGE) -> np.ndarray:
-  """The training coarse mask of docs/data.md: step a, then step b.
-
-  Args:
-    gt: [H, W] (or [H, W, 1]) gt mask, uint8 grey values in [0, 255] or floats in [0, 1];
-      binarised with ``gt / 255 > 0.5``.
-    rng: the source of randomness (the IoU target is drawn first, then steps a and b).
-    iou_range: the IoU target of step b is drawn uniformly in [lo, hi).
-
-  Returns:
-    [H, W] uint8 in {0, 255}.
-  """
+  """The training coarse mask, [H, W] uint8 in {0, 255}: steps a and b on the binarised gt."""
   gt_bin = binarize_gt(gt)
   iou_target = sample_iou_target(rng, iou_range)
   simplified = simplify_boundary(gt_bin, rng)
@@ -218,21 +163,9 @@ def synthesize_coarse_mask(gt: np.ndarray, rng: np.random.Generator,
 
 def lowres_segmenter_mask(gt: np.ndarray, rng: np.random.Generator | None = None,
                           factor: int = LOWRES_FACTOR) -> np.ndarray:
-  """The coarse mask a low-resolution segmenter would give: fine detail lost, blobby boundary.
-
-  gt (binarised) is area-downsampled by ``factor``, blurred a little, bilinearly upsampled back
-  and thresholded at 0.5. For the bundled demo set and the optional lowres_mask_fraction of
-  training (not the published synthesis).
-
-  Args:
-    gt: [H, W] (or [H, W, 1]) gt, as for ``synthesize_coarse_mask``.
-    rng: optional; when given, the low-resolution probability map gets a small random offset
-      field (a segmenter's errors), otherwise the result is deterministic.
-    factor: the downsampling factor; the low-resolution size is at least 1x1.
-
-  Returns:
-    [H, W] uint8 in {0, 255}.
-  """
+  """A low-resolution segmenter's mask of the binarised gt: area-downsampled by ``factor``,
+  blurred, given a random error field when ``rng`` is given, upsampled and thresholded at 0.5;
+  [H, W] uint8 in {0, 255}."""
   gt_bin = binarize_gt(gt)
   h, w = gt_bin.shape
   lh = max(1, int(round(h / factor)))

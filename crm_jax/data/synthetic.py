@@ -1,21 +1,10 @@
-"""A synthetic source of (image, mask) pairs with exactly known masks.
+"""A synthetic source of (image, mask) pairs with exactly known masks (tests, demos, CPU runs).
 
-For smoke tests, demos and training without downloaded data. Each pair is a textured object on a
-textured background:
-
-- the mask unites a smooth blob (thresholded multi-octave value noise with a radial falloff; the
-  fine octaves give boundary detail at several scales) with random star polygons and ellipses,
-  sometimes minus a hole, sometimes plus thin lines (hair- or spoke-like structures);
-- the background is a base colour plus low-frequency colour noise, a linear gradient, sometimes
-  stripes, sometimes distractor blobs; the object has its own colour (a moderate offset from the
-  background's) and texture; both get fine grain. The colours differ, but the textures overlap, so
-  the boundary is not a trivial colour threshold;
-- the object is composited with a lightly blurred alpha (anti-aliased edges, as in photographs),
-  while the mask stays hard {0, 255}.
-
-Sizes from 1x1 to 2048x2048 and beyond. All
-randomness comes from a ``np.random.Generator``; ``SyntheticSource`` derives one per (seed, index),
-so it is random-access and deterministic (a grain-style data source).
+Each pair is a textured object on a textured background: the mask unites a noise blob, star
+polygons and ellipses (sometimes a hole, sometimes thin lines); the colours differ but the textures
+overlap, so the boundary is no colour threshold; the object is composited with a lightly blurred
+alpha while the mask stays hard {0, 255}. Any size from 1x1; ``SyntheticSource`` is random-access
+and deterministic per (seed, index).
 """
 
 from __future__ import annotations
@@ -28,28 +17,20 @@ import numpy as np
 
 from crm_jax.data import source_index
 
-# Target fraction of the image covered by the noise blob.
-BLOB_AREA_RANGE = (0.08, 0.4)
-# Value-noise octaves of the blob: (cells across the longer side, amplitude).
-BLOB_OCTAVES = ((3.0, 1.0), (10.0, 0.35), (40.0, 0.12), (120.0, 0.05))
-# Radial falloff weight of the blob field (keeps the blob away from the borders on average).
-BLOB_FALLOFF = 2.0
-# Colour distance between the object's and the background's base colours.
-COLOUR_OFFSET_RANGE = (35.0, 90.0)
+BLOB_AREA_RANGE = (0.08, 0.4)  # share of the image the noise blob covers
+BLOB_OCTAVES = ((3.0, 1.0), (10.0, 0.35), (40.0, 0.12), (120.0, 0.05))  # (cells, amplitude)
+BLOB_FALLOFF = 2.0  # radial falloff weight of the blob field
+COLOUR_OFFSET_RANGE = (35.0, 90.0)  # object colour's distance from the background's
 TEXTURE_AMPLITUDE = 28.0  # low-frequency colour noise, grey levels.
 GRAIN_SIGMA = 5.0  # per-pixel noise, grey levels.
 GRAIN_TILE = 509  # the grain repeats with this period (prime, so it does not align with stripes).
 ALPHA_BLUR_SIGMA = 0.6  # pixels; the composite's edge softness.
-# Quantile estimates use a strided subsample of at most this many values.
-_QUANTILE_SAMPLES = 65_536
+_QUANTILE_SAMPLES = 65_536  # quantiles are estimated on a strided subsample of this size
 
 
 def _value_noise(h: int, w: int, cells: float, rng: np.random.Generator,
                  channels: int = 1) -> np.ndarray:
-  """Smooth noise, float32 [h, w, channels], about unit variance: a random grid, cubic upsampling.
-
-  ``cells`` is the number of grid cells across the longer side (feature size ~ max(h, w) / cells).
-  """
+  """Smooth noise, float32 [h, w, channels]: a grid of ``cells`` across, cubic upsampling."""
   longer = max(h, w)
   gh = max(2, int(math.ceil(cells * h / longer)) + 1)
   gw = max(2, int(math.ceil(cells * w / longer)) + 1)
@@ -134,8 +115,7 @@ def _offset_colour(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _texture(h: int, w: int, colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """float32 [h, w, 3]: a colour with low-frequency colour noise, a gradient, maybe stripes."""
-  # Noise and a linear gradient (random direction, per-channel slope) are made on the noise grid
-  # and upsampled together: cubic interpolation keeps a linear ramp linear.
+  # Noise and a linear gradient on the grid, upsampled together (cubic keeps a ramp linear).
   cells = rng.uniform(2.0, 30.0)
   longer = max(h, w)
   gh = max(2, int(math.ceil(cells * h / longer)) + 1)
@@ -158,7 +138,6 @@ def _texture(h: int, w: int, colour: np.ndarray, rng: np.random.Generator) -> np
     xx = np.arange(w, dtype=np.float32) * np.float32(b)
     stripes = np.sin(yy)[:, None] * np.cos(xx)[None, :]
     stripes += np.cos(yy)[:, None] * np.sin(xx)[None, :]
-    # [h, w] -> [h, w, 3], channel c scaled by amplitude[c].
     amplitude = rng.uniform(-20, 20, (3, 1)).astype(np.float32)
     tex += cv2.transform(stripes[..., None], amplitude).reshape(h, w, 3)
   return tex
@@ -176,17 +155,8 @@ def _grain(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 
 def make_synthetic_pair(height: int, width: int,
                         rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-  """One synthetic pair.
-
-  Args:
-    height: H >= 1.
-    width: W >= 1.
-    rng: the source of randomness.
-
-  Returns:
-    (image uint8 [H, W, 3] RGB, mask uint8 [H, W] in {0, 255}). The mask is never empty nor full
-    when H * W >= 2.
-  """
+  """(image uint8 [H, W, 3] RGB, mask uint8 [H, W] in {0, 255}), H, W >= 1; the mask is never
+  empty nor full when H * W >= 2."""
   h, w = int(height), int(width)
   if h < 1 or w < 1:
     raise ValueError(f"size must be at least 1x1, got {h}x{w}")
@@ -216,12 +186,7 @@ def make_synthetic_pair(height: int, width: int,
 
 
 class SyntheticSource:
-  """A random-access source of synthetic pairs, deterministic per (seed, index).
-
-  ``source[i]`` is ``{"image": uint8 [H, W, 3], "mask": uint8 [H, W]}``; the generator for
-  index i is ``np.random.default_rng([seed, i])``, so any loader (e.g. grain) can read any record
-  in any order, from any process, and get the same pair.
-  """
+  """``source[i]``: ``{"image": uint8 [H, W, 3], "mask": uint8 [H, W]}`` from rng [seed, i]."""
 
   def __init__(self, num_examples: int, height: int, width: int, seed: int = 0):
     if num_examples < 0 or seed < 0:

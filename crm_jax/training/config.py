@@ -16,35 +16,24 @@ from crm_jax.scales import check_min_side
 
 MODEL_PRESETS = {'resnet50': RESNET50, 'small': SMALL, 'tiny': TINY}
 COMPUTE_DTYPES = ('float32', 'bfloat16')
-# config.batch_norm_sync (docs/training.md, "BatchNorm"): 'published', every BatchNorm per device
-# with device 0's running statistics kept (nn.DataParallel upstream); 'all', every BatchNorm
-# synchronised over all devices.
 BATCH_NORM_SYNC = ('published', 'all')
 EVAL_BEST_METRICS = ('iou', 'mba')
 
-# Fields that may differ when a run is resumed: they change neither the model nor the data nor
-# the optimisation (num_steps may only extend a run; the others are bookkeeping).
+# Fields that may differ when a run is resumed (bookkeeping; num_steps may extend a run).
 RESUMABLE_FIELDS = ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
                     'image_every', 'num_workers', 'eval_every', 'eval_data', 'eval_scales',
                     'eval_best_metric', 'eval_synthetic_num_examples', 'eval_synthetic_size',
                     'refine_min_side')
-# Fields added to the configs after runs were recorded, with the value that means "off": a
-# recorded config without one of them ran with that value (``workdir.check_config``).
+# Fields added after runs were recorded, with the value a recorded config without one ran with.
 ADDED_FIELDS = {'rescale_range': None, 'pass_scales': None, 'refine_min_side': 0,
                 'fine_seg_fraction': 0.0}
-# Fields that another replaced: old name -> (new name, the new value of an old value). A recorded
-# config with the old field ran with that new value (``recorded_fields``); a config to run may not
-# hold the old field (``check_config``). sync_batch_norm True synchronised every BatchNorm
-# ('all'); False normalised per device ('published', which keeps device 0's running statistics
-# where the old option averaged them over the devices).
+# Replaced fields: old name -> (new name, new value of an old value); a run may not use the old.
 REPLACED_FIELDS = {
     'sync_batch_norm': ('batch_norm_sync', lambda old: 'all' if old else 'published'),
 }
-# The optimiser's fields (crm_jax.optim.make_optimizer_from_config).
 OPTIMIZER_FIELDS = ('learning_rate', 'weight_decay', 'lr_milestones', 'lr_gamma', 'adam_b1',
                     'adam_b2', 'adam_eps')
 LOSS_FIELDS = ('ce_weight', 'l1_weight', 'l2_weight', 'grad_weight')
-# Integer fields and the smallest value each may take.
 _MINIMA = {'num_steps': 1, 'batch_size': 1, 'crop_size': 1, 'log_every': 1,
            'checkpoint_every': 1, 'keep_checkpoints': 1, 'image_every': 0, 'eval_every': 0,
            'num_workers': 0, 'seed': 0}
@@ -94,8 +83,7 @@ def check_config(config) -> None:
 
 
 def refine_min_side(config) -> int:
-  """``config.refine_min_side`` (0 where the config has none): the ``min_side`` the exported
-  model recommends (``crm_jax.checkpoint.recommended_min_side``)."""
+  """``config.refine_min_side`` (default 0): the ``min_side`` the exported model recommends."""
   try:
     return check_min_side(_get(config, 'refine_min_side', 0))
   except ValueError as e:
@@ -103,10 +91,7 @@ def refine_min_side(config) -> int:
 
 
 def model_config(config) -> ModelConfig:
-  """``config.model``: a preset name ('resnet50', 'small', 'tiny') or a dict of fields.
-
-  ``config.dropout_rate``, where the config has it, replaces the model's dropout rate.
-  """
+  """``config.model`` (a preset name or a dict of fields), with ``config.dropout_rate`` if set."""
   m = config.model
   if isinstance(m, str):
     if m not in MODEL_PRESETS:
@@ -138,8 +123,7 @@ def batch_norm_sync(config) -> str:
 
 
 def recorded_fields(record) -> Dict[str, Any]:
-  """A recorded config (``train_config.json``) in today's fields: each of ``ADDED_FIELDS``
-  that it lacks with the value it ran with, each of ``REPLACED_FIELDS`` under its new name."""
+  """A recorded config in today's fields (``ADDED_FIELDS``, ``REPLACED_FIELDS``)."""
   fields = dict(ADDED_FIELDS, **record)
   for old, (new, convert) in REPLACED_FIELDS.items():
     if old in fields:

@@ -1,8 +1,7 @@
 """Placing trees on this host's devices for ``jax.pmap``: replicate, shard, prefetch, fetch.
 
-Every placement uses a ``NamedSharding`` over the local devices whose axis is named as pmap
-names its outputs (``step.AXIS_NAME``), so the first step and the following ones share one
-compilation.
+Placements use a ``NamedSharding`` whose axis is named as pmap names its outputs, so the first
+step and the following ones share one compilation.
 """
 
 from __future__ import annotations
@@ -47,11 +46,7 @@ def shard(batch: Dict[str, np.ndarray], num_devices: int) -> Dict[str, np.ndarra
 def prefetch(batches: Iterable[Tuple[int, Dict[str, np.ndarray]]], size: int = PREFETCH,
              devices: Optional[Sequence[jax.Device]] = None
              ) -> Iterator[Tuple[int, Dict[str, np.ndarray], Dict[str, jax.Array]]]:
-  """``(step, host_batch)`` -> ``(step, host_batch, device_batch)``, ``size`` batches ahead.
-
-  ``device_batch`` is the host batch split over the local devices (``shard``) and already
-  copied to them (asynchronously), so the copy overlaps the steps before it.
-  """
+  """``(step, host_batch)`` -> ``(step, host_batch, device_batch)``, ``size`` batches ahead."""
   sharding = _sharding(devices)
   n = len(sharding.mesh.devices)
   batches = iter(batches)

@@ -1,8 +1,4 @@
-"""Console lines, a progress bar and TensorBoard (tensorboardX) on process 0; example pictures.
-
-The train step's metrics stay on the devices; the loop hands this module the window of steps
-since the last log step, fetched in one transfer (``summarize``).
-"""
+"""Console lines, a progress bar and TensorBoard (tensorboardX) on process 0; example pictures."""
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """``train_and_evaluate(config, workdir)``: the training loop, read top to bottom.
 
-restore -> (step, log, validate, checkpoint) x N -> export. The step and its non-finite guard
-stay on the devices; the host looks at them only at "sync steps" (a log, picture, validation
-or checkpoint step, the last step, or a stop signal), so dispatch runs ahead of the devices in
-between. The workdir's layout is in ``workdir.py``.
+restore -> (step, log, validate, checkpoint) x N -> export. The host looks at the devices only at
+"sync steps" (a log, picture, validation or checkpoint step, the last step, or a stop signal), so
+dispatch runs ahead of the devices in between.
 """
 
 from __future__ import annotations
@@ -99,8 +98,7 @@ class Run:
 
 
 def _lock_workdir(workdir: str) -> Optional[FolderLock]:
-  """The workdir's lock (a second run into it is refused in one line), or None when the folder
-  cannot be made (``wd.prepare`` then says why in one line)."""
+  """The workdir's lock, or None when the folder cannot be made (``wd.prepare`` says why)."""
   path = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(path, exist_ok=True)
@@ -112,9 +110,8 @@ def _lock_workdir(workdir: str) -> Optional[FolderLock]:
 
 
 def start_run(config, workdir: str) -> Run:
-  """Checks everything that can be checked before a step (the config, the devices, the
-  workdir, the dataset, the checkpoint or ``config.init``, the validation set), restores the
-  state, then records the config in the workdir: from here on it belongs to this config."""
+  """Checks all that can be checked before a step (config, devices, workdir, dataset, checkpoint
+  or ``config.init``, validation set), restores the state, then records the config."""
   cfg_lib.check_config(config)
   multi_process = maybe_initialize_distributed()
   is_main = jax.process_index() == 0
@@ -169,22 +166,10 @@ def _picture(run: Run, done: int, state: TrainState, batch) -> None:
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
-  """Trains CRM as ``config`` says, in ``workdir``; returns the final host TrainState.
-
-  Every ``log_every`` steps a console line (loss parts, lr, IoU of the input seg and of the
-  prediction, steps/s) and TensorBoard scalars; every ``image_every`` steps an example picture;
-  every ``eval_every`` steps (and at the end) a validation (``validation.py``); every
-  ``checkpoint_every`` steps, at the end and on SIGTERM / SIGINT a checkpoint (keeping the last
-  ``keep_checkpoints``). At the end the model is exported to ``WORKDIR/model``.
-
-  Raises:
-    TrainingError: a bad config field, an unusable workdir, a batch size that does not split
-      over the devices, a workdir holding checkpoints of another config, a bad ``config.init``
-      or validation set, or a non-finite step (the message names the step; the last good
-      state is saved first).
-    pipeline.DatasetError: a missing or unprepared dataset.
-    Preempted: SIGTERM or SIGINT stopped the run after a checkpoint (it carries the state).
-    crm_jax.io.InputError: another run is using the workdir (``crm_jax.folder_lock``).
+  """Trains CRM as ``config`` says, in ``workdir`` (docs/training.md); returns the final host
+  TrainState. Raises TrainingError (one line: a bad field, workdir, batch size, init, validation
+  set or a non-finite step), pipeline.DatasetError, Preempted (a signal; a checkpoint was saved)
+  or crm_jax.io.InputError (another run holds the workdir).
   """
   run = start_run(config, workdir)
   try:

@@ -1,10 +1,7 @@
 """SIGTERM and SIGINT (Ctrl-C) -> stop at the next step boundary, after a checkpoint.
 
-One process: a signal handler sets a flag that the loop reads after every step. Several
-processes: JAX's preemption sync point (``multihost_utils.reached_preemption_sync_point``), so
-that every process stops at the same step; there SIGINT is turned into a SIGTERM of this
-process, which JAX's preemption service sees (where that service is not running, the SIGTERM
-ends the process as SIGINT would have).
+One process: a handler sets a flag. Several: JAX's preemption sync point, so that every process
+stops at the same step (SIGINT is turned into a SIGTERM, which JAX's preemption service sees).
 """
 
 from __future__ import annotations
@@ -20,9 +17,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
-  """Training stopped on a signal after saving a checkpoint (``state``, at ``state.step``); run
-  again with the same workdir to resume. ``exit_status`` is 128 + the signal's number, what a
-  scheduler expects of a job that a signal ended (143 for SIGTERM, 130 for SIGINT)."""
+  """Training stopped on a signal after saving ``state``; ``exit_status``: 128 + the signal."""
 
   def __init__(self, message: str, state, signal_name: str):
     super().__init__(message)

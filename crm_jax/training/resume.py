@@ -1,10 +1,5 @@
-"""Where a training run starts from: the workdir's training-state checkpoints (orbax: params,
-batch_stats, optimiser state, data position) and the initial weights of ``config.init``.
-Model checkpoints (what training exports, what refinement reads) are ``crm_jax.checkpoint``.
-
-Resume order (``loop.train_and_evaluate``): the latest checkpoint in the workdir; else
-``config.init`` (a crm_jax model checkpoint) for params and batch_stats; else a fresh
-initialisation from ``config.seed``.
+"""Where a training run starts from (docs/training.md): the workdir's training-state checkpoints
+(orbax: the TrainState and the data position), or the weights of ``config.init``.
 """
 
 from __future__ import annotations
@@ -55,13 +50,8 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: TrainState)
 
 def restore_checkpoint(manager: ocp.CheckpointManager,
                        target: TrainState) -> Tuple[TrainState, List[str]]:
-  """The newest intact checkpoint of the workdir, and one note per damaged newer one.
-
-  A checkpoint that cannot be restored whole (a cut data or metadata file, a missing file, an
-  inconsistent step) is damaged: it is removed (training would otherwise never save a step at
-  or below it again) and the next older one is tried. ``TrainingError`` names the folder when
-  no checkpoint is intact; damaged weights are never used.
-  """
+  """The newest intact checkpoint, and one note per damaged newer one (removed, or training
+  would never save at its step again); TrainingError when none is intact."""
   notes = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:

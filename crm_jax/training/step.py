@@ -1,24 +1,9 @@
 """The train state, the pure train step, the on-device non-finite guard, and ``build``.
 
-Parallelism. The global batch (``config.batch_size``) is split evenly over every device of every
-host: each host loads its own slice (``crm_jax.data.pipeline``), which is split over its local
-devices, and the step runs under ``jax.pmap(axis_name='batch')``. Gradients are averaged with
-``jax.lax.pmean``. BatchNorm (``crm_jax.models.encoder.BatchNorm``: PyTorch's rule, biased
-variance to normalise, unbiased to update the running variance) follows
-``config.batch_norm_sync`` (docs/training.md, "BatchNorm"):
-
-- ``'published'``: every BatchNorm normalises with its own device's batch statistics, and the
-  running statistics that survive the step are device 0's, as under the published
-  ``nn.DataParallel`` (replica 0's buffers are the module's own; the others' are discarded).
-- ``'all'``: every BatchNorm synchronises its statistics over all devices in the forward pass
-  (``CRM(bn_axis_name='batch')``); the running statistics are then the same on every device.
-
-Either way every device holds the same state after the step.
-
-Mixed precision. ``config.compute_dtype='bfloat16'`` casts the parameters and the input to
-bfloat16 inside the loss function, so the encoder and the fusion compute in bfloat16 while the
-parameters, the BatchNorm statistics, the optimiser state, the gradients and the loss stay float32;
-the implicit decoder runs in float32 (with the bfloat16-rounded weights).
+The global batch is split over every device of every host and the step runs under
+``jax.pmap(axis_name='batch')``, gradients averaged with ``pmean``. BatchNorm follows
+``config.batch_norm_sync`` and ``config.compute_dtype='bfloat16'`` computes encoder and fusion in
+bfloat16 with float32 state (docs/training.md, "BatchNorm" and "bfloat16 in training").
 """
 
 from __future__ import annotations
@@ -45,12 +30,7 @@ NON_FINITE_PARTS = ((1, 'loss'), (2, 'gradients'), (4, 'parameters'), (8, 'optim
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that training changes, as one pytree.
-
-  ``step``: int32 scalar, the number of updates applied (the data position: the next batch is
-  that of global step ``step``). ``params`` / ``batch_stats``: the CRM variables.
-  ``opt_state``: the optax state of ``optim.make_optimizer_from_config``.
-  """
+  """Everything training changes; ``step`` (int32): updates applied, also the data position."""
 
   step: jax.Array
   params: Any
@@ -80,7 +60,6 @@ class Guard:
     return f'non-finite {parts[0]} at step {int(self.bad_step)}{also}'
 
 
-
 def queries(crop_size: int, batch: int) -> Tuple[jax.Array, jax.Array]:
   """Every pixel centre of a ``crop_size`` crop: ``coord`` and ``cell`` ``[batch, S*S, 2]``."""
   coord = make_coord((crop_size, crop_size)).reshape(1, crop_size * crop_size, 2)
@@ -90,14 +69,9 @@ def queries(crop_size: int, batch: int) -> Tuple[jax.Array, jax.Array]:
 
 
 def decode_every_pixel(model: CRM, variables, feature_map: jax.Array, size: int) -> jax.Array:
-  """Logits ``[B, size, size]`` (float32; float64 for a float64 F) at every pixel centre of a
-  ``size`` crop (cell 2/size), from F ``[B, h, w, C]``.
-
-  The same function as ``model(x, *queries(size, B))``, computed as the bucketed refinement
-  does (``CRM.project`` then ``CRM.decode_grid``): the first decoder layer is applied to F
-  before the nearest-feature look-up, so the look-up (and its gradient) moves 32 values per
-  query instead of 262. The decoder runs in float32 (or in F's dtype where that is wider).
-  """
+  """Logits ``[B, size, size]`` (float32, or F's dtype where wider) at every pixel centre of a
+  ``size`` crop, from F ``[B, h, w, C]``: ``model(x, *queries(size, B))`` computed as the
+  bucketed refinement does (``CRM.project``, then ``CRM.decode_grid``)."""
   projected = model.apply(variables, feature_map, method=CRM.project)
   projected = projected.astype(jnp.promote_types(projected.dtype, jnp.float32))
   rows = jnp.arange(size, dtype=jnp.int32)
@@ -109,27 +83,13 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
                model: CRM, tx: optax.GradientTransformation, schedule: optax.Schedule,
                weights: Dict[str, float], compute_dtype: str = 'float32',
                axis_name: str = AXIS_NAME) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimiser step on one device's share of the batch (run under ``jax.pmap``).
+  """One optimiser step on one device's share of the batch (under ``jax.pmap``).
 
-  Args:
-    state: the replicated TrainState (this device's copy).
-    batch: ``image`` ``[b, s', s', 3]``, ``seg`` ``[b, s', s', 1]``, ``gt`` ``[b, S, S, 1]``
-      (NHWC); ``s' = S`` except under ``pass_scales`` (the encoder then reads the smaller
-      input and every pixel of the S x S grid is queried, as in a pass of the loop).
-    rng: the run's dropout key, the same on every device; it is folded with the step and with
-      the device's index on ``axis_name``.
-    model: ``CRM``: with ``bn_axis_name=axis_name`` every BatchNorm is synchronised over the
-      devices (``batch_norm_sync='all'``); with None each device normalises with its own
-      statistics and device 0's running statistics are kept (``'published'``).
-    tx, schedule: ``optim.make_optimizer_from_config``.
-    weights: ``crm_loss`` weights.
-    compute_dtype: 'float32' or 'bfloat16' (see the module docstring); 'float64' where JAX
-      runs with x64 enabled (the parity tests).
-
-  Returns:
-    ``(new_state, metrics)``: metrics are identical on every device: the loss parts (``total``,
-    ``ce``, ``l1``, ``l2``, ``grad``; means over the global batch), the IoU counts summed over
-    the global batch, ``lr`` (the rate of this update), ``grad_norm``, ``param_norm``.
+  ``batch``: ``image`` ``[b, s', s', 3]``, ``seg`` ``[b, s', s', 1]``, ``gt`` ``[b, S, S, 1]``
+  (NHWC; ``s' < S`` only under ``pass_scales``). ``rng``: the dropout key, folded with the step
+  and the device index. A ``model`` without ``bn_axis_name`` keeps device 0's running statistics.
+  Returns ``(new_state, metrics)``, metrics the same on every device: the loss parts (means over
+  the global batch), the IoU counts (sums), ``lr``, ``grad_norm``, ``param_norm``.
   """
   step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                                 jax.lax.axis_index(axis_name))
@@ -169,12 +129,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
 
 
 def device_zero(tree, axis_name: str = AXIS_NAME):
-  """Device 0's values of ``tree`` on every device of ``axis_name`` (exact: a copy).
-
-  Per-device BatchNorm (``batch_norm_sync='published'``): under ``nn.DataParallel`` the
-  replica on the first device holds the module's own buffers, so its in-place running-statistic
-  updates are the ones that survive the step; every other replica's are discarded.
-  """
+  """Device 0's ``tree`` on every device (``nn.DataParallel`` keeps replica 0's buffers)."""
   return jax.tree_util.tree_map(lambda x: jax.lax.all_gather(x, axis_name)[0], tree)
 
 
@@ -186,15 +141,9 @@ def _all_finite(tree) -> jax.Array:
 
 def guarded_step(state: TrainState, guard: Guard, batch, rng, *, step_fn: Callable,
                  axis_name: str = AXIS_NAME):
-  """``step_fn`` (a bound ``train_step``) behind the non-finite guard, all on the devices.
-
-  A step whose loss, gradients (their norm), updated parameters / BatchNorm statistics or
-  optimiser state hold a NaN or an infinity is not applied: the state stays as it was and
-  ``guard`` records the step and what was bad. Once the guard is set no later step is applied,
-  so the state the host finds at its next look is the last good one (finite by construction).
-
-  Returns ``(state, guard, metrics)``.
-  """
+  """``step_fn`` (a bound ``train_step``) behind the non-finite guard, on the devices: a step
+  with a non-finite loss, gradient norm, new variables or optimiser state is not applied, and
+  ``guard`` records it; no later step is applied. Returns ``(state, guard, metrics)``."""
   new_state, metrics = step_fn(state, batch, rng)
   checks = (jnp.isfinite(metrics['total']), jnp.isfinite(metrics['grad_norm']),
             _all_finite((new_state.params, new_state.batch_stats)),
@@ -211,14 +160,8 @@ def guarded_step(state: TrainState, guard: Guard, batch, rng, *, step_fn: Callab
 
 
 class Trainer(NamedTuple):
-  """What ``build(config)`` gives.
-
-  ``model``: the CRM module (BatchNorm synchronised over ``AXIS_NAME`` when
-  ``config.batch_norm_sync`` is 'all', per device when it is 'published').
-  ``tx`` / ``schedule``: the optimiser and its learning rate per step.
-  ``p_step(state, guard, batch, rng) -> (state, guard, metrics)``: ``guarded_step`` pmapped,
-  the state and guard donated. ``init(rng) -> variables``: fresh CRM variables.
-  """
+  """What ``build(config)`` gives: ``p_step(state, guard, batch, rng) -> (state, guard,
+  metrics)`` is ``guarded_step`` pmapped (state and guard donated); ``init(rng) -> variables``."""
 
   model: CRM
   tx: optax.GradientTransformation

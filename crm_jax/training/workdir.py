@@ -1,17 +1,4 @@
-"""The workdir: its layout, its recorded config, and what a killed run left behind.
-
-Layout (only process 0 writes files other than checkpoints)::
-
-    WORKDIR/train_config.json   the config of the run, recorded once the run has started (the
-                                data and config.init were checked); a resumed run must match it
-    WORKDIR/checkpoints/<step>/ orbax CheckpointManager: 'state' (TrainState), 'data' (position)
-    WORKDIR/tensorboard/        TensorBoard event files (tensorboardX)
-    WORKDIR/images/             example predictions, step_<step>.png
-    WORKDIR/validation.json     validation scores per evaluated step and the best step
-    WORKDIR/validation_data/    held-out synthetic sets (config.eval_data = 'synthetic')
-    WORKDIR/model/              the final model (crm_jax.checkpoint.save_model), readable by
-                                crm_jax.refine.Refiner.from_checkpoint
-"""
+"""The workdir (docs/training.md: its layout): its recorded config, a killed run's leftovers."""
 
 from __future__ import annotations
 
@@ -31,12 +18,10 @@ CHECKPOINT_DIR = 'checkpoints'
 TENSORBOARD_DIR = 'tensorboard'
 IMAGES_DIR = 'images'
 VALIDATION_FILE = 'validation.json'
-VALIDATION_DATA_DIR = 'validation_data'
 MODEL_DIR = model_ckpt.EXPORT_DIR  # load_model also accepts the workdir itself.
-# What an interrupted atomic write leaves (crm_jax.io.atomic_write: '.tmp-*' files;
-# crm_jax.checkpoint.save_model: '<name>.tmp-*' folders), in the folders the trainer writes.
+# What interrupted atomic writes leave ('.tmp-*' files, '<name>.tmp-*' folders).
 _LEFTOVERS = ('.tmp-*', '*.tmp-*')
-_WRITTEN_DIRS = ('', IMAGES_DIR, os.path.join(VALIDATION_DATA_DIR, '*'))
+_WRITTEN_DIRS = ('', IMAGES_DIR)
 
 
 def prepare(workdir: str, is_main: bool) -> str:
@@ -75,13 +60,8 @@ def remove_leftovers(workdir: str) -> list:
 
 
 def check_config(workdir: str, config, has_checkpoint: bool) -> None:
-  """Raises TrainingError if ``workdir`` holds checkpoints of another config.
-
-  Only ``RESUMABLE_FIELDS`` may differ; a recorded config is read in today's fields
-  (``config.recorded_fields``: added fields, replaced ones such as ``sync_batch_norm``). A
-  recorded config without a checkpoint (a run that never saved a step) binds nothing: the new
-  config replaces it (``record_config``).
-  """
+  """Raises TrainingError if ``workdir`` holds checkpoints of another config (only
+  ``RESUMABLE_FIELDS`` may differ); a recorded config without a checkpoint binds nothing."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not (has_checkpoint and os.path.exists(path)):
     return
@@ -90,8 +70,6 @@ def check_config(workdir: str, config, has_checkpoint: bool) -> None:
       old = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise TrainingError(f'{path}: unreadable ({e}); use another --workdir') from None
-  # A run recorded before a field existed ran without it (the same for a config without it), and
-  # one recorded before a field was replaced ran with its replacement's equivalent value.
   old, new = recorded_fields(old), recorded_fields(config_to_json(config))
   missing = object()
   diffs = [k for k in sorted(set(old) | set(new))
