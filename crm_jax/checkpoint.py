@@ -1,25 +1,5 @@
-"""Model checkpoints: an orbax pytree of variables plus the model config.
-
-Layout of a model checkpoint directory (what ``convert_torch_weights.py``
-writes and ``Refiner.from_checkpoint`` / ``train.py --init`` read)::
-
-    DIR/config.json     {"format": "crm-jax-model", "model": {...}, "meta": {...}}
-    DIR/variables/      orbax StandardCheckpointer: {"params", "batch_stats"}
-
-A training workdir (``train.py --workdir``) is also accepted: the model that
-training exported to ``WORKDIR/model`` is read.
-Directories are written under a temporary name (``<name>.tmp-<pid>-*``) and
-renamed, so a checkpoint is either complete or absent; the next save beside it
-removes what a killed save left.
-
-``fingerprint(config, variables)`` identifies a model by its content (see its
-docstring); outputs record it (``crm_jax.evaluation``).
-
-``meta`` may hold ``"refine": {"min_side": N}``: the ``min_side`` the model is meant to refine
-with (``recommended_min_side``; training writes its config's ``refine_min_side``). Refinement
-uses it when the caller gives none; a checkpoint without it (converted published weights)
-refines with the published loop.
-"""
+"""Model checkpoints: ``DIR/config.json`` (``{"format": "crm-jax-model", "model", "meta"}``) and
+``DIR/variables/`` (orbax), written atomically; a training workdir's ``model/`` is read too."""
 
 import hashlib
 import json
@@ -57,10 +37,8 @@ def tree_paths(tree) -> Dict[str, Any]:
 
 def check_tree(variables, config: ModelConfig, source: str) -> None:
   """Raises ``CheckpointError`` unless ``variables`` matches ``CRM(config)``."""
-  want = tree_paths(abstract_variables(config))
-  have = tree_paths(variables)
-  missing = sorted(set(want) - set(have))
-  extra = sorted(set(have) - set(want))
+  want, have = tree_paths(abstract_variables(config)), tree_paths(variables)
+  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
   if missing or extra:
     raise CheckpointError(
         f"{source}: variables do not match the model: missing {missing[:5]}"
@@ -74,11 +52,8 @@ def check_tree(variables, config: ModelConfig, source: str) -> None:
 
 def save_model(path: str, variables, config: ModelConfig,
                meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
-  """Writes a model checkpoint directory atomically; returns its path.
-
-  Raises ``CheckpointError`` (one line naming ``path``) when it is a file or its folder cannot
-  be written, ``FileExistsError`` when it exists and not ``overwrite``.
-  """
+  """Writes a model checkpoint directory atomically; returns its path. ``CheckpointError`` for a
+  file or an unwritable folder, ``FileExistsError`` unless ``overwrite``."""
   path = os.path.abspath(path)
   check_tree(variables, config, path)
   if os.path.exists(path) and not os.path.isdir(path):
@@ -93,8 +68,7 @@ def save_model(path: str, variables, config: ModelConfig,
     raise CheckpointError(f"{path}: cannot be written ({e.strerror or e})") from None
   variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
   with folder_written_atomically(path) as tmp:
-    # This process alone (in a multi-process run only one process exports; orbax would
-    # otherwise wait for the others at its barriers).
+    # This process alone (only one exports; orbax would wait for the others at its barriers).
     me = jax.process_index()
     checkpointer = ocp.StandardCheckpointer(
         multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -102,19 +76,13 @@ def save_model(path: str, variables, config: ModelConfig,
     checkpointer.save(os.path.join(tmp, VARIABLES_DIR), variables)
     checkpointer.wait_until_finished()
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      json.dump({"format": FORMAT, "model": config.to_dict(), "meta": meta or {}},
-                f, indent=2)
+      json.dump({"format": FORMAT, "model": config.to_dict(), "meta": meta or {}}, f, indent=2)
   return path
 
 
 def fingerprint(config: ModelConfig, variables) -> str:
-  """A content fingerprint of a model: ``sha256:<hex>``.
-
-  SHA-256 over the model config's architecture fields (canonical JSON; the training-only
-  dropout rate left out) and then, for every variable in sorted path order, its path, dtype,
-  shape and bytes (C order). Two checkpoints have the same fingerprint exactly when they hold
-  the same network and numbers, wherever and however often they were saved.
-  """
+  """``sha256:<hex>`` over the architecture (canonical JSON) and every variable's path, dtype,
+  shape and bytes, in path order: equal exactly for the same network and numbers."""
   h = hashlib.sha256(json.dumps(config.architecture(), sort_keys=True).encode())
   leaves = tree_paths(jax.device_get(variables))
   for key in sorted(leaves):
@@ -155,8 +123,7 @@ def read_config(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:
 
 
 def recommended_min_side(path: str) -> int:
-  """The ``min_side`` that the checkpoint at ``path`` recommends (``meta["refine"]["min_side"]``),
-  0 (the published loop) when it names none; ``CheckpointError`` for a bad value."""
+  """``meta["refine"]["min_side"]`` of the checkpoint at ``path``, else 0 (the published loop)."""
   _, meta = read_config(path)
   refine = meta.get("refine", {})
   try:
@@ -169,9 +136,8 @@ def recommended_min_side(path: str) -> int:
 
 
 def resolve_min_side(min_side: Optional[int], path: str) -> Tuple[int, Optional[str]]:
-  """``(min_side, note)``: the caller's ``min_side`` (checked) or, when it is None, the
-  checkpoint's recommendation; ``note`` says so (for a ``note:`` line) when a recommendation
-  other than 0 was taken, else None."""
+  """``(min_side, note)``: the caller's (checked) or else the checkpoint's; ``note`` for a
+  ``note:`` line when a recommendation other than 0 was taken."""
   if min_side is not None:
     return check_min_side(min_side), None
   value = recommended_min_side(path)
@@ -183,10 +149,7 @@ def resolve_min_side(min_side: Optional[int], path: str) -> Tuple[int, Optional[
 
 
 def load_model(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:
-  """Loads ``(config, variables)`` from a model checkpoint directory.
-
-  ``variables`` is ``{'params': ..., 'batch_stats': ...}`` of numpy arrays.
-  """
+  """``(config, {'params', 'batch_stats'} of numpy arrays)`` of a model checkpoint directory."""
   path = resolve(path)
   config, _ = read_config(path)
   target = abstract_variables(config)

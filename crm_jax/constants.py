@@ -1,7 +1,4 @@
-"""One source of truth for the constants of CRM (what each means: docs/, per section below).
-
-Every module that needs one of these numbers imports it from here.
-"""
+"""The constants of CRM, imported from here by every module (what each means: docs/, below)."""
 
 # Inputs (docs/model.md).
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # RGB, applied after /255.
@@ -21,7 +18,6 @@ DECODER_SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))  # (vy, vx), first sign ou
 # The multi-scale test procedure (docs/refinement.md).
 SCALES = (0.125, 0.25, 0.5, 1.0)
 REFLECT_PAD = 32  # pixels added on every side before refinement, cropped after.
-QUERY_CHUNK = 802_816  # upstream's queries per chunk.
 EMPTY_SEG_SUM = 2.0  # seg in [-1, 1] is "empty" when sum(seg + 1) < 2.
 
 # Metrics (docs/metrics.md).

@@ -1,17 +1,5 @@
-"""PyTorch <-> crm-jax weights: published CRM checkpoints and torchvision's ResNet-50 in, and
-crm-jax models back out to the published PyTorch layout.
-
-* ``convert_crm``: a published CRM checkpoint (a state dict, with or without ``module.``
-  prefixes, or a dict holding one) -> a model checkpoint.
-* ``convert_imagenet``: torchvision's ImageNet ResNet-50 weights -> an initial CRM checkpoint
-  for training (conv1's fourth input channel zero, fusion and decoder freshly initialised).
-* ``verify_conversion``: the PyTorch reference and the JAX model on random inputs.
-* ``export_torch``: a crm-jax model checkpoint -> a PyTorch ``.pth`` state dict in the published
-  layout (docs/model.md, "Exporting to PyTorch").
-
-The key mapping is ``crm_jax.torch_mapping``; the command is ``crm_jax.cli.convert``
-(``crm-convert``); docs/model.md.
-"""
+"""PyTorch <-> crm-jax weights (``crm-convert``; keys: ``crm_jax.torch_mapping``; docs/model.md):
+published CRM checkpoints and torchvision's ResNet-50 in, the published layout out."""
 
 import importlib
 import os
@@ -72,25 +60,17 @@ def imagenet_to_variables(state: Dict[str, np.ndarray], seed: int = 0,
   conv1 = np.asarray(state["conv1.weight"], np.float32)
   if conv1.ndim != 4 or conv1.shape[1] != 3:
     raise MappingError(f"conv1.weight has shape {conv1.shape}; expected [C, 3, 7, 7]")
-  renamed, skipped = {}, []
-  for k, v in state.items():
-    if k.startswith(TORCHVISION_SKIPPED_PREFIXES) or k.endswith("num_batches_tracked"):
-      skipped.append(k)
-      continue
-    renamed["feats." + k] = v
-  renamed["feats.conv1.weight"] = np.concatenate(
-      [conv1, np.zeros_like(conv1[:, :1])], axis=1)
+  skip = lambda k: k.startswith(TORCHVISION_SKIPPED_PREFIXES) or k.endswith("num_batches_tracked")
+  skipped = [k for k in state if skip(k)]
+  renamed = {"feats." + k: v for k, v in state.items() if not skip(k)}
+  renamed["feats.conv1.weight"] = np.concatenate([conv1, np.zeros_like(conv1[:, :1])], axis=1)
   encoder_vars, _ = torch_to_flax(renamed)
-  fresh = jax.tree_util.tree_map(
-      np.asarray, init_variables(CRM(config), jax.random.PRNGKey(seed)))
+  fresh = jax.tree_util.tree_map(np.asarray, init_variables(CRM(config), jax.random.PRNGKey(seed)))
   for collection in ("params", "batch_stats"):
     got = encoder_vars[collection].get("encoder", {})
-    want = fresh[collection]["encoder"]
-    gp = ckpt.tree_paths(got)
-    wp = ckpt.tree_paths(want)
-    if set(gp) != set(wp):
-      missing = sorted(set(wp) - set(gp))[:5]
-      extra = sorted(set(gp) - set(wp))[:5]
+    gp, wp = ckpt.tree_paths(got), ckpt.tree_paths(fresh[collection]["encoder"])
+    missing, extra = sorted(set(wp) - set(gp))[:5], sorted(set(gp) - set(wp))[:5]
+    if missing or extra:
       raise MappingError(f"encoder {collection} do not match: missing {missing}, "
                          f"unexpected {extra}")
     for k in wp:
@@ -121,17 +101,8 @@ def convert_imagenet(src: str, out_dir: str, seed: int = 0, overwrite: bool = Fa
 
 def export_torch(checkpoint_dir: str, out_path: str, overwrite: bool = False,
                  log=print) -> Dict[str, np.ndarray]:
-  """A crm-jax model checkpoint -> a PyTorch ``.pth`` in the published layout; returns the state.
-
-  ``checkpoint_dir`` is a model checkpoint directory or a training workdir
-  (``crm_jax.checkpoint.load_model``). The file (``torch_mapping.save_torch_state_dict``: plain
-  tensors, written atomically) holds the state dict of ``torch_mapping.flax_to_torch``:
-  ``module.``-prefixed keys, placeholder ``layer4`` entries (never used by CRM) so that the
-  published network loads it with ``strict=True``, and a ``num_batches_tracked`` buffer for
-  every BatchNorm. Those buffers hold the checkpoint's ``meta["step"]`` (the training steps,
-  which training writes: each step ran every BatchNorm once), or 0 when the checkpoint records
-  none (converted published weights, ImageNet initialisations). Logs one line.
-  """
+  """A model checkpoint or workdir -> a ``.pth`` in the published layout; returns the state.
+  ``num_batches_tracked`` holds the checkpoint's ``meta["step"]`` (else 0)."""
   check_torch_target(out_path, overwrite)  # Before the work.
   config, variables = ckpt.load_model(checkpoint_dir)
   _, meta = ckpt.read_config(checkpoint_dir)
@@ -157,14 +128,8 @@ def _torch_reference():
 
 def verify_conversion(torch_ckpt_path: str, converted_dir: str, seed: int = 0,
                       size: Tuple[int, int] = (61, 47)) -> float:
-  """Largest ``|logit difference|`` between the PyTorch and the converted model.
-
-  Builds the PyTorch reference (``crm_jax.torch_reference``) with the config
-  of the converted checkpoint, loads the original state dict into it, and runs
-  both in eval mode on one random input ``[1, H, W, 4]`` (``size = (H, W)``),
-  queried at every pixel centre of ``(H, W)`` (about twice as fine as F) and
-  at 1000 random points.
-  """
+  """Largest ``|logit difference|`` between the PyTorch reference holding the original and the
+  converted model, in eval mode on a random ``[1, H, W, 4]``: every pixel centre and 1000 points."""
   reference = _torch_reference()
   import torch  # optional dependency: PyTorch (crm_jax[torch])
   config, variables = ckpt.load_model(converted_dir)

@@ -1,22 +1,5 @@
-"""The fused plan's programs as serialized ``jax.export`` modules, and their loader.
-
-``export_fused(checkpoint_dir, out_dir, buckets, scales)`` lowers the fused plan's program of
-every bucket, scale and batch rung (``crm_jax.plans.fused_program``: the very jitted function
-``Refiner`` runs) for ``platforms`` and writes each as ``Exported.serialize()`` bytes, beside a
-``manifest.json`` (buckets, scales, dtype, platforms, the checkpoint's fingerprint); the folder is
-written under a temporary name and renamed, so it is complete or absent. No device of those
-platforms is needed: JAX lowers for ``cuda`` and ``tpu`` on a CPU-only machine.
-
-The model variables stay arguments (not baked in): the modules are small, one export serves any
-checkpoint of the same architecture and dtype, and the manifest's fingerprint says which one it
-was made with (``ExportedFused.check_variables``). ``load_fused(out_dir)`` deserializes them;
-``ExportedFused.program`` has ``fused_program``'s signature, so ``plans.refine_fused(...,
-program=exported.program)`` runs the serialized programs through the plan's own loop.
-
-``portability_problems(text)`` reads a lowered module's StableHLO for what cannot run on an
-accelerator (host callbacks and CPU-only custom calls, float64, dynamic shapes);
-``export_program`` refuses a program that has any, naming it (tests/test_lowering.py).
-"""
+"""The fused plan's programs as serialized ``jax.export`` modules (variables as arguments) beside
+a ``manifest.json``, their loader, and the accelerator check of StableHLO (docs/benchmarks.md)."""
 
 import dataclasses
 import hashlib
@@ -62,12 +45,8 @@ class ExportError(InputError):
 
 
 def portability_problems(text: str) -> List[str]:
-  """What in a StableHLO module's text cannot run on an accelerator (empty: nothing).
-
-  Host callbacks (``jax.debug.callback``/``print``, ``pure_callback``, ``io_callback``) and
-  other custom calls outside ``PORTABLE_CUSTOM_CALLS`` (CPU kernels such as LAPACK's), float64
-  values (slow or absent on accelerators; ``jax_enable_x64`` left on), and dynamic shapes.
-  """
+  """What in a StableHLO module's text cannot run on an accelerator (empty: nothing): host
+  callbacks, custom calls outside ``PORTABLE_CUSTOM_CALLS``, float64 values, dynamic shapes."""
   problems = []
   targets = sorted({a or b for a, b in _CUSTOM_CALL.findall(text)} - PORTABLE_CUSTOM_CALLS)
   for target in targets:
@@ -83,13 +62,8 @@ def portability_problems(text: str) -> List[str]:
 
 
 def export_program(program: plans.Program, platforms: Sequence[str]) -> jax.export.Exported:
-  """``program.export(platforms)``, refused (``PortabilityError`` naming the program) when the
-  lowering fails or the module has ``portability_problems``, or when tracing it asked for
-  float64 (JAX truncates it to float32 with a warning while ``jax_enable_x64`` is off).
-
-  ``program.fn``'s caches are cleared first, so that it is traced here and its warnings seen
-  (its next ordinary call compiles again).
-  """
+  """``program.export(platforms)``; ``PortabilityError`` naming the program when the lowering
+  fails, has ``portability_problems`` or asked for float64 (``fn``'s caches are cleared first)."""
   program.fn.clear_cache()
   try:
     with warnings.catch_warnings():
@@ -110,8 +84,7 @@ def export_program(program: plans.Program, platforms: Sequence[str]) -> jax.expo
 
 
 def _problems_on_cpu(program: plans.Program) -> List[str]:
-  """``portability_problems`` of the program's CPU lowering (what a failed lowering for other
-  platforms may have tripped on), empty when that fails too."""
+  """``portability_problems`` of the program's CPU lowering (empty when that fails too)."""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
@@ -120,34 +93,15 @@ def _problems_on_cpu(program: plans.Program) -> List[str]:
     return []
 
 
-# ---------------------------------------------------------------------------------------------
 # Export folders.
-
-
-def _file_name(bucket, scale: float, batch: int) -> str:
-  return f"fused_{bucket[0]}x{bucket[1]}_scale{scale:g}_batch{batch}.bin"
-
 
 def export_fused(checkpoint_dir: str, out_dir: str, buckets: Sequence[Tuple[int, int]],
                  scales: Sequence[float], dtype: str = "float32",
                  platforms: Sequence[str] = DEFAULT_PLATFORMS, *,
                  batch_sizes: Sequence[int] = (1,), queries: Optional[int] = None,
                  overwrite: bool = False) -> str:
-  """Writes the fused plan's programs for ``buckets`` x ``scales`` x ``batch_sizes``; returns
-  ``out_dir``.
-
-  Args:
-    checkpoint_dir: a model checkpoint (``crm_jax.checkpoint``); only its config and
-      fingerprint are used: the variables are the programs' first argument.
-    buckets: ``(Hb, Wb)`` buckets (``geometry.bucket_shape`` of padded sizes).
-    scales: the refinement scales (their largest fixes the programs' query buffer).
-    dtype: ``"float32"`` or ``"bfloat16"``, the compute dtype (``Refiner(dtype=...)``).
-    platforms: e.g. ``("cuda",)``; include ``"cpu"`` to run them here.
-    batch_sizes: batch rungs (``plans.BATCH_LADDER``) to export.
-    queries: queries per decoder chunk (static in the program); default
-      ``plans.queries_per_chunk`` of the platforms (the CPU's if ``cpu`` is the only one).
-  """
-
+  """Writes the fused programs of ``buckets`` ``(Hb, Wb)`` x ``scales`` x ``batch_sizes`` for
+  ``platforms`` (no such device needed), atomically; returns ``out_dir``."""
   scales = check_scales(scales)
   platforms = tuple(platforms)
   config, variables = ckpt.load_model(checkpoint_dir)
@@ -167,7 +121,7 @@ def export_fused(checkpoint_dir: str, out_dir: str, buckets: Sequence[Tuple[int,
           program = plans.fused_program(config, bucket, scale, max(scales), int(batch), queries,
                                         variables=abstract)
           blob = export_program(program, platforms).serialize()
-          name = _file_name(bucket, scale, batch)
+          name = f"fused_{bucket[0]}x{bucket[1]}_scale{scale:g}_batch{batch}.bin"
           with open(os.path.join(tmp, PROGRAMS_DIR, name), "wb") as f:
             f.write(blob)
           entries.append({"bucket": list(bucket), "scale": scale, "batch": int(batch),
@@ -187,13 +141,8 @@ def export_fused(checkpoint_dir: str, out_dir: str, buckets: Sequence[Tuple[int,
 
 @dataclasses.dataclass
 class ExportedFused:
-  """A loaded export folder: its manifest and its deserialized programs.
-
-  ``program(config, bucket, scale, max_scale, batch, queries, variables=None)`` has
-  ``plans.fused_program``'s signature and returns the serialized program as a callable
-  ``(variables, image, seg, geo) -> (prob, seg)``; ``queries`` is ignored (the export fixed
-  the chunk). ``ExportError`` names what the folder lacks.
-  """
+  """A loaded export folder: its manifest and deserialized programs. ``program`` has
+  ``plans.fused_program``'s signature (``queries`` ignored) and returns the program's call."""
 
   path: str
   manifest: Dict
@@ -213,13 +162,11 @@ class ExportedFused:
     return tuple(self.manifest["batch_sizes"])
 
   def refiner_kwargs(self) -> Dict:
-    """What a ``Refiner`` running these programs must be: the fused plan, the export's dtype
-    and batch sizes."""
+    """The ``Refiner`` settings these programs need."""
     return {"plan": "fused", "dtype": self.dtype, "batch_ladder": self.batch_sizes}
 
   def check_variables(self, config: ModelConfig, variables) -> None:
-    """``ExportError`` unless ``config`` is the export's and ``variables`` are its
-    checkpoint's (``crm_jax.checkpoint.fingerprint``)."""
+    """``ExportError`` unless ``config`` and ``variables`` (fingerprint) are the export's."""
     if config.architecture() != self.config.architecture():
       raise ExportError(f"{self.path}: exported for another model architecture")
     if ckpt.fingerprint(config, variables) != self.manifest["fingerprint"]:
@@ -269,9 +216,7 @@ def load_fused(path: str) -> ExportedFused:
 def refine_exported(exported: ExportedFused, variables, images_p: Sequence[np.ndarray],
                     segs_p: Sequence[np.ndarray], bucket_steps: int,
                     scales: Optional[Sequence[float]] = None) -> List[Dict[float, np.ndarray]]:
-  """``plans.refine_fused`` through the serialized programs (same loop, same batching):
-  padded pairs of one bucket -> one ``{s: prob [H, W]}`` per pair. ``variables`` in the
-  export's dtype; ``scales`` default to the export's."""
+  """``plans.refine_fused`` through the serialized programs; ``scales`` default to the export's."""
   return plans.refine_fused(exported.config, variables, images_p, segs_p,
                             tuple(scales or exported.scales), exported.manifest["queries"],
                             bucket_steps, exported.batch_sizes, program=exported.program)

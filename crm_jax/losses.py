@@ -1,8 +1,5 @@
-"""Training loss and IoU counts of CRM (docs/training.md).
-
-Layouts are NHWC. ``logits``, ``gt``, ``seg`` and ``prob`` are ``[B, H, W, 1]``
-float32; ``gt`` is the soft mask in [0, 1], ``seg`` the coarse input in [-1, 1].
-"""
+"""Training loss and IoU counts of CRM (docs/training.md). ``logits``, ``gt`` (soft, [0, 1]),
+``seg`` ([-1, 1]) and ``prob`` are NHWC ``[B, H, W, 1]`` float32."""
 
 from typing import Dict, Tuple
 
@@ -10,10 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from crm_jax.constants import SOBEL_EPS
-from crm_jax.constants import TRAIN_GT_THRESHOLD
-from crm_jax.constants import TRAIN_PROB_THRESHOLD
-from crm_jax.constants import TRAIN_SEG_THRESHOLD
+from crm_jax.constants import (SOBEL_EPS, TRAIN_GT_THRESHOLD, TRAIN_PROB_THRESHOLD,
+                               TRAIN_SEG_THRESHOLD)
 
 # Cross-correlation kernels, indexed [row (H), column (W)].
 _SOBEL_KX = ((1.0, 0.0, -1.0), (2.0, 0.0, -2.0), (1.0, 0.0, -1.0))
@@ -22,10 +17,7 @@ _SOBEL_SCALE = 4.0
 
 
 def _windows3x3(x: jax.Array):
-  """The nine shifted views of ``x`` ``[B, H, W, C]`` zero-padded by 1.
-
-  Yields ``(i, j, view)`` with ``view[:, h, w] == x_padded[:, h + i, w + j]``.
-  """
+  """``(i, j, view)``: ``view[:, h, w] == x_padded[:, h + i, w + j]``, zero padding 1."""
   _, h, w, _ = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   for i in range(3):
@@ -34,15 +26,8 @@ def _windows3x3(x: jax.Array):
 
 
 def sobel(x: jax.Array) -> jax.Array:
-  """Smoothed Sobel gradient magnitude of ``x`` ``[B, H, W, C]`` (per channel).
-
-  A 3x3 average pool (stride 1, zero padding 1, padding counted: the 3x3 sum
-  divided by 9), then cross-correlation with ``kx`` and ``ky`` (each / 4, zero
-  padding 1), then ``sqrt(gx**2 + gy**2 + SOBEL_EPS)``. Same shape as ``x``.
-
-  Written with shifted slices rather than convolutions, so the result is exact
-  float32 arithmetic on every backend (no TF32 convolutions on GPUs).
-  """
+  """Smoothed Sobel magnitude of ``x`` ``[B, H, W, C]`` (per channel), same shape; shifted
+  slices rather than convolutions, so exact float32 on every backend (no TF32)."""
   pooled = sum(view for _, _, view in _windows3x3(x)) / 9.0
   gx = jnp.zeros_like(pooled)
   gy = jnp.zeros_like(pooled)
@@ -54,86 +39,37 @@ def sobel(x: jax.Array) -> jax.Array:
   return jnp.sqrt(gx * gx + gy * gy + SOBEL_EPS)
 
 
-def crm_loss(
-    logits: jax.Array,
-    gt: jax.Array,
-    *,
-    ce_weight: float,
-    l1_weight: float,
-    l2_weight: float,
-    grad_weight: float,
-) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """The CRM training loss.
-
-  ``total = ce_weight * ce + l1_weight * l1 + l2_weight * l2 + grad_weight *
-  grad`` with, for ``p = sigmoid(logits)``:
-    ce: mean binary cross-entropy with logits against ``gt > 0.5`` (as float);
-    l1: mean ``|p - gt|``; l2: mean ``(p - gt)**2``;
-    grad: mean ``|sobel(gt) - sobel(p)|``.
-  The published command uses weights ce 1.0, l1 0.5, l2 0.5, grad 2.0.
-
-  Args:
-    logits: ``[B, H, W, 1]`` logits (computed in float32, or float64 for float64 logits).
-    gt: ``[B, H, W, 1]`` soft ground truth in [0, 1].
-    ce_weight, l1_weight, l2_weight, grad_weight: the weights of the parts.
-
-  Returns:
-    ``(total, parts)``: the scalar loss, and a dict of the unweighted scalar
-    parts ``ce``, ``l1``, ``l2``, ``grad`` plus ``total``.
-  """
+def crm_loss(logits: jax.Array, gt: jax.Array, *, ce_weight: float, l1_weight: float,
+             l2_weight: float, grad_weight: float) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """``(total, parts)``: the weighted sum of the unweighted means ``ce`` (against ``gt > 0.5``),
+  ``l1``, ``l2`` and ``grad`` (Sobel), and those parts with ``total``; in at least float32."""
   dtype = jnp.promote_types(logits.dtype, jnp.float32)  # float32 (float64 in x64 parity tests)
-  logits = logits.astype(dtype)
-  gt = gt.astype(dtype)
+  logits, gt = logits.astype(dtype), gt.astype(dtype)
   p = jax.nn.sigmoid(logits)
   target = (gt > TRAIN_GT_THRESHOLD).astype(dtype)
   diff = p - gt
-  parts = {
-      'ce': jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target)),
-      'l1': jnp.mean(jnp.abs(diff)),
-      'l2': jnp.mean(diff * diff),
-      'grad': jnp.mean(jnp.abs(sobel(gt) - sobel(p))),
-  }
+  parts = {'ce': jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target)),
+           'l1': jnp.mean(jnp.abs(diff)), 'l2': jnp.mean(diff * diff),
+           'grad': jnp.mean(jnp.abs(sobel(gt) - sobel(p)))}
   total = (ce_weight * parts['ce'] + l1_weight * parts['l1'] +
            l2_weight * parts['l2'] + grad_weight * parts['grad'])
   parts['total'] = total
   return total, parts
 
 
-def _intersection_union(mask: jax.Array, gt_mask: jax.Array):
-  intersection = jnp.sum(mask & gt_mask, dtype=jnp.int32)
-  union = jnp.sum(mask | gt_mask, dtype=jnp.int32)
-  return intersection, union
-
-
 def iou_counts(seg: jax.Array, prob: jax.Array, gt: jax.Array) -> Dict[str, jax.Array]:
-  """Intersection and union pixel counts summed over the whole batch.
-
-  The input seg is thresholded ``seg > 0.5`` on its [-1, 1] values (the
-  published quirk: a probability above 0.75), the prediction ``prob > 0.5``
-  (``prob`` is ``sigmoid(logits)``), the ground truth ``gt > 0.5``.
-
-  The counts are int32 scalars: ``jax.lax.psum`` them across devices (and add
-  them across steps), then take ``iou_from_counts``.
-
-  Returns:
-    ``{'seg_intersection', 'seg_union', 'pred_intersection', 'pred_union'}``.
-  """
+  """int32 intersection and union counts over the batch, ``{seg,pred}_{intersection,union}``
+  (add them up, then ``iou_from_counts``); seg ``> 0.5`` on [-1, 1], the published quirk."""
   gt_mask = gt > TRAIN_GT_THRESHOLD
-  seg_i, seg_u = _intersection_union(seg > TRAIN_SEG_THRESHOLD, gt_mask)
-  pred_i, pred_u = _intersection_union(prob > TRAIN_PROB_THRESHOLD, gt_mask)
-  return {
-      'seg_intersection': seg_i,
-      'seg_union': seg_u,
-      'pred_intersection': pred_i,
-      'pred_union': pred_u,
-  }
+  counts = {}
+  for name, mask in (('seg', seg > TRAIN_SEG_THRESHOLD), ('pred', prob > TRAIN_PROB_THRESHOLD)):
+    counts[f'{name}_intersection'] = jnp.sum(mask & gt_mask, dtype=jnp.int32)
+    counts[f'{name}_union'] = jnp.sum(mask | gt_mask, dtype=jnp.int32)
+  return counts
 
 
 def iou_from_counts(counts: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
-  """``{'seg_iou', 'pred_iou'}`` = intersection / union from ``iou_counts``.
-
-  An empty union (no foreground anywhere) gives 1.0.
-  """
+  """``{'seg_iou', 'pred_iou'}`` = intersection / union (1.0 for an empty union)."""
   out = {}
   for name in ('seg', 'pred'):
     inter = jnp.asarray(counts[f'{name}_intersection'], jnp.float32)

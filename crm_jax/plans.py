@@ -1,38 +1,7 @@
-"""Execution plans of the multi-scale loop: ``plain``, ``banded`` and ``fused``.
+"""Execution plans of the multi-scale loop: ``plain``, ``banded``, ``fused`` (docs/refinement.md).
 
-See docs/refinement.md. Each plan runs the same Flax modules (``crm_jax.models``)
-on the same host-made index tables (``crm_jax.geometry``); they differ only in
-how the work is cut into compiled programs:
-
-* ``plain``: per distinct padded size, one program for the features and one
-  for the queries of each scale, on the true shapes (no masking, no
-  buckets). The exactness reference; ``2 x len(scales)`` compilations per
-  distinct size.
-* ``banded``: bucketed shapes (valid region at the top-left, true sizes as
-  traced values), the network driven piece by piece from Python (the stem,
-  each bottleneck kind, the two deep branches, the fusion head), the
-  stride-1 bottlenecks and the full-resolution fusion head in bands of rows
-  with a halo (exact), written in place into donated buffers: the
-  256-channel F is never held whole. Made for CPU memory.
-  ``compilations_per_bucket(config, n, "banded")`` compilations a bucket.
-* ``fused``: bucketed shapes, and per bucket and scale ONE compiled program
-  from the padded inputs to the probability map and the next scale's seg
-  (encoder, fusion and every query chunk inside, the chunks in a
-  ``fori_loop``); the seg stays on the device between scales and pairs of
-  one bucket run as one batch (``vmap``), the batch padded to a rung of
-  ``BATCH_LADDER``. ``len(scales)`` compilations per bucket and batch rung.
-  Made for accelerators.
-
-All plans agree to float rounding; the discrete choices (resize tables,
-nearest feature indices) are bit-identical since the host makes them.
-
-``fused_program`` and ``banded_programs`` give the jitted programs of the
-bucketed plans with abstract arguments (``Program``), for a bucket, scale,
-batch and dtype: ``refine_fused`` runs what ``fused_program`` returns,
-tests/test_lowering.py lowers them for ``cuda`` and ``tpu`` from the CPU,
-benchmarks/roofline.py compiles them for their costs, ``crm_jax.export``
-serializes them.
-"""
+The same modules and host-made tables, cut differently into compiled programs; ``fused_program``
+and ``banded_programs`` give a plan's programs as ``Program``s."""
 
 import dataclasses
 import functools
@@ -43,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crm_jax import checkpoint as ckpt
 from crm_jax.constants import EMPTY_SEG_SUM
 from crm_jax.geometry import (NUM_LEVELS, ScaleGeometry, bands, batch_size_rung, bucket_shape,
                               scale_geometry, scaled_size)
-from crm_jax.models.crm import CRM, ModelConfig, init_variables
+from crm_jax.models.crm import CRM, ModelConfig
 from crm_jax.models.encoder import LEVEL_INPUT, LEVEL_X1, LEVEL_X2, LEVEL_X3, Bottleneck, Encoder
 from crm_jax.models.fusion import Fusion
 from crm_jax.models.implicit_decoder import ImplicitDecoder
@@ -56,8 +26,7 @@ from crm_jax.preprocess import prob_to_seg
 PLANS = ("plain", "banded", "fused")
 # Batch sizes the fused plan compiles for; a group is padded to the next rung.
 BATCH_LADDER = (1, 2, 4, 8)
-# Queries (pixels) per decoder chunk: small enough that a chunk's MLP
-# activations stay in the CPU's caches, large enough to fill an accelerator.
+# Queries per decoder chunk: the CPU's fit its caches, an accelerator's fill it.
 QUERIES_PER_CHUNK = {"cpu": 1 << 13, "default": 1 << 20}
 # Elements of the widest tensor of one band (banded plan: bottlenecks, fusion head).
 BAND_ELEMENTS = 1 << 25
@@ -73,13 +42,7 @@ def rows_per_chunk(shape: Tuple[int, int], queries: int) -> int:
 
 
 def compilations_per_bucket(config: ModelConfig, num_scales: int, plan: str = "banded") -> int:
-  """The most compilations one bucket costs (per batch rung for ``fused``).
-
-  ``banded``, per scale: the stem, one per bottleneck kind (``BlockSpec.kind``:
-  the first block of a stage and its later ones), the x2 and x3 branches and
-  the fusion head; plus one query function for all scales (10 per scale + 1
-  for RESNET50). ``fused``: one program per scale. ``plain`` has no buckets.
-  """
+  """The most compilations one bucket costs (per batch rung for ``fused``; docs/refinement.md)."""
   if plan == "fused":
     return num_scales
   if plan != "banded":
@@ -87,10 +50,6 @@ def compilations_per_bucket(config: ModelConfig, num_scales: int, plan: str = "b
   kinds = {spec.kind() for spec in config.encoder_blocks()}
   return num_scales * (1 + len(kinds) + 2 + 1) + 1
 
-
-# ----------------------------------------------------------------------------
-# Shared pieces.
-# ----------------------------------------------------------------------------
 
 def sub_variables(variables, *path):
   """``{'params': ..., 'batch_stats': ...}`` of one submodule."""
@@ -102,18 +61,6 @@ def sub_variables(variables, *path):
     if node is not None:
       out[collection] = node
   return out
-
-
-def _encoder(config: ModelConfig) -> Encoder:
-  return Encoder(config.stem_width, config.encoder_blocks())
-
-
-def _fusion(config: ModelConfig) -> Fusion:
-  return Fusion(tuple(config.fusion_widths), config.feature_dim)
-
-
-def _decoder(config: ModelConfig) -> ImplicitDecoder:
-  return ImplicitDecoder(config.feature_dim, tuple(config.decoder_hidden))
 
 
 def _valid(row0, size):
@@ -128,14 +75,8 @@ def _level_valid(sizes) -> Dict[int, jax.Array]:
 
 
 def _network_input(image, seg, sizes, input_tables, dtype):
-  """The scale's network input and whether its seg is empty.
-
-  ``image`` ``[Hb, Wb, 3]`` and ``seg`` ``[Hb, Wb]`` (valid part at the
-  top-left) are resized (align_corners tables) to the scale's input, zeroed
-  outside ``sizes[LEVEL_INPUT]``. Returns ``([1, hb_s, wb_s, 4] in dtype,
-  empty: bool[])``; empty is the published rule ``sum(seg + 1) < 2`` over the
-  true input.
-  """
+  """``image`` ``[Hb, Wb, 3]``, ``seg`` ``[Hb, Wb]`` -> ``([1, hb_s, wb_s, 4] in dtype, empty)``,
+  zeroed outside ``sizes[LEVEL_INPUT]``; empty: the published ``sum(seg + 1) < 2``."""
   x = jnp.concatenate([image, seg[:, :, None]], axis=-1)[None]
   x = resize_cols(resize_rows(x, input_tables[0]), input_tables[1])
   x = mask_valid(x, _valid(0, sizes[LEVEL_INPUT]))
@@ -146,20 +87,12 @@ def _network_input(image, seg, sizes, input_tables, dtype):
 
 
 def _query_rows(config: ModelConfig, dec_vars, projected, geo, rows_per_chunk: int):
-  """Probabilities at the true target grid's pixel centres, bucketed.
-
-  Args:
-    projected: ``[h, w, D]`` with the true projected F at the top-left.
-    geo: ``ScaleGeometry.query_arrays()``; rows past the true height are not
-      queried (left 0); columns past the true width hold meaningless values.
-    rows_per_chunk: static rows per ``fori_loop`` step.
-  Returns:
-    prob ``[Hb, Wb]`` float32.
-  """
+  """prob ``[Hb, Wb]`` float32 from ``projected`` ``[h, w, D]`` and ``query_arrays()``, by
+  ``rows_per_chunk`` rows (rows past the true height stay 0, columns past it are meaningless)."""
   qy, iy, rel_y = geo["y_axis"]
   big_hb, big_wb = qy.shape[0], geo["x_axis"][0].shape[0]
   num_rows = geo["sizes"][0][0]
-  decoder = _decoder(config)
+  decoder = ImplicitDecoder(config.feature_dim, tuple(config.decoder_hidden))
   n_static = -(-big_hb // rows_per_chunk)
   out = jnp.zeros((n_static * rows_per_chunk, big_wb), jnp.float32)
 
@@ -175,9 +108,7 @@ def _query_rows(config: ModelConfig, dec_vars, projected, geo, rows_per_chunk: i
   return jax.lax.fori_loop(0, n_chunks, body, out)[:big_hb]
 
 
-# ----------------------------------------------------------------------------
 # plain: the per-shape loop on true shapes.
-# ----------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("model", "size"))
 def _plain_features(model: CRM, variables, image, seg, size):
@@ -204,11 +135,7 @@ def _plain_queries(model: CRM, variables, projected, target_size, rows_per_chunk
 
 def refine_plain(config: ModelConfig, variables, image_p: np.ndarray, seg_p: np.ndarray,
                  scales: Sequence[float], queries: int) -> Dict[float, np.ndarray]:
-  """The plain loop on one padded pair; ``{s: prob [H, W]}`` on the padded grid.
-
-  ``image_p`` ``[H, W, 3]`` and ``seg_p`` ``[H, W]``: the reflect-padded,
-  normalised inputs (float32).
-  """
+  """The plain loop on one padded, normalised pair ``[H, W, 3]``/``[H, W]``: ``{s: prob}``."""
   model = CRM(config)
   seg = jnp.asarray(seg_p)
   image = jnp.asarray(image_p)
@@ -217,35 +144,27 @@ def refine_plain(config: ModelConfig, variables, image_p: np.ndarray, seg_p: np.
   probs = {}
   for s in scales:
     projected, empty = _plain_features(model, variables, image, seg, scaled_size(target, s))
-    if bool(empty):
-      prob = jnp.zeros(target, jnp.float32)
-    else:
-      prob = _plain_queries(model, variables, projected, target, chunk_rows)
-    probs[s] = prob
-    seg = prob_to_seg(prob)
+    prob = (jnp.zeros(target, jnp.float32) if bool(empty)
+            else _plain_queries(model, variables, projected, target, chunk_rows))
+    probs[s], seg = prob, prob_to_seg(prob)
   return {s: np.asarray(p) for s, p in probs.items()}
 
 
-# ----------------------------------------------------------------------------
 # banded: bucketed pieces driven from Python, bands of rows.
-# ----------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _banded_stem(config: ModelConfig, stem_vars, image, seg, geo):
   """Input resize, conv1/bn1/ReLU and the max-pool: ``(x1, pooled, empty)``."""
   dtype = stem_vars["params"]["conv1"]["kernel"].dtype
   x, empty = _network_input(image, seg, geo["sizes"], geo["input_tables"], dtype)
-  x1, pooled = _encoder(config).apply(stem_vars, x, valid=_level_valid(geo["sizes"]),
-                                      method=Encoder.stem)
+  encoder = Encoder(config.stem_width, config.encoder_blocks())
+  x1, pooled = encoder.apply(stem_vars, x, valid=_level_valid(geo["sizes"]), method=Encoder.stem)
   return x1, pooled, empty
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "slab", "band"), donate_argnames=("out",))
 def _block_band(kind, block_vars, out, x, start, r0, size, slab, band):
-  """One band of rows of a stride-1 bottleneck, written into ``out`` in place.
-
-  ``kind``: ``BlockSpec.kind()``; ``x`` ``[1, rows, cols, in]`` with true size ``size``.
-  """
+  """One band of rows of the stride-1 bottleneck ``kind`` on ``x`` (true size ``size``)."""
   module = Bottleneck(*kind)
   y = module.apply(block_vars, jax.lax.dynamic_slice_in_dim(x, start, slab, axis=1),
                    valid=_valid(start, size))
@@ -262,21 +181,16 @@ def _block_whole(kind, block_vars, x, size):
 @functools.partial(jax.jit, static_argnames=("config", "key"))
 def _branch(config: ModelConfig, key: str, fusion_vars, x):
   """A fusion branch (pointwise) on the whole map."""
-  return _fusion(config).apply(fusion_vars, key, x, method=Fusion.branch)
+  return Fusion(tuple(config.fusion_widths), config.feature_dim).apply(
+      fusion_vars, key, x, method=Fusion.branch)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slab", "band"),
                    donate_argnames=("out",))
 def _head_band(config: ModelConfig, fusion_vars, dec_vars, out, x1, b, c, tables, start, r0,
                x1_size, slab, band):
-  """One band of ``project(F)`` rows, written into ``out`` in place.
-
-  ``Fusion.fuse`` on the slab ``[start, start + slab)`` of x1's rows (its
-  branch computed there, x2's and x3's branches ``b`` and ``c`` resized with
-  the row tables cut to the slab), rows ``[r0, r0 + band)`` kept, then the
-  decoder's first-layer projection.
-  """
-  fusion = _fusion(config)
+  """Rows ``[r0, r0 + band)`` of ``project(F)`` into ``out``, fused on x1's slab from ``start``."""
+  fusion = Fusion(tuple(config.fusion_widths), config.feature_dim)
   a = fusion.apply(fusion_vars, "x1", jax.lax.dynamic_slice_in_dim(x1, start, slab, axis=1),
                    method=Fusion.branch)
   cut = lambda t: jax.lax.dynamic_slice_in_dim(jnp.asarray(t), start, slab)
@@ -284,7 +198,8 @@ def _head_band(config: ModelConfig, fusion_vars, dec_vars, out, x1, b, c, tables
   f = fusion.apply(fusion_vars, [a, b, c], tables=slab_tables, valid=_valid(start, x1_size),
                    method=Fusion.fuse)
   f = jax.lax.dynamic_slice_in_dim(f, r0 - start, band, axis=1)
-  y = _decoder(config).apply(dec_vars, f, method=ImplicitDecoder.project)
+  decoder = ImplicitDecoder(config.feature_dim, tuple(config.decoder_hidden))
+  y = decoder.apply(dec_vars, f, method=ImplicitDecoder.project)
   return jax.lax.dynamic_update_slice(out, y, (0, r0, 0, 0))
 
 
@@ -293,11 +208,6 @@ def _banded_queries(config: ModelConfig, dec_vars, projected, geo, rows_per_chun
   """``(prob [Hb, Wb], next seg [Hb, Wb])`` from the projected F buffer ``[1, hq, wq, D]``."""
   prob = _query_rows(config, dec_vars, projected[0], geo, rows_per_chunk)
   return prob, prob_to_seg(prob)
-
-
-def _device_zeros(shape, dtype):
-  """A zero device array made without a compilation."""
-  return jax.device_put(np.zeros(shape, dtype))
 
 
 class _Timer:
@@ -325,32 +235,20 @@ class _Eager:
     return fn(*args, **kwargs)
 
   @staticmethod
-  def zeros(shape, dtype):
-    return _device_zeros(shape, dtype)
+  def zeros(shape, dtype):  # No compilation.
+    return jax.device_put(np.zeros(shape, dtype))
 
   @staticmethod
   def wait(value):
     return jax.block_until_ready(value)
 
 
-_EAGER = _Eager()
-
-
 def _banded_projected(config: ModelConfig, variables, image, seg, g: ScaleGeometry,
-                      band_elements: int, timer: _Timer, run=_EAGER):
-  """Projected F buffer ``[1, hq, wq, D]`` of one scale, and whether the seg is empty.
-
-  Each piece is a small compiled program over bucket shapes; the stride-1
-  bottlenecks and the fusion head run band by band into preallocated
-  outputs (donated, updated in place), and every full-size intermediate is
-  dropped as soon as it is used, so the peak is about three x1-sized maps.
-  ``run``: ``_EAGER``, or ``banded_programs``'s recorder, which lists the
-  calls on abstract values instead of running them.
-  """
-  geo = g.arrays()
-  sizes = g.sizes
-  enc = sub_variables(variables, "encoder")
-  fusion_vars = sub_variables(variables, "fusion")
+                      band_elements: int, timer: _Timer, run=_Eager):
+  """Projected F buffer ``[1, hq, wq, D]`` of one scale and whether the seg is empty; ``run``:
+  ``_Eager``, or ``banded_programs``'s recorder (abstract values, nothing runs)."""
+  geo, sizes = g.arrays(), g.sizes
+  enc, fusion_vars = sub_variables(variables, "encoder"), sub_variables(variables, "fusion")
   stem_vars = {c: {k: enc[c][k] for k in ("conv1", "bn1") if k in enc[c]} for c in enc}
   x1, y, empty = timer("stem", run.call(_banded_stem, config, stem_vars, image, seg, geo))
   dtype = x1.dtype
@@ -369,8 +267,7 @@ def _banded_projected(config: ModelConfig, variables, image, seg, g: ScaleGeomet
       for start, r0 in spans:
         out = run.call(_block_band, spec.kind(), block_vars, out, y, np.int32(start),
                        np.int32(r0), size, slab=slab, band=band)
-      # Wait before the next block allocates its output: with asynchronous
-      # dispatch, Python would otherwise allocate every stage's maps at once.
+      # Wait before the next block allocates (else every stage's maps at once).
       y = run.wait(out)
       del out
     timer(f"layer{spec.stage}", y)
@@ -394,13 +291,8 @@ def refine_banded(config: ModelConfig, variables, image_p: np.ndarray, seg_p: np
                   scales: Sequence[float], queries: int, bucket_steps: int,
                   band_elements: int = BAND_ELEMENTS,
                   profile: Optional[Dict[str, float]] = None) -> Dict[float, np.ndarray]:
-  """The banded plan on one padded pair; ``{s: prob [H, W]}`` on the padded grid.
-
-  ``variables`` in the compute dtype. ``profile``: a dict that receives the
-  seconds of each stage (``stem``, ``layer1``..., ``branches``, ``fusion
-  head``, ``queries``), waiting for every piece (slower; for
-  ``benchmarks/profile_stages.py``).
-  """
+  """The banded plan on one padded pair: ``{s: prob [H, W]}``; ``profile``: a dict that
+  receives each stage's seconds, waiting for every piece (slower)."""
   timer = _Timer(profile)
   target = image_p.shape[:2]
   bucket = bucket_shape(target, bucket_steps)
@@ -425,24 +317,15 @@ def refine_banded(config: ModelConfig, variables, image_p: np.ndarray, seg_p: np
 def _bucketed(image_p: np.ndarray, seg_p: np.ndarray, bucket) -> Tuple[np.ndarray, np.ndarray]:
   """The padded pair at the top-left of zero bucket-shaped arrays."""
   h, w = image_p.shape[:2]
-  image = np.zeros((*bucket, 3), np.float32)
-  image[:h, :w] = image_p
-  seg = np.zeros(bucket, np.float32)
-  seg[:h, :w] = seg_p
+  image, seg = np.zeros((*bucket, 3), np.float32), np.zeros(bucket, np.float32)
+  image[:h, :w], seg[:h, :w] = image_p, seg_p
   return image, seg
 
 
-# ----------------------------------------------------------------------------
 # fused: one program per bucket and scale, batched.
-# ----------------------------------------------------------------------------
 
 def _fused_one(config: ModelConfig, variables, image, seg, geo, rows_per_chunk: int):
-  """One image at one scale, inside the fused program: ``(prob, next seg)``.
-
-  ``image`` ``[Hb, Wb, 3]``, ``seg`` ``[Hb, Wb]`` float32; ``geo``:
-  ``ScaleGeometry.arrays()``. An empty seg gives a zero probability, as the
-  published loop does.
-  """
+  """``(prob, next seg)`` of ``image`` ``[Hb, Wb, 3]``, ``seg`` ``[Hb, Wb]``; empty seg: prob 0."""
   dtype = variables["params"]["encoder"]["conv1"]["kernel"].dtype
   x, empty = _network_input(image, seg, geo["sizes"], geo["input_tables"], dtype)
   model = CRM(config)
@@ -458,33 +341,17 @@ def _fused_one(config: ModelConfig, variables, image, seg, geo, rows_per_chunk: 
 @functools.partial(jax.jit, static_argnames=("config", "rows_per_chunk"),
                    donate_argnames=("seg",))
 def _fused_scale(variables, image, seg, geo, *, config: ModelConfig, rows_per_chunk: int):
-  """A batch ``[N, Hb, Wb, 3]``/``[N, Hb, Wb]`` at one scale: ``(prob, next seg)``, ``[N, Hb, Wb]``.
-
-  Obtained with ``fused_program`` (the plan and the lowering tests call it so).
-  """
+  """A batch ``[N, Hb, Wb, 3]``/``[N, Hb, Wb]`` at one scale: ``(prob, next seg)``."""
   one = functools.partial(_fused_one, config, variables, rows_per_chunk=rows_per_chunk)
   return jax.vmap(one)(image, seg, geo)
 
 
 def refine_fused(config: ModelConfig, variables, images_p: Sequence[np.ndarray],
                  segs_p: Sequence[np.ndarray], scales: Sequence[float], queries: int,
-                 bucket_steps: int,
-                 batch_ladder: Sequence[int] = BATCH_LADDER,
-                 program: Optional[Callable[..., Callable]] = None
-                 ) -> List[Dict[float, np.ndarray]]:
-  """The fused plan on padded pairs of ONE bucket; one ``{s: prob [H, W]}`` per pair.
-
-  The pairs run as batches of at most ``max(batch_ladder)``, each padded to
-  a rung of the ladder (with copies of its first pair, whose results are
-  dropped). Per scale one program; no host round trip inside a scale, the
-  seg stays on the device, and the probabilities are copied to the host
-  once every scale is dispatched.
-
-  ``program``: ``fused_program`` (default), or a function of the same
-  arguments returning a callable ``(variables, image, seg, geo) -> (prob,
-  seg)`` of the same program (``crm_jax.export.ExportedFused.program`` runs
-  serialized ones).
-  """
+                 bucket_steps: int, batch_ladder: Sequence[int] = BATCH_LADDER,
+                 program: Optional[Callable] = None) -> List[Dict[float, np.ndarray]]:
+  """The fused plan on padded pairs of ONE bucket, one ``{s: prob [H, W]}`` each; ``program``:
+  ``fused_program`` or one of its signature (``ExportedFused.program``)."""
   program = program or fused_program
   targets = [im.shape[:2] for im in images_p]
   bucket = bucket_shape(targets[0], bucket_steps)
@@ -497,8 +364,7 @@ def refine_fused(config: ModelConfig, variables, images_p: Sequence[np.ndarray],
     n = batch_size_rung(len(idx), batch_ladder)
     idx_padded = idx + [idx[0]] * (n - len(idx))
     pairs = [_bucketed(images_p[i], segs_p[i], bucket) for i in idx_padded]
-    image = jax.device_put(np.stack([p[0] for p in pairs]))
-    seg = jax.device_put(np.stack([p[1] for p in pairs]))
+    image, seg = (jax.device_put(np.stack(arrays)) for arrays in zip(*pairs))
     probs = {}
     for s in scales:
       geos = [scale_geometry(targets[i], s, max(scales), bucket=bucket).arrays()
@@ -513,23 +379,12 @@ def refine_fused(config: ModelConfig, variables, images_p: Sequence[np.ndarray],
   return results
 
 
-# ----------------------------------------------------------------------------
 # Programs: the jitted functions a plan runs, with their arguments.
-# ----------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """One compiled program of a plan, as the plan calls it.
-
-  ``fn`` is the very ``jax.jit`` object the plan calls; ``args`` its
-  positional arguments (arrays as ``jax.ShapeDtypeStruct`` pytrees, static
-  values as they are) and ``kwargs`` its keyword (static) arguments;
-  ``calls``: how often one image runs it at this scale (the bands of a
-  banded piece). ``program(*arrays)`` calls ``fn`` with ``kwargs``;
-  ``trace()``, ``lower(platforms)`` and ``export(platforms)`` work on the
-  abstract arguments, with no device of those platforms
-  (tests/test_lowering.py, benchmarks/roofline.py, ``crm_jax.export``).
-  """
+  """One program of a plan: the very ``jax.jit`` object ``fn``, its abstract ``args`` and static
+  ``kwargs``; ``calls``: runs per image at this scale. ``lower``/``export`` need no device."""
 
   name: str
   fn: Any
@@ -543,12 +398,10 @@ class Program:
   def trace(self):
     return self.fn.trace(*self.args, **self.kwargs)
 
-  def lower(self, platforms: Optional[Sequence[str]] = None):
-    """``jax.stages.Lowered`` for ``platforms`` (default: the default backend's)."""
+  def lower(self, platforms: Optional[Sequence[str]] = None):  # None: the default backend
     return self.trace().lower(lowering_platforms=None if platforms is None else tuple(platforms))
 
   def export(self, platforms: Sequence[str]):
-    """``jax.export.Exported`` of the program for ``platforms`` (e.g. ``("cuda", "tpu")``)."""
     return jax.export.export(self.fn, platforms=tuple(platforms))(*self.args, **self.kwargs)
 
 
@@ -561,14 +414,11 @@ def _abstract(tree):
   return jax.tree_util.tree_map(leaf, tree)
 
 
-@functools.lru_cache(maxsize=16)
-def _abstract_float32_variables(config: ModelConfig):
-  return jax.eval_shape(lambda: init_variables(CRM(config), jax.random.PRNGKey(0)))
+_abstract_float32_variables = functools.lru_cache(maxsize=16)(ckpt.abstract_variables)
 
 
 def abstract_variables(config: ModelConfig, dtype="float32"):
-  """Shapes of ``CRM(config)``'s variables in the compute ``dtype`` (as ``Refiner`` casts them:
-  every leaf), without computing."""
+  """Shapes of ``CRM(config)``'s variables, every leaf in ``dtype``, without computing."""
   dtype = jnp.dtype(dtype)
   return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype),
                                 _abstract_float32_variables(config))
@@ -580,20 +430,10 @@ def _dtype_name(variables) -> str:
 
 def fused_program(config: ModelConfig, bucket: Tuple[int, int], scale: float, max_scale: float,
                   batch: int, queries: int, dtype="float32", variables=None) -> Program:
-  """The fused plan's program of one bucket, scale and batch rung: ``refine_fused`` runs it.
-
-  Args:
-    bucket: ``(Hb, Wb)``; scale, max_scale: the scale and the run's largest one.
-    batch: the batch rung (``BATCH_LADDER``); queries: queries per decoder chunk.
-    dtype: the compute dtype where ``variables`` is None; else theirs.
-    variables: the variables the program will be called with (arrays or abstract).
-  Returns:
-    a ``Program`` whose ``args`` are ``(variables, image [N, Hb, Wb, 3], seg [N, Hb, Wb],
-    geo)`` (abstract) and whose call is ``(prob, next seg)``, ``[N, Hb, Wb]`` float32.
-  """
+  """The fused ``Program`` of a bucket ``(Hb, Wb)``, scale and batch rung: ``(variables, image
+  [N, Hb, Wb, 3], seg [N, Hb, Wb], geo) -> (prob, next seg)``; ``dtype`` if no ``variables``."""
   bucket = tuple(bucket)
-  if variables is None:
-    variables = abstract_variables(config, dtype)
+  variables = abstract_variables(config, dtype) if variables is None else variables
   geo = scale_geometry(bucket, scale, max_scale, bucket=bucket).arrays()
   f32 = jnp.float32
   args = (_abstract(variables), jax.ShapeDtypeStruct((batch, *bucket, 3), f32),
@@ -637,22 +477,13 @@ def banded_programs(config: ModelConfig, bucket: Tuple[int, int], scale: float,
                     max_scale: float, queries: int, dtype="float32", variables=None,
                     band_elements: int = BAND_ELEMENTS,
                     target: Optional[Tuple[int, int]] = None) -> List[Program]:
-  """The banded plan's programs at one scale, in the order ``refine_banded`` first calls them.
-
-  ``_banded_projected`` itself is run with a recorder (no computation, no
-  allocation), then the queries are added as ``refine_banded`` calls them.
-  ``target``: the padded grid (default: the whole bucket), which fixes how
-  many bands hold valid rows (``Program.calls``). Arguments as ``fused_program``.
-  """
+  """The banded plan's programs at one scale, in ``refine_banded``'s order (recorded, not run);
+  ``target``: the padded grid (default: the bucket), which fixes ``Program.calls``."""
   bucket = tuple(bucket)
   target = tuple(target or bucket)
-  if variables is None:
-    variables = abstract_variables(config, dtype)
-  variables = _abstract(variables)
+  variables = _abstract(abstract_variables(config, dtype) if variables is None else variables)
   g = scale_geometry(target, scale, max_scale, bucket=bucket)
-  f32 = jnp.float32
-  image = jax.ShapeDtypeStruct((*bucket, 3), f32)
-  seg = jax.ShapeDtypeStruct(bucket, f32)
+  image, seg = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((*bucket, 3), bucket))
   recorder = _Recorder()
   projected, _ = _banded_projected(config, variables, image, seg, g, band_elements,
                                    _Timer(None), run=recorder)
@@ -662,30 +493,12 @@ def banded_programs(config: ModelConfig, bucket: Tuple[int, int], scale: float,
   return [dataclasses.replace(p, name=p.name + suffix) for p in recorder.programs.values()]
 
 
-# ----------------------------------------------------------------------------
 # Choosing a plan.
-# ----------------------------------------------------------------------------
 
 def fused_peak_bytes(config: ModelConfig, bucket: Tuple[int, int], max_scale: float,
                      batch: int, dtype_bytes: int, queries: int) -> int:
-  """A conservative estimate of the fused plan's peak device memory for one batch.
-
-  Counts, per pair, the bucketed inputs and outputs, the activations of each
-  level held at once at the largest scale (at x1: the stem output, the
-  fusion's branches and their concatenation, F and its projection; at x2 and
-  x3: a block's input, middle and output, and the branch) and one query
-  chunk's MLP activations (float32: a layer's input and output for the four
-  shifted queries).
-
-  Checked against XLA's own figure (``Compiled.memory_analysis()``:
-  temporaries + arguments + outputs, the largest over the scales) by
-  tests/test_lowering.py: on the CPU compiler, for the published network at
-  2048x1536, 3840x2160 and 6000x4000 in float32 and bfloat16, the estimate
-  is 1.33x to 2.34x that figure (docs/benchmarks.md). A GPU's figure may
-  differ (other fusions, convolution workspace; the CPU computes bfloat16
-  convolutions in float32, a GPU does not): benchmarks/device_check.py
-  prints both.
-  """
+  """A conservative estimate of the fused plan's peak device bytes for one batch: per pair,
+  inputs, outputs, each level's live activations, one query chunk (docs/benchmarks.md)."""
   hb, wb = bucket
   h_in, w_in = scaled_size(bucket, max_scale)
   a1 = -(-h_in // 2) * -(-w_in // 2)
@@ -717,12 +530,8 @@ def device_memory(device=None) -> Optional[int]:
 def choose_plan(plan: str, config: ModelConfig, bucket: Tuple[int, int], max_scale: float,
                 dtype_bytes: int, queries: int, memory_budget: Optional[int] = None,
                 batch: int = 1, platform: Optional[str] = None, device=None) -> str:
-  """The plan to run: ``plan`` itself unless it is ``auto``.
-
-  ``auto``: ``banded`` on the CPU; on an accelerator ``fused`` when its
-  memory (``memory_budget`` bytes, else ``device_memory(device)``) holds
-  ``fused_peak_bytes``, else ``banded``.
-  """
+  """``plan``, or for ``auto``: ``banded`` on the CPU, else ``fused`` where the memory
+  (``memory_budget`` bytes, else ``device_memory``) holds ``fused_peak_bytes``, else ``banded``."""
   if plan != "auto":
     return plan
   if (platform or (device.platform if device is not None else jax.default_backend())) == "cpu":

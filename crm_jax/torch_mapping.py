@@ -1,21 +1,5 @@
-"""The mapping between published PyTorch CRM keys and the Flax variables, both ways.
-
-One auditable rename (key names: docs/model.md and docs/decoder.md), read by both directions from
-the same two tables: ``_MODULES`` (PyTorch module name <-> Flax module path, and the module's
-kind) and ``_LEAVES`` (per kind: PyTorch leaf <-> Flax collection and leaf, and the axes
-permutation: conv ``OIHW -> HWIO``, linear ``.T``, BN ``weight/bias -> scale/bias``, running
-statistics -> ``batch_stats`` ``mean/var``).
-
-* ``torch_to_flax``: a state dict -> Flax variables. ``module.`` prefixes of ``nn.DataParallel``
-  are dropped; ``layer4`` (never used by CRM) and ``num_batches_tracked`` are skipped and
-  reported.
-* ``flax_to_torch``: Flax variables -> a state dict in the published layout (``module.``-prefixed,
-  ``num_batches_tracked`` buffers, and placeholder ``layer4`` entries so that the published
-  network loads it with ``strict=True``; docs/model.md, "Exporting to PyTorch").
-
-Works on plain numpy arrays; PyTorch is only needed to read and write ``.pth`` files
-(``load_torch_state_dict``, ``save_torch_state_dict``).
-"""
+"""Published PyTorch CRM keys <-> Flax variables, both ways, from the tables ``_MODULES`` and
+``_LEAVES`` (docs/model.md). PyTorch is needed only to read and write ``.pth`` files."""
 
 import os
 import re
@@ -37,9 +21,8 @@ USED_STAGES = 3  # layer1-3; layer4 is skipped.
 # The fusion branches: PyTorch's suffix (aspp1_<n>, bn1_<n>) -> the Flax branch.
 _FUSION_BRANCHES = (("128", "branch_x1"), ("256", "branch_x2"), ("1024", "branch_x3"))
 
-# Module names, PyTorch <-> Flax (path parts joined by "/"), in network order. A field in braces
-# is a non-negative integer; ``{2l}`` is twice the field ``l``: PyTorch's ``imnet.layers``
-# Sequential also counts the ReLUs between the Linear layers.
+# Module names, PyTorch <-> Flax, in network order. A field in braces is an integer; ``{2l}`` is
+# twice ``l`` (``imnet.layers`` also counts the ReLUs).
 _MODULES = (
     ("feats.conv1", "encoder/conv1", CONV),
     ("feats.bn1", "encoder/bn1", BN),
@@ -57,8 +40,7 @@ _MODULES = (
 )
 
 # Leaves per kind, in PyTorch's order: PyTorch leaf -> (Flax collection, Flax leaf, axes) with
-# ``flax = torch.transpose(axes)`` (None: as it is). BatchNorm also has ``num_batches_tracked``,
-# which Flax does not keep.
+# ``flax = torch.transpose(axes)`` (None: as it is).
 _LEAVES = {
     CONV: {"weight": ("params", "kernel", (2, 3, 1, 0))},  # OIHW -> HWIO
     BN: {"weight": ("params", "scale", None), "bias": ("params", "bias", None),
@@ -67,10 +49,7 @@ _LEAVES = {
     LINEAR: {"weight": ("params", "kernel", (1, 0)), "bias": ("params", "bias", None)},
 }
 
-# layer4 of the published ResNet-50 (3 bottlenecks, width 512 = 2 x layer3's) is never used by
-# CRM and not in the Flax model. The export writes it so that the published network (and
-# ``torch_reference.TorchCRM``, sized like it) loads the file with ``strict=True``: convs zero,
-# BatchNorm with PyTorch's fresh values (scale 1, bias 0, mean 0, var 1).
+# layer4 (unused by CRM, not in the Flax model) is exported as placeholders, for strict loading.
 LAYER4_STAGE = 4
 LAYER4_BLOCKS = 3
 LAYER4_WIDTH_FACTOR = 2
@@ -122,9 +101,9 @@ class _Rule(NamedTuple):
 _RULES = tuple(_Rule(*rule) for rule in _MODULES)
 _PATTERNS = {rule: {"torch": _pattern(rule.torch), "flax": _pattern(rule.flax)}
              for rule in _RULES}
-# Per kind: (Flax collection, Flax leaf) -> (PyTorch leaf, axes).
-_LEAVES_BACK = {kind: {(c, f): (t, axes) for t, (c, f, axes) in leaves.items()}
-                for kind, leaves in _LEAVES.items()}
+# Per kind: (Flax collection, Flax leaf) -> (PyTorch leaf, axes back to PyTorch).
+_LEAVES_BACK = {kind: {(c, f): (t, axes and tuple(int(i) for i in np.argsort(axes)))
+                       for t, (c, f, axes) in leaves.items()} for kind, leaves in _LEAVES.items()}
 
 
 def _translate(name: str, side: str) -> Optional[Tuple[_Rule, Dict[str, int], str]]:
@@ -145,22 +124,9 @@ def torch_key(flax_module: str, leaf: str) -> str:
   return f"{found[2]}.{leaf}"
 
 
-def _inverse(axes: Tuple[int, ...]) -> Tuple[int, ...]:
-  return tuple(int(i) for i in np.argsort(axes))
-
-
 def strip_prefix(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
   """Removes the ``module.`` prefix that ``nn.DataParallel`` adds."""
-  out = {}
-  for k, v in state.items():
-    out[k[len(PREFIX):] if k.startswith(PREFIX) else k] = v
-  return out
-
-
-def _set(tree: dict, path: Tuple[str, ...], value: np.ndarray) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
+  return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
 
 
 def is_skipped(key: str) -> bool:
@@ -169,12 +135,8 @@ def is_skipped(key: str) -> bool:
 
 
 def torch_to_flax(state: Mapping[str, np.ndarray]) -> Tuple[dict, List[str]]:
-  """Renames a CRM state dict (numpy values) to Flax variables.
-
-  Returns ``(variables, skipped_keys)``; raises ``MappingError`` on a key
-  that belongs to no known module. Shapes are checked by the caller against
-  the model (``crm_jax.checkpoint.check_tree``).
-  """
+  """A CRM state dict -> ``(variables, skipped_keys)`` (``layer4``, ``num_batches_tracked``);
+  shapes unchecked; ``MappingError`` on a key of no known module."""
   state = strip_prefix(state)
   variables: dict = {"params": {}, "batch_stats": {}}
   skipped, unknown = [], []
@@ -195,7 +157,10 @@ def torch_to_flax(state: Mapping[str, np.ndarray]) -> Tuple[dict, List[str]]:
         raise MappingError(f"{key}: expected a {len(axes)}-d {rule.kind} weight, "
                            f"got shape {value.shape}")
       value = value.transpose(axes)
-    _set(variables[collection], tuple(flax_module.split("/")) + (flax_leaf,), value)
+    node = variables[collection]
+    for part in flax_module.split("/"):
+      node = node.setdefault(part, {})
+    node[flax_leaf] = value
   if unknown:
     raise MappingError(f"unexpected keys (not CRM): {sorted(unknown)[:8]}"
                        f"{' ...' if len(unknown) > 8 else ''}")
@@ -203,9 +168,7 @@ def torch_to_flax(state: Mapping[str, np.ndarray]) -> Tuple[dict, List[str]]:
 
 
 def _torch_entries(variables) -> Iterator[Tuple[str, str, str, Optional[Tuple[int, ...]], object]]:
-  """``(PyTorch module, PyTorch leaf, kind, axes back to PyTorch, leaf)`` for every leaf of a
-  Flax variables tree (``{"params": ..., "batch_stats": ...}``); ``MappingError`` for a leaf
-  that has no PyTorch name."""
+  """``(PyTorch module, PyTorch leaf, kind, axes back, leaf)`` per leaf of Flax variables."""
   for path, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
     names = [str(getattr(p, "key", p)) for p in path]
     collection, module, leaf = names[0], "/".join(names[1:-1]), names[-1]
@@ -214,7 +177,7 @@ def _torch_entries(variables) -> Iterator[Tuple[str, str, str, Optional[Tuple[in
     if not back:
       raise MappingError(f"{'/'.join(names)}: no PyTorch name for this variable")
     torch_leaf, axes = back
-    yield found[2], torch_leaf, found[0].kind, axes and _inverse(axes), value
+    yield found[2], torch_leaf, found[0].kind, axes, value
 
 
 def _layer4_variables(config: ModelConfig) -> dict:
@@ -234,27 +197,9 @@ def _layer4_variables(config: ModelConfig) -> dict:
   return out
 
 
-def _natural(text: str) -> tuple:
-  return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
-
-
 def flax_to_torch(variables, config: ModelConfig,
                   num_batches_tracked: int = 0) -> Dict[str, np.ndarray]:
-  """Flax variables -> a CRM state dict in the published layout (numpy values).
-
-  The inverse of ``torch_to_flax``, through the same tables: keys ``module.``-prefixed as in the
-  published checkpoint; conv ``HWIO -> OIHW``, linear ``.T``, BN ``scale/bias -> weight/bias``,
-  ``mean/var -> running_mean/running_var``, all float32 and C-contiguous; every BatchNorm gets a
-  ``num_batches_tracked`` int64 scalar holding ``num_batches_tracked`` (Flax keeps no count;
-  PyTorch reads it only when a BatchNorm's momentum is None, which CRM's are not). ``layer4``
-  (never used by CRM) is written as placeholders, zero convs and fresh BatchNorms
-  (``LAYER4_BLOCKS`` blocks of width ``LAYER4_WIDTH_FACTOR`` x layer3's, as the published
-  ResNet-50), so that the published network loads the dict with ``strict=True``. Entries come
-  as ``feats``, ``aspp_``, ``imnet``, grouped by module, each module's leaves in PyTorch's order
-  (``load_state_dict`` does not depend on the order).
-
-  Raises ``MappingError`` when ``variables`` does not fit ``CRM(config)``.
-  """
+  """Flax variables -> the published layout's state dict (docs/model.md, "Exporting to PyTorch")."""
   count = num_batches_tracked
   if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
     raise MappingError(f"num_batches_tracked must be a non-negative integer, "
@@ -273,8 +218,9 @@ def flax_to_torch(variables, config: ModelConfig,
         entries[(module, BN_COUNTER)] = (len(_LEAVES[BN]), np.array(count, dtype=np.int64))
   tops = list(dict.fromkeys(rule.torch.split(".")[0] for rule in _RULES))  # feats, aspp_, imnet
 
-  def rank(key):
-    return tops.index(key[0].split(".")[0]), _natural(key[0]), entries[key][0]
+  def rank(key):  # Top module, then modules in natural order, then leaves in PyTorch's.
+    natural = tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key[0]))
+    return tops.index(key[0].split(".")[0]), natural, entries[key][0]
 
   return {f"{PREFIX}{module}.{leaf}": entries[(module, leaf)][1]
           for module, leaf in sorted(entries, key=rank)}
@@ -319,11 +265,7 @@ def infer_config(state: Mapping[str, np.ndarray]) -> ModelConfig:
 
 
 def expected_keys(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
-  """The keys CRM uses and their PyTorch shapes, for ``config`` (docs/model.md, docs/decoder.md).
-
-  Without the ``module.`` prefix, ``layer4`` and ``num_batches_tracked``. Read off the Flax
-  model's variables through the mapping tables.
-  """
+  """The keys CRM uses and their PyTorch shapes (no prefix, ``layer4``, ``num_batches_tracked``)."""
   keys = {}
   for module, leaf, _, axes, value in _torch_entries(ckpt.abstract_variables(config)):
     keys[f"{module}.{leaf}"] = tuple(value.shape[i] for i in axes) if axes else value.shape
@@ -331,8 +273,7 @@ def expected_keys(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
 
 
 def check_keys(state: Mapping[str, np.ndarray], config: ModelConfig) -> None:
-  """Raises ``MappingError`` naming the PyTorch keys that are missing,
-  unexpected or of the wrong shape for ``config``."""
+  """``MappingError`` naming keys missing, unexpected or misshapen for ``config``."""
   state = strip_prefix(state)
   want = expected_keys(config)
   have = {k: tuple(np.shape(v)) for k, v in state.items() if not is_skipped(k)}
@@ -353,10 +294,8 @@ def check_keys(state: Mapping[str, np.ndarray], config: ModelConfig) -> None:
 
 
 def torch_load_reason(e: BaseException) -> str:
-  """The cause of a ``torch.load(weights_only=True)`` failure in whole sentences on one line:
-  for an unpickling refusal, the paragraph naming what was refused (not torch's advice about
-  ``weights_only=False``, its issue-tracker line or its documentation link); otherwise the
-  message's first line."""
+  """A ``torch.load(weights_only=True)`` failure in one line: what an unpickling refusal refused
+  (without torch's advice and links), else the message's first line."""
   text = str(e).strip()
   if not text:
     return type(e).__name__
@@ -369,11 +308,7 @@ def torch_load_reason(e: BaseException) -> str:
 
 
 def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """Reads a ``.pth`` file: a state dict, or a dict holding one.
-
-  Accepts ``{'state_dict': ...}``, ``{'model': ...}``, ``{'net': ...}`` or
-  a plain state dict. Tensors become float32/int numpy arrays.
-  """
+  """A ``.pth`` file's state dict (plain or under ``state_dict``/``model``/``net``) as numpy."""
   try:
     import torch  # Only needed here.
   except ImportError:
@@ -402,8 +337,7 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
 
 
 def check_torch_target(path: str, overwrite: bool = False) -> None:
-  """Raises unless a ``.pth`` file may be written at ``path``: ``CheckpointError`` for a folder,
-  ``FileExistsError`` for an existing file without ``overwrite``."""
+  """``CheckpointError`` for a folder, ``FileExistsError`` for a file unless ``overwrite``."""
   if os.path.isdir(path):
     raise ckpt.CheckpointError(f"{path}: is a folder, not a file")
   if os.path.exists(path) and not overwrite:
@@ -412,18 +346,8 @@ def check_torch_target(path: str, overwrite: bool = False) -> None:
 
 def save_torch_state_dict(path: str, state: Mapping[str, np.ndarray],
                           overwrite: bool = False) -> str:
-  """Writes ``state`` (str -> numpy array) to ``path`` as a ``.pth`` file; returns ``path``.
-
-  The file holds a flat dict of str -> ``torch.Tensor`` and nothing else (no pickled classes),
-  so ``torch.load(path, weights_only=True)`` reads it. Written atomically
-  (``crm_jax.io.atomic_write``): a temporary file in the same folder, flushed and fsynced, then
-  renamed over ``path``; on any error neither a partial file nor the temporary one is left, and
-  an existing ``path`` is untouched.
-
-  Errors are one line naming ``path``: ``MappingError`` without PyTorch or for a value that is
-  not an array, ``FileExistsError`` (exists, no ``overwrite``), ``CheckpointError`` when the
-  file cannot be written.
-  """
+  """Writes ``state`` as a flat dict of tensors (``weights_only``-readable), atomically; returns
+  ``path``. One-line errors: ``MappingError``, ``FileExistsError``, ``CheckpointError``."""
   try:
     import torch  # optional dependency: PyTorch
   except ImportError:

@@ -1,35 +1,7 @@
-"""An independent PyTorch (CPU; float32, or float64 after ``.double()``) CRM: the yardstick of
-``crm-convert --verify`` and of the parity tests, inference and training.
-
-It mirrors the published PyTorch code of CRM, repository dvlab-research/Entity, folder
-``High-Quality-Segmention/`` (sic) at commit 0d3b03bd792c3cdeaecafeb334b1077e9feb6c18 (the
-release; unchanged up to c4939b6df934201b0b05e42e911ac59046f8ec15):
-``models/network/extractors.py`` (the ResNet), ``models/network/aspp.py`` (``ASPP_no4level``),
-``models/network/crm.py`` and ``crm_transferCoord_transferFeat.py`` (``make_coord``, the query and
-the local ensemble), ``test.py`` with ``dataset/offline_dataset_crm_pad32.py`` (the multi-scale
-loop), ``models/sobel_op.py`` and ``util/metrics_compute_crm.py`` (the loss), ``train.py`` (the
-training step under ``nn.DataParallel``, Adam and MultiStepLR). It was written from
-the behaviour documented in docs/model.md, docs/decoder.md, docs/refinement.md and
-docs/training.md, not copied, and it does not import the rest of crm_jax.
-
-It keeps the published state-dict key names (``feats.*`` a ResNet with a 4-channel stem and a
-dilated ``layer3``; ``feats.layer4`` is built and computed, as upstream, though its output is
-unused; ``aspp_.*`` the fusion; ``imnet.layers.*`` the MLP), and queries the feature map the
-published way, with ``F.grid_sample(mode='nearest', align_corners=False)`` on F and on F's
-coordinate grid. Layouts are NCHW; query coordinates are ``(y, x)``.
-
-Main entry points:
-  ``TorchCRM``: ``features(x)``, ``query(F, coord, cell)``, ``forward``.
-  ``make_coord``, ``refine_reference`` (docs/refinement.md, with ``prepare_inputs`` and
-  ``grid_queries``), ``sobel`` and ``crm_loss_reference`` (docs/training.md), ``randomize_``,
-  ``save_like_dataparallel``, ``config_from_state_dict``.
-  Training (docs/training.md): ``train_step_reference`` (one published iteration),
-  ``data_parallel_forward`` (``nn.DataParallel``'s replicas emulated on the CPU),
-  ``make_optimizer`` (Adam with L2 weight decay, MultiStepLR).
-
-Needs PyTorch (``pip install "crm-jax[torch]"``); importing it without PyTorch raises an
-ImportError with a one-line message saying so.
-"""
+"""An independent PyTorch CRM (float32, or float64 after ``.double()``): the yardstick of
+``crm-convert --verify`` and the parity tests, written from docs/ and importing nothing else of
+crm_jax. Published key names (``feats`` with ``layer4``, ``aspp_``, ``imnet``); F queried with
+``F.grid_sample(mode='nearest')``. NCHW; coordinates ``(y, x)``."""
 
 import math
 import re
@@ -61,8 +33,7 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 
 class Bottleneck(nn.Module):
-  """``conv1`` 1x1, ``conv2`` 3x3 (stride, dilation, padding = dilation),
-  ``conv3`` 1x1 to ``expansion * width``; optional ``downsample.0/1``."""
+  """``conv1`` 1x1, ``conv2`` 3x3 (stride, dilation), ``conv3`` 1x1, optional ``downsample``."""
 
   def __init__(self, in_ch: int, width: int, expansion: int, stride: int,
                dilation: int, downsample: bool):
@@ -76,10 +47,8 @@ class Bottleneck(nn.Module):
     self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
     self.bn3 = _bn(out_ch)
     self.relu = nn.ReLU()
-    self.downsample = None
-    if downsample:
-      self.downsample = nn.Sequential(
-          nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), _bn(out_ch))
+    self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                                    _bn(out_ch)) if downsample else None
 
   def forward(self, x):
     y = self.relu(self.bn1(self.conv1(x)))
@@ -100,20 +69,14 @@ class ResNetFeatures(nn.Module):
     self.relu = nn.ReLU()
     self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
     in_ch = stem_width
-    # (stride, dilation of block 0, dilation of the later blocks) per layer.
-    plan = [(1, 1, 1), (2, 1, 1), (1, 1, 2)]
-    sizes = list(stage_sizes)
-    widths = list(stage_widths)
-    if layer4_blocks:
-      plan.append((1, 1, 4))
-      sizes.append(layer4_blocks)
-      widths.append(layer4_width)
+    # (stride, dilation of block 0, dilation of the later blocks) per layer; layer4 if any.
+    plan = [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 1, 4)][:3 + bool(layer4_blocks)]
+    sizes, widths = [*stage_sizes, layer4_blocks], [*stage_widths, layer4_width]
     for n, ((stride, d0, d), size, width) in enumerate(zip(plan, sizes, widths)):
       blocks = []
       for i in range(size):
-        blocks.append(Bottleneck(in_ch, width, expansion,
-                                 stride if i == 0 else 1, d0 if i == 0 else d,
-                                 downsample=(i == 0)))
+        blocks.append(Bottleneck(in_ch, width, expansion, stride if i == 0 else 1,
+                                 d0 if i == 0 else d, downsample=(i == 0)))
         in_ch = width * expansion
       setattr(self, f"layer{n + 1}", nn.Sequential(*blocks))
     self.has_layer4 = bool(layer4_blocks)
@@ -142,27 +105,24 @@ class _ConvBN(nn.Module):
 class Fusion(nn.Module):
   """``aspp_`` (ASPP_no4level): three branches resized to x1, then last_conv."""
 
+  NAMES = ("128", "256", "1024")
+
   def __init__(self, in_widths: Sequence[int], widths: Sequence[int],
                feature_dim: int, dropout_rate: float = 0.5):
     super().__init__()
-    self.aspp1_128 = _ConvBN(in_widths[0], widths[0])
-    self.bn1_128 = _bn(widths[0])
-    self.aspp1_256 = _ConvBN(in_widths[1], widths[1])
-    self.bn1_256 = _bn(widths[1])
-    self.aspp1_1024 = _ConvBN(in_widths[2], widths[2])
-    self.bn1_1024 = _bn(widths[2])
+    for n, in_ch, width in zip(self.NAMES, in_widths, widths):
+      setattr(self, f"aspp1_{n}", _ConvBN(in_ch, width))
+      setattr(self, f"bn1_{n}", _bn(width))
     self.dropout = nn.Dropout(dropout_rate)
     self.last_conv = nn.Sequential(
         nn.Conv2d(sum(widths), feature_dim, 3, padding=1, bias=False),
         _bn(feature_dim), nn.ReLU(), nn.Dropout(dropout_rate))
 
   def forward(self, x1, x2, x3):
-    a = self.dropout(F.relu(self.bn1_128(self.aspp1_128(x1))))
-    b = self.dropout(F.relu(self.bn1_256(self.aspp1_256(x2))))
-    c = self.dropout(F.relu(self.bn1_1024(self.aspp1_1024(x3))))
-    size = a.shape[-2:]
-    b = F.interpolate(b, size=size, mode="bilinear", align_corners=True)
-    c = F.interpolate(c, size=size, mode="bilinear", align_corners=True)
+    a, b, c = (self.dropout(F.relu(getattr(self, f"bn1_{n}")(getattr(self, f"aspp1_{n}")(x))))
+               for n, x in zip(self.NAMES, (x1, x2, x3)))
+    b, c = (F.interpolate(t, size=a.shape[-2:], mode="bilinear", align_corners=True)
+            for t in (b, c))
     return self.last_conv(torch.cat([a, b, c], dim=1))
 
 
@@ -183,10 +143,7 @@ class MLP(nn.Module):
 
 
 def make_coord(shape: Sequence[int], flatten: bool = True) -> torch.Tensor:
-  """Pixel-centre coordinates: cell i of n at ``-1 + 1/n + 2i/n``.
-
-  Returns ``[n0*n1, 2]`` (flatten) or ``[n0, n1, 2]`` float32, ``(y, x)``.
-  """
+  """Pixel centres ``-1 + 1/n + 2i/n``: ``[n0*n1, 2]`` (flatten) or ``[n0, n1, 2]``, ``(y, x)``."""
   seqs = []
   for n in shape:
     r = 1.0 / n
@@ -199,21 +156,15 @@ SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))  # (vy, vx), first sign outer.
 
 
 class TorchCRM(nn.Module):
-  """CRM with the published module names; the parity reference (eval and training mode).
-
-  The arguments mirror ``crm_jax.models.crm.ModelConfig`` (``dropout_rate``: the fusion's
-  dropout in training, the published 0.5); ``layer4_blocks`` and ``layer4_width`` (default
-  ``2 * stage_widths[-1]``) size the unused ``layer4`` (0 blocks: none). Works in float32 and,
-  after ``.double()``, in float64.
-  """
+  """CRM with the published module names; arguments as ``ModelConfig``'s, and the unused
+  ``layer4``'s size (0 blocks: none; width default ``2 * stage_widths[-1]``)."""
 
   def __init__(self, stem_width=64, stage_sizes=(3, 4, 6), stage_widths=(64, 128, 256),
                expansion=4, fusion_widths=(64, 64, 128), feature_dim=256,
                decoder_hidden=(32, 32, 32, 32), dropout_rate=0.5, layer4_blocks=3,
                layer4_width: Optional[int] = None):
     super().__init__()
-    if layer4_width is None:
-      layer4_width = 2 * stage_widths[-1]
+    layer4_width = 2 * stage_widths[-1] if layer4_width is None else layer4_width
     self.feature_dim = feature_dim
     self.feats = ResNetFeatures(stem_width, stage_sizes, stage_widths, expansion,
                                 layer4_blocks, layer4_width)
@@ -227,11 +178,8 @@ class TorchCRM(nn.Module):
 
   def query(self, feat: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor,
             return_indices: bool = False):
-    """Logits ``[B, Q]`` at ``coord`` ``[B, Q, 2]`` (y, x) with ``cell`` ``[B, Q, 2]``.
-
-    With ``return_indices`` also the nearest feature indices ``[B, Q, 4, 2]``
-    as (iy, ix) per shift, read by sampling an index grid the same way.
-    """
+    """Logits ``[B, Q]`` at ``coord`` ``[B, Q, 2]`` (y, x) with ``cell`` ``[B, Q, 2]`` (and
+    with ``return_indices`` the nearest (iy, ix) per shift, ``[B, Q, 4, 2]``)."""
     b, _, h, w = feat.shape
     feat_coord = make_coord((h, w), flatten=False).permute(2, 0, 1)[None]
     feat_coord = feat_coord.expand(b, 2, h, w).to(feat.device, feat.dtype)
@@ -276,9 +224,7 @@ class TorchCRM(nn.Module):
     return self.query(self.features(x), coord, cell)
 
 
-# ----------------------------------------------------------------------------
 # Helpers for tests: configs, random weights, DataParallel-style saving.
-# ----------------------------------------------------------------------------
 
 def config_from_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, object]:
   """``TorchCRM`` keyword arguments read off a state dict's shapes."""
@@ -298,27 +244,17 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, objec
   l4 = blocks(4)
   return dict(
       stem_width=state["feats.conv1.weight"].shape[0],
-      stage_sizes=tuple(blocks(n) for n in (1, 2, 3)),
-      stage_widths=tuple(widths),
+      stage_sizes=tuple(blocks(n) for n in (1, 2, 3)), stage_widths=tuple(widths),
       expansion=state["feats.layer1.0.conv3.weight"].shape[0] // widths[0],
       fusion_widths=tuple(state[f"aspp_.aspp1_{n}.atrous_conv.weight"].shape[0]
                           for n in (128, 256, 1024)),
-      feature_dim=state["aspp_.last_conv.0.weight"].shape[0],
-      decoder_hidden=tuple(hidden[:-1]),
-      layer4_blocks=l4,
-      layer4_width=state["feats.layer4.0.conv1.weight"].shape[0] if l4 else None)
+      feature_dim=state["aspp_.last_conv.0.weight"].shape[0], decoder_hidden=tuple(hidden[:-1]),
+      layer4_blocks=l4, layer4_width=state["feats.layer4.0.conv1.weight"].shape[0] if l4 else None)
 
 
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int) -> nn.Module:
-  """Random weights and non-trivial BatchNorm parameters/statistics, in place.
-
-  Convs are He-normal (fan_in); BN scale in [0.5, 1.5] (the last BN of a
-  bottleneck in [0.1, 0.4], so residual sums stay moderate), bias ~N(0, 0.2),
-  running mean ~N(0, 0.2), running var in [0.5, 2]; linear weights
-  He-uniform U(+-sqrt(6/fan_in)) (x4 for the output layer, so logits spread
-  over several units), biases U(-0.5, 0.5). ``num_batches_tracked`` gets a non-zero count.
-  """
+  """Random weights and non-trivial BatchNorm parameters and statistics, in place."""
   g = torch.Generator().manual_seed(seed)
 
   def uniform(shape, lo, hi):
@@ -350,9 +286,7 @@ def save_like_dataparallel(model: nn.Module, path: str) -> Dict[str, torch.Tenso
   return state
 
 
-# ----------------------------------------------------------------------------
 # The multi-scale test loop (docs/refinement.md).
-# ----------------------------------------------------------------------------
 
 def prepare_inputs(image: np.ndarray, mask: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
   """Normalised, reflect-padded ``[1, 3, H, W]`` image and ``[1, 1, H, W]`` seg."""
@@ -360,9 +294,7 @@ def prepare_inputs(image: np.ndarray, mask: np.ndarray) -> Tuple[torch.Tensor, t
   img = (img - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
   seg = torch.from_numpy(np.ascontiguousarray(mask)).float()[None] / 255
   seg = (seg - 0.5) / 0.5
-  img = F.pad(img[None], (PAD, PAD, PAD, PAD), mode="reflect")
-  seg = F.pad(seg[None], (PAD, PAD, PAD, PAD), mode="reflect")
-  return img, seg
+  return tuple(F.pad(t[None], (PAD, PAD, PAD, PAD), mode="reflect") for t in (img, seg))
 
 
 def grid_queries(big_h: int, big_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -378,13 +310,8 @@ def grid_queries(big_h: int, big_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
 def refine_reference(model: TorchCRM, image: np.ndarray, mask: np.ndarray,
                      scales: Sequence[float] = SCALES,
                      chunk: int = CHUNK) -> Dict[float, np.ndarray]:
-  """The published multi-scale refinement of one image.
-
-  Args:
-    image: RGB uint8 ``[H, W, 3]``; mask: grey uint8 ``[H, W]``.
-  Returns:
-    ``{s: prob [H, W] float32}`` after each scale, cropped back to the input.
-  """
+  """The published multi-scale loop on RGB uint8 ``[H, W, 3]`` and grey uint8 ``[H, W]``:
+  ``{s: prob [H, W] float32}`` after each scale."""
   model.eval()
   device = next(model.parameters()).device  # The model's device (a GPU for benchmarks).
   img, seg = (t.to(device) for t in prepare_inputs(image, mask))
@@ -408,9 +335,7 @@ def refine_reference(model: TorchCRM, image: np.ndarray, mask: np.ndarray,
   return out
 
 
-# ----------------------------------------------------------------------------
 # The training loss (docs/training.md).
-# ----------------------------------------------------------------------------
 
 def sobel(x: torch.Tensor) -> torch.Tensor:
   """Smoothed Sobel magnitude of ``x`` ``[B, 1, H, W]``, same shape."""
@@ -424,32 +349,22 @@ def sobel(x: torch.Tensor) -> torch.Tensor:
 
 def crm_loss_reference(logit: torch.Tensor, gt: torch.Tensor, ce_w=1.0, l1_w=0.5,
                        l2_w=0.5, grad_w=2.0) -> Tuple[torch.Tensor, Dict[str, float]]:
-  """The CRM loss on ``logit`` and ``gt`` ``[B, 1, H, W]``; returns (total, parts).
-
-  The default weights are the published command's (``--ce_weight 1.0 --l1_weight 0.5
-  --l2_weight 0.5 --grad_weight 2.0``; ``util/hyper_para.py``'s own defaults differ).
-  """
+  """The CRM loss on ``logit`` and ``gt`` ``[B, 1, H, W]``: (total, parts); published weights."""
   p = torch.sigmoid(logit)
-  parts = {
-      "ce": F.binary_cross_entropy_with_logits(logit, (gt > 0.5).to(logit.dtype)),
-      "l1": F.l1_loss(p, gt),
-      "l2": F.mse_loss(p, gt),
-      "grad": F.l1_loss(sobel(p), sobel(gt)),
-  }
+  parts = {"ce": F.binary_cross_entropy_with_logits(logit, (gt > 0.5).to(logit.dtype)),
+           "l1": F.l1_loss(p, gt), "l2": F.mse_loss(p, gt),
+           "grad": F.l1_loss(sobel(p), sobel(gt))}
   total = (ce_w * parts["ce"] + l1_w * parts["l1"] + l2_w * parts["l2"]
            + grad_w * parts["grad"])
   return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
-# ----------------------------------------------------------------------------
 # Training (docs/training.md): the published train.py step under nn.DataParallel.
-# ----------------------------------------------------------------------------
 
 def make_optimizer(model: nn.Module, lr: float = 2.25e-4, weight_decay: float = 1e-4,
                    milestones: Sequence[int] = (22500, 37500), gamma: float = 0.1,
                    betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-  """``(optimizer, scheduler)`` as published: ``torch.optim.Adam`` (weight decay added to the
-  gradient, L2) on every parameter, and ``MultiStepLR`` stepped once per iteration."""
+  """``(Adam with L2 weight decay, MultiStepLR stepped once per iteration)``, as published."""
   optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay)
   scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
@@ -458,24 +373,8 @@ def make_optimizer(model: nn.Module, lr: float = 2.25e-4, weight_decay: float = 
 
 def data_parallel_forward(model: TorchCRM, x: torch.Tensor, coord: torch.Tensor,
                           cell: torch.Tensor, num_devices: int = 1):
-  """``model(x, coord, cell)`` as ``nn.DataParallel`` runs it on ``num_devices`` GPUs, on the CPU.
-
-  DataParallel splits the batch into ``num_devices`` chunks along dim 0 and runs one replica of
-  the module on each. The replicas share the parameters (their gradients add up in the module's
-  own), and their buffers are broadcast copies, except on the first device, whose replica holds
-  the module's own buffers (``torch/nn/parallel/replicate.py``: ``broadcast_coalesced`` returns
-  the source tensors for the source device). So in training every BatchNorm normalises with its
-  own chunk's statistics (upstream's ``SynchronizedBatchNorm2d`` synchronises only when the
-  replicas were made by ``DataParallelWithCallback``, which train.py does not use), and the
-  running statistics that survive the step are those the first chunk produced; the other
-  replicas' are discarded.
-
-  Emulated here: chunk 0 runs on ``model`` itself, chunk k > 0 on ``model`` with a copy of every
-  buffer (``torch.func.functional_call``), its parameters shared.
-
-  Returns ``(logits [B, Q], buffers)``: ``buffers[k]`` is replica k's ``{name: tensor}`` after
-  its forward (``buffers[0]`` are ``model``'s own, copied).
-  """
+  """``model(x, coord, cell)`` as ``nn.DataParallel`` runs it on ``num_devices`` GPUs
+  (docs/training.md, "BatchNorm"): ``(logits [B, Q], each replica's buffers after it)``."""
   chunks = list(zip(x.chunk(num_devices), coord.chunk(num_devices), cell.chunk(num_devices)))
   # Replication comes first: every other replica copies the buffers as they were before the step.
   copies = [{n: b.detach().clone() for n, b in model.named_buffers()} for _ in chunks[1:]]
@@ -490,20 +389,8 @@ def data_parallel_forward(model: TorchCRM, x: torch.Tensor, coord: torch.Tensor,
 def train_step_reference(model: TorchCRM, optimizer, scheduler, image: torch.Tensor,
                          seg: torch.Tensor, gt: torch.Tensor, num_devices: int = 1,
                          weights: Optional[Mapping[str, float]] = None):
-  """One iteration of the published ``train.py`` loop.
-
-  ``image`` ``[B, 3, S, S]``, ``seg`` and ``gt`` ``[B, 1, S, S]`` as the published dataset
-  makes them; every one of the S x S pixel centres is queried with cell ``2/S`` (upstream
-  queries in chunks of 50,176 = 224 x 224 queries, one forward per iteration at its crop size;
-  one forward here). The logits are gathered, the loss is ``crm_loss_reference`` over the
-  whole batch (``weights``: its keyword arguments, the published ones by default), then
-  ``zero_grad``, ``backward``, ``optimizer.step()``, ``scheduler.step()``.
-
-  Returns ``(parts, grads, buffers)``: the loss parts (``ce``, ``l1``, ``l2``, ``grad`` and
-  ``total``, Python floats), every parameter's gradient ``{name: tensor}`` (zeros where a
-  parameter got none, as the unused ``layer4``), and each replica's buffers after the forward
-  (``data_parallel_forward``).
-  """
+  """One published ``train.py`` iteration on ``image`` ``[B, 3, S, S]``, ``seg`` and ``gt``
+  ``[B, 1, S, S]``: ``(loss parts, every parameter's gradient, the replicas' buffers)``."""
   model.train()
   b, _, size, _ = gt.shape
   coord, cell = grid_queries(size, size)

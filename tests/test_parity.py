@@ -1,7 +1,7 @@
 """Parity of the JAX port with the independent PyTorch reference, and conversion.
 
-The reference is ``crm_jax/torch_reference.py`` (written from the spec, not from
-the JAX code). Random weights with non-trivial BatchNorm statistics, eval mode,
+The reference is ``crm_jax/torch_reference.py`` (written from the published PyTorch
+code's behaviour, not from the JAX code). Random weights with non-trivial BatchNorm statistics, eval mode,
 float32, random inputs; logits agree within 1e-4.
 
     .venv/bin/python -m pytest -q tests/test_parity.py

@@ -1,7 +1,7 @@
 """Training-step parity of ``crm_jax.training.step.train_step`` with the published PyTorch step.
 
 The yardstick is the independent reference ``crm_jax/torch_reference.py`` (written from the
-spec; it imports nothing from crm_jax): ``train_step_reference`` is one iteration of the
+published code's behaviour; it imports nothing from crm_jax): ``train_step_reference`` is one iteration of the
 published ``train.py`` under ``nn.DataParallel`` on two GPUs (emulated on the CPU by
 ``data_parallel_forward``), with the published loss weights, Adam with L2 weight decay and
 MultiStepLR. Both sides start from the same randomised weights (the reference's, converted with

@@ -1,12 +1,6 @@
-"""``crm-convert`` (``convert_torch_weights.py`` in a checkout): PyTorch weights in and out.
-
-    crm-convert CKPT.pth OUT_DIR [--verify]           a published CRM checkpoint -> OUT_DIR
-    crm-convert --imagenet resnet50-19c8e357.pth OUT_DIR
-                                                      torchvision's ResNet-50 -> initial weights
-    crm-convert --to-torch CKPT_DIR OUT.pth           a crm-jax model -> the published layout
-
-The work is ``crm_jax.convert``; docs/model.md.
-"""
+"""``crm-convert`` (``convert_torch_weights.py`` in a checkout): PyTorch weights in and out:
+``crm-convert CKPT.pth OUT_DIR [--verify]``, ``--imagenet RESNET50.pth OUT_DIR``, ``--to-torch
+CKPT_DIR OUT.pth`` (``crm_jax.convert``; docs/model.md)."""
 
 import argparse
 import sys

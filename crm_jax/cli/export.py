@@ -1,13 +1,6 @@
 """``crm-export``: the fused plan's programs of a checkpoint, serialized for chosen image sizes
-and platforms (``jax.export``), so that a cluster job starts without tracing and a login node
-can check, before the job, that the programs exist for the target platform.
-
-    crm-export CKPT OUT_DIR --data IMAGES [--platforms cpu cuda tpu] [--dtype bfloat16]
-    crm-export CKPT OUT_DIR --sizes 3840x2160 6000x4000 --platforms cuda
-    crm-refine ... --checkpoint CKPT --export OUT_DIR      (crm-evaluate likewise)
-
-The work is ``crm_jax.export.export_fused``; docs/benchmarks.md.
-"""
+and platforms (``jax.export``; docs/benchmarks.md), run by ``crm-refine ... --export OUT_DIR``:
+``crm-export CKPT OUT_DIR (--data IMAGES | --sizes 3840x2160 ...) [--platforms cuda tpu]``."""
 
 import argparse
 import os
@@ -38,14 +31,9 @@ def _folder_sizes(folder: str) -> List[Tuple[int, int]]:
   """The ``(H, W)`` of every image file directly in ``folder``, from its header."""
   if not os.path.isdir(folder):
     raise io.InputError(f"{folder}: no such folder (--data)")
-  sizes = []
-  for name in sorted(os.listdir(folder)):
-    path = os.path.join(folder, name)
-    if os.path.isfile(path) and not name.startswith(".") and \
-        name.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")):
-      size = io.file_image_size(path)
-      if size is not None:
-        sizes.append(size)
+  paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if not n.startswith(".")
+           and n.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"))]
+  sizes = [s for s in map(io.file_image_size, filter(os.path.isfile, paths)) if s is not None]
   if not sizes:
     raise io.InputError(f"{folder}: no image whose size its header gives (--data)")
   return sizes

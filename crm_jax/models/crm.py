@@ -1,8 +1,4 @@
-"""The CRM network: encoder -> fusion -> feature map F -> implicit decoder.
-
-Layouts: network input ``[B, H, W, 4]`` (normalised RGB, seg), F
-``[B, h, w, feature_dim]`` with ``h = floor((H-1)/2)+1``.
-"""
+"""The CRM network: ``[B, H, W, 4]`` -> encoder -> fusion -> F -> implicit decoder (NHWC)."""
 
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -39,8 +35,7 @@ class ModelConfig:
     return block_layout(self.stage_sizes, self.stage_widths, self.expansion)
 
   def to_dict(self) -> Dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in dataclasses.asdict(self).items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
   def architecture(self) -> Dict[str, Any]:
     """``to_dict()`` without the training-only fields: what fixes the parameters and outputs."""
@@ -48,12 +43,10 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-    return cls(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                  for k, v in d.items()})
+    return cls(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()})
 
 
 # The published ResNet-50 setting.
@@ -67,11 +60,7 @@ TINY = ModelConfig(stem_width=8, stage_sizes=(1, 1, 2), stage_widths=(8, 16, 32)
 
 
 class CRM(nn.Module):
-  """Continuous Refinement Model.
-
-  ``bn_axis_name`` synchronises BatchNorm statistics across a pmap axis in
-  training (None: per-device statistics).
-  """
+  """Continuous Refinement Model; ``bn_axis_name`` synchronises BatchNorm over a pmap axis."""
 
   config: ModelConfig = RESNET50
   bn_axis_name: Optional[str] = None
@@ -79,17 +68,12 @@ class CRM(nn.Module):
   def setup(self):
     c = self.config
     self.encoder = Encoder(c.stem_width, c.encoder_blocks(), self.bn_axis_name)
-    self.fusion = Fusion(tuple(c.fusion_widths), c.feature_dim, self.bn_axis_name,
-                         c.dropout_rate)
+    self.fusion = Fusion(tuple(c.fusion_widths), c.feature_dim, self.bn_axis_name, c.dropout_rate)
     self.implicit_decoder = ImplicitDecoder(c.feature_dim, tuple(c.decoder_hidden))
 
-  def features(self, x: jax.Array, train: bool = False, valid=None,
-               tables=None) -> jax.Array:
-    """Feature map F ``[B, h, w, feature_dim]`` of the input ``[B, H, W, 4]``.
-
-    ``valid`` and ``tables``: the bucketed plans' valid regions per level and
-    fusion resize tables (``Encoder``, ``Fusion.fuse``); None for true shapes.
-    """
+  def features(self, x: jax.Array, train: bool = False, valid=None, tables=None) -> jax.Array:
+    """F ``[B, h, w, feature_dim]`` of ``[B, H, W, 4]``; ``valid``/``tables``: the bucketed
+    plans' regions and resize tables (``Encoder``, ``Fusion.fuse``), None for true shapes."""
     feats = self.encoder(x, train, valid)
     return self.fusion(feats, train, tables, None if valid is None else valid[LEVEL_X1])
 

@@ -1,12 +1,6 @@
-"""The encoder: a ResNet-50 with a 4-channel stem and a dilated third stage.
+"""The encoder: a ResNet-50 with a 4-channel stem and a dilated third stage (docs/model.md).
 
-See docs/model.md. Layouts are NHWC. Every padding is explicit and symmetric, as
-PyTorch pads (XLA's 'SAME' pads a stride-2 conv asymmetrically). ``layer4`` of
-the published network is never used by CRM, so it is not built here.
-
-Flax submodule names mirror the PyTorch keys (``feats.layer1.0.conv1`` ->
-``encoder/layer1_0/conv1``) so that ``crm_jax.torch_mapping`` stays mechanical.
-"""
+NHWC; every padding explicit and symmetric, as PyTorch pads; no ``layer4``; names as PyTorch's."""
 
 import dataclasses
 import math
@@ -22,21 +16,14 @@ from crm_jax.ops import mask_valid
 # Per stage: (stride of block 0, dilation of block 0, dilation of later blocks);
 # layer3 is dilated instead of strided (torchvision's replace_stride_with_dilation).
 STAGE_LAYOUT = ((1, 1, 1), (2, 1, 1), (1, 1, 2))
-# Spatial levels of the network, index into ``crm_jax.geometry`` size vectors:
-# the encoder input, x1 (conv1, stride 2), x2 (max-pool and layer1, stride 4),
-# x3 (layer2 and layer3, stride 8).
+# Spatial levels, indices into ``crm_jax.geometry`` sizes: the input, x1 (stride 2), x2 (4), x3 (8).
 LEVEL_INPUT, LEVEL_X1, LEVEL_X2, LEVEL_X3 = 1, 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-  """One bottleneck of the encoder, as ``block_layout`` lays it out.
-
-  ``name`` is the Flax submodule name (``layer{stage}_{index}``, the PyTorch
-  key ``feats.layer{stage}.{index}``); ``in_level``/``out_level`` are the
-  spatial levels of its input and output; ``last_of_stage`` marks the block
-  whose output is the stage's output.
-  """
+  """One bottleneck of the encoder: its submodule ``name`` (``layer{stage}_{index}``), the levels
+  of its input and output, and whether its output is the stage's (``last_of_stage``)."""
 
   name: str
   stage: int  # 1-based, as in the PyTorch names.
@@ -61,11 +48,7 @@ class BlockSpec:
 
 def block_layout(stage_sizes: Sequence[int], stage_widths: Sequence[int],
                  expansion: int) -> Tuple[BlockSpec, ...]:
-  """The encoder's bottlenecks in order: the one definition of the stage layout.
-
-  ``ModelConfig.encoder_blocks()`` calls it; the encoder, every refinement
-  plan, the compilation bound and the PyTorch mapping read its result.
-  """
+  """The encoder's bottlenecks in order: the one definition of the stage layout."""
   if len(stage_sizes) != len(STAGE_LAYOUT) or len(stage_widths) != len(STAGE_LAYOUT):
     raise ValueError("the CRM encoder has exactly three stages (layer1-3)")
   blocks = []
@@ -84,28 +67,10 @@ def block_layout(stage_sizes: Sequence[int], stage_widths: Sequence[int],
   return tuple(blocks)
 
 
-# He-normal (fan_out, as torchvision initialises ResNet convs).
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
 class BatchNorm(nn.Module):
-  """BatchNorm as PyTorch trains it (``nn.BatchNorm2d``, eps 1e-5, momentum 0.1).
-
-  The one BatchNorm of the network (encoder and fusion); its variables are those of Flax's
-  ``nn.BatchNorm`` (params ``scale``, ``bias``; batch_stats ``mean``, ``var``), so checkpoints
-  and the PyTorch mapping do not depend on which of the two wrote them.
-
-  Training (``use_running_average=False``): the batch is normalised with its mean and its
-  biased variance, and the running variance is updated with the unbiased one, ``n / (n - 1)``
-  times the biased, where ``n`` is the number of values per channel that the statistics were
-  computed over: this device's batch and spatial positions, times the size of ``axis_name``
-  when the statistics are synchronised over that pmap axis. Flax's ``nn.BatchNorm`` updates
-  the running variance with the biased variance. The statistics are computed in at least
-  float32 (two passes: the mean, then the mean squared deviation from it).
-
-  Inference (``use_running_average=True``) is Flax's ``nn.BatchNorm`` operation for operation,
-  so its outputs are the same bits. ``axis_name`` None: per-device statistics.
-  """
+  """BatchNorm as PyTorch trains it (docs/training.md, "BatchNorm"), with ``nn.BatchNorm``'s
+  variables and, in inference, its exact bits. Training normalises with the biased variance and
+  keeps the unbiased one (``n`` counts every device of ``axis_name``), in at least float32."""
 
   axis_name: Optional[str] = None
   # Flax's convention: running = momentum * running + (1 - momentum) * batch.
@@ -137,8 +102,7 @@ class BatchNorm(nn.Module):
     return jnp.asarray(y, jnp.result_type(x, scale, bias))
 
   def _batch_statistics(self, x: jax.Array):
-    """``(mean, biased variance, n)`` per channel of ``x`` over every axis but the last, and
-    over ``axis_name`` (not while initialising, where the axis need not exist)."""
+    """``(mean, biased variance, n)`` per channel, also over ``axis_name`` once initialised."""
     axes = tuple(range(x.ndim - 1))
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     count = math.prod(x.shape[:-1])
@@ -150,16 +114,12 @@ class BatchNorm(nn.Module):
     var = jnp.mean(jnp.square(x - mean), axes)
     if synced:
       var = jax.lax.pmean(var, self.axis_name)
-    # One value per channel (a 1x1 map of one crop, e.g. a pass_scales step at a small scale):
-    # PyTorch refuses it; here the running variance then takes the biased one (n / max(n-1, 1)).
+    # One value per channel (PyTorch refuses it): the running variance takes the biased one.
     return mean, var, count
 
 
 def batch_norm(name: Optional[str], axis_name: Optional[str]) -> BatchNorm:
-  """The network's BatchNorm (``BatchNorm``); ``axis_name`` synchronises statistics.
-
-  Call it with ``use_running_average=not train``.
-  """
+  """The network's ``BatchNorm``; call it with ``use_running_average=not train``."""
   return BatchNorm(axis_name=axis_name, name=name)
 
 
@@ -172,27 +132,14 @@ def bn_relu(name: str, x: jax.Array, train: bool,
 
 def conv(features: int, kernel: int, name: Optional[str], stride: int = 1,
          dilation: int = 1, padding: Optional[int] = None) -> nn.Conv:
-  """A bias-free conv with symmetric explicit padding (PyTorch semantics).
-
-  ``name`` is None inside ``setup``, where the attribute names the module.
-  """
+  """A bias-free conv with symmetric explicit padding (``name`` None inside ``setup``)."""
   if padding is None:
     padding = dilation * (kernel // 2)
-  return nn.Conv(
-      features,
-      (kernel, kernel),
-      strides=(stride, stride),
-      padding=((padding, padding), (padding, padding)),
-      kernel_dilation=(dilation, dilation),
-      use_bias=False,
-      kernel_init=conv_init,
-      name=name,
-  )
-
-
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  """3x3 max-pool, stride 2, padding 1 with -inf (PyTorch ``MaxPool2d``)."""
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)),
+                 kernel_dilation=(dilation, dilation), use_bias=False, name=name,
+                 # He-normal (fan_out), as torchvision initialises ResNet convs.
+                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
 
 
 class Bottleneck(nn.Module):
@@ -208,49 +155,28 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                valid: Optional[jax.Array] = None) -> jax.Array:
-    """``x`` ``[B, H, W, in]`` -> ``[B, H', W', 4w]``.
-
-    ``valid`` (int32 ``[3]``, ``(row0, h, w)``, see ``ops.mask_valid``) marks
-    the valid region of ``x``; the 3x3 conv's input is zeroed outside it, so
-    the valid outputs equal those of the unpadded input. None: no masking.
-    """
+    """``x`` ``[B, H, W, in]`` -> ``[B, H', W', 4w]``; ``valid``: ``ops.mask_valid``'s region
+    of ``x``, outside which the 3x3 conv's input is zeroed (None: no masking)."""
     out_dim = self.width * self.expansion
     y = conv(self.width, 1, "conv1")(x)
     y = bn_relu("bn1", y, train, self.bn_axis_name)
     if valid is not None:
       y = mask_valid(y, valid)
-    y = conv(self.width, 3, "conv2", stride=self.stride,
-             dilation=self.dilation)(y)
+    y = conv(self.width, 3, "conv2", stride=self.stride, dilation=self.dilation)(y)
     y = bn_relu("bn2", y, train, self.bn_axis_name)
     y = conv(out_dim, 1, "conv3")(y)
     y = bn_relu("bn3", y, train, self.bn_axis_name, relu=False)
+    shortcut = x
     if self.downsample:
       shortcut = conv(out_dim, 1, "downsample_conv", stride=self.stride)(x)
-      shortcut = bn_relu("downsample_bn", shortcut, train, self.bn_axis_name,
-                         relu=False)
-    else:
-      shortcut = x
+      shortcut = bn_relu("downsample_bn", shortcut, train, self.bn_axis_name, relu=False)
     return nn.relu(y + shortcut)
 
 
 class Encoder(nn.Module):
-  """ResNet encoder returning the features CRM reads, by name.
-
-  Input: ``[B, H, W, 4]`` (normalised RGB + seg). Output dict:
-    ``x1``: ``[B, H1, W1, stem_width]`` after conv1/bn1/ReLU (stride 2),
-    ``x2``: ``[B, H2, W2, 4*w1]`` after layer1 (stride 4),
-    ``x3``: ``[B, H3, W3, 4*w3]`` after layer3 (stride 8, layer3 dilated).
-  With ``Hk = floor((H_{k-1} - 1) / 2) + 1`` for every stride-2 step.
-
-  ``blocks`` comes from ``ModelConfig.encoder_blocks()``. ``stem`` and
-  ``block`` are the pieces ``__call__`` is made of; the banded refinement plan
-  applies them one at a time (``crm_jax.plans``).
-
-  Valid regions (bucketed refinement): ``valid`` maps a level
-  (``LEVEL_X1``...) to int32 ``[3]`` ``(row0, h, w)`` (``ops.mask_valid``);
-  each spatial op then sees its input zeroed outside the valid region, so the
-  valid outputs equal those of the unpadded input. None: no masking.
-  """
+  """``[B, H, W, 4]`` -> ``{"x1": stride 2, stem_width; "x2": stride 4, 4*w1; "x3": stride 8,
+  4*w3}``. ``valid`` maps a level to its ``ops.mask_valid`` region (None: no masking);
+  ``stem`` and ``block`` are the pieces the banded plan applies one at a time."""
 
   stem_width: int
   blocks: Tuple[BlockSpec, ...]
@@ -264,14 +190,11 @@ class Encoder(nn.Module):
 
   def stem(self, x: jax.Array, train: bool = False,
            valid: Optional[Dict[int, jax.Array]] = None):
-    """conv1, bn1, ReLU, then the 3x3/2 max-pool: ``(x1, pooled)``.
-
-    ``x`` ``[B, H, W, 4]`` -> x1 ``[B, H1, W1, stem]``, pooled ``[B, H2, W2, stem]``.
-    """
+    """conv1, bn1, ReLU, then the 3x3/2 max-pool: ``(x1, pooled)``."""
     x1 = nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
     if valid is not None:
       x1 = mask_valid(x1, valid[LEVEL_X1])
-    pooled = max_pool_3x3_s2(x1)
+    pooled = nn.max_pool(x1, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # -inf padding
     if valid is not None:
       pooled = mask_valid(pooled, valid[LEVEL_X2])
     return x1, pooled

@@ -1,8 +1,4 @@
-"""Multi-level fusion of the encoder features into the feature map F.
-
-See docs/model.md (``module.aspp_`` upstream, "ASPP_no4level"; no atrous rates are
-in effect). Layouts are NHWC.
-"""
+"""Multi-level fusion of the encoder features into F (``aspp_``, docs/model.md). NHWC."""
 
 from typing import Dict, Optional, Sequence
 
@@ -37,13 +33,8 @@ class Branch(nn.Module):
 
 
 class Fusion(nn.Module):
-  """Fuses ``x1``, ``x2``, ``x3`` into F ``[B, h, w, feature_dim]``.
-
-  ``(h, w)`` is the spatial size of ``x1`` (stride 2 of the network input);
-  the ``x2`` and ``x3`` branches are resized to it, bilinear with
-  align_corners=True, and concatenated in that order before a 3x3 conv.
-  ``dropout_rate`` acts on every branch and on the head, in training only.
-  """
+  """Fuses ``x1``, ``x2``, ``x3`` into F ``[B, h, w, feature_dim]`` at x1's size (x2's and x3's
+  branches resized with align_corners=True); dropout on every branch and the head in training."""
 
   branch_widths: Sequence[int] = (64, 64, 128)
   feature_dim: int = 256
@@ -53,10 +44,8 @@ class Fusion(nn.Module):
   def setup(self):
     if len(self.branch_widths) != len(FUSION_INPUTS):
       raise ValueError(f"branch_widths needs {len(FUSION_INPUTS)} entries")
-    widths = dict(zip(FUSION_INPUTS, self.branch_widths))
-    self.branch_x1 = Branch(widths["x1"], self.bn_axis_name, self.dropout_rate)
-    self.branch_x2 = Branch(widths["x2"], self.bn_axis_name, self.dropout_rate)
-    self.branch_x3 = Branch(widths["x3"], self.bn_axis_name, self.dropout_rate)
+    for key, width in zip(FUSION_INPUTS, self.branch_widths):
+      setattr(self, f"branch_{key}", Branch(width, self.bn_axis_name, self.dropout_rate))
     self.last_conv = conv(self.feature_dim, 3, None)
     self.last_bn = batch_norm(None, self.bn_axis_name)
     self.dropout = nn.Dropout(self.dropout_rate)
@@ -67,20 +56,8 @@ class Fusion(nn.Module):
 
   def fuse(self, parts: Sequence[jax.Array], train: bool = False, tables=None,
            valid: Optional[jax.Array] = None) -> jax.Array:
-    """F from the three branch outputs.
-
-    Args:
-      parts: the x1, x2 and x3 branches at their own sizes; the first
-        ``[B, h, w, c1]`` fixes the output size.
-      tables: None (resize x2's and x3's branches to ``(h, w)`` from their
-        static shapes) or ``((rows, cols), (rows, cols))``, the
-        align_corners tables (``ops.resize_rows``/``resize_cols``) of x2 and
-        x3, for bucketed shapes and bands of rows.
-      valid: int32 ``[3]``, x1's valid region (``ops.mask_valid``); the
-        concatenation is zeroed outside it before the 3x3 conv.
-    Returns:
-      F ``[B, h, w, feature_dim]``.
-    """
+    """F from the three branches at x1's size; ``tables``: None (static shapes) or x2's and x3's
+    ``(rows, cols)`` resize tables; ``valid``: x1's region, masked before the 3x3 conv."""
     size = parts[0].shape[1:3]
     resized = [parts[0]]
     for k, part in enumerate(parts[1:]):

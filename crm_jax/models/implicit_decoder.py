@@ -1,21 +1,6 @@
-"""Continuous alignment (CAM) and the implicit decoder with its local ensemble.
+"""The implicit decoder and its local ensemble (docs/decoder.md; the alignment: ``geometry``).
 
-Spec section 4. A query is a pixel centre ``q = (qy, qx)`` in [-1, 1] of the
-target grid ``(H, W)`` with cell size ``(2/H, 2/W)``; the feature map F is
-``[B, h, w, C]`` (NHWC). For each of the four shifts the alignment picks the
-nearest feature sample (PyTorch ``grid_sample(mode='nearest',
-align_corners=False)`` semantics) and the relative coordinate to it; the MLP
-turns ``[f (C), rel (2), q (2), rel_cell (2)]`` into a logit, and the local
-ensemble mixes the four logits with the areas of the opposite shifts.
-
-Two equivalent evaluation orders are offered:
-* ``ImplicitDecoder.__call__`` on arbitrary queries ``[B, Q, 2]`` (the
-  published order: gather C channels, then the first linear layer);
-* ``ImplicitDecoder.decode_grid`` on a block of full rows of the target grid,
-  which applies the first layer's feature part on the feature grid once
-  (``project``), so only ``hidden[0]`` channels are gathered, and evaluates the
-  four shifts as one batch. Exact up to float rounding.
-"""
+Queries ``(y, x)`` in [-1, 1] on F ``[B, h, w, C]`` (NHWC); the MLP reads ``[f, rel, q, cell]``."""
 
 from typing import Sequence, Tuple
 
@@ -24,58 +9,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crm_jax.constants import AREA_EPS, DECODER_SHIFTS, SHIFT_EPS
+from crm_jax import geometry
+from crm_jax.constants import AREA_EPS, DECODER_SHIFTS
 from crm_jax.ops import make_coord_axis
 
 NUM_GEOMETRY_INPUTS = 6  # rel (2), q (2), rel_cell (2).
 
 
-# ----------------------------------------------------------------------------
-# Alignment (the paper's Continuous Alignment Module), one axis at a time.
-# ----------------------------------------------------------------------------
-
-def shift_queries(q: jax.Array, v: int, n: int) -> jax.Array:
-  """``clamp(q + v/n + 1e-6, -1+1e-6, 1-1e-6)`` in float32 (one axis)."""
-  offset = np.float32(v * (2 / n / 2) + SHIFT_EPS)
-  lo, hi = np.float32(-1 + SHIFT_EPS), np.float32(1 - SHIFT_EPS)
-  return jnp.clip(q + offset, lo, hi)
-
-
-def nearest_index(q_shifted: jax.Array, n: int) -> jax.Array:
-  """Index of the nearest of ``n`` cells: ``nearbyint(((q+1)*n - 1)/2)``.
-
-  Rounds half to even in float32, as ``grid_sample(mode='nearest',
-  align_corners=False)`` does. Returns int32 in ``[0, n-1]``.
-  """
-  src = ((q_shifted + np.float32(1)) * np.float32(n) - np.float32(1)) / np.float32(2)
-  return jnp.clip(jnp.round(src).astype(jnp.int32), 0, n - 1)
-
-
 def align_axis(q: jax.Array, v: int, n: int) -> Tuple[jax.Array, jax.Array]:
-  """Nearest feature index and relative coordinate along one axis.
-
-  Args:
-    q: query coordinates (any shape), float32 in [-1, 1].
-    v: the shift sign, -1 or +1.
-    n: the feature map's size along this axis.
-  Returns:
-    ``(index, rel)``: int32 indices into the feature axis and
-    ``rel = (q - p) * n``, with ``p`` the feature cell's centre coordinate.
-  """
-  index = nearest_index(shift_queries(q, v, n), n)
-  p = make_coord_axis(n)[index]
-  return index, (q - p) * np.float32(n)
+  """``(index, rel)`` of queries ``q`` for the shift ``v`` on ``n`` cells, traced (``geometry``)."""
+  return geometry.align_axis(q, v, n, jnp)
 
 
 def local_ensemble(logits: jax.Array, rel_y: jax.Array,
                    rel_x: jax.Array) -> jax.Array:
-  """Area-weighted mix of the four shifted predictions.
-
-  Args:
-    logits, rel_y, rel_x: ``[4, ...]`` in ``DECODER_SHIFTS`` order.
-  Returns:
-    ``sum_k logits[k] * area[3-k] / sum_k area[k]``, shape ``[...]``.
-  """
+  """``sum_k logits[k] * area[3-k] / sum_k area[k]`` of ``[4, ...]`` in ``DECODER_SHIFTS`` order."""
   areas = jnp.abs(rel_y * rel_x) + np.float32(AREA_EPS)
   total = areas[0] + areas[1] + areas[2] + areas[3]
   out = 0.0
@@ -84,9 +32,7 @@ def local_ensemble(logits: jax.Array, rel_y: jax.Array,
   return out
 
 
-# ----------------------------------------------------------------------------
 # The MLP.
-# ----------------------------------------------------------------------------
 
 def torch_linear_init(fan_in: int):
   """PyTorch's default ``nn.Linear`` init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -131,16 +77,8 @@ class ImplicitDecoder(nn.Module):
 
   def __call__(self, feature_map: jax.Array, coord: jax.Array,
                cell: jax.Array, return_indices: bool = False):
-    """Logits at arbitrary queries (the published evaluation order).
-
-    Args:
-      feature_map: F, ``[B, h, w, C]``.
-      coord: queries ``[B, Q, 2]`` as (y, x) in [-1, 1].
-      cell: cell sizes ``[B, Q, 2]``.
-      return_indices: also return the nearest indices ``[B, Q, 4, 2]``.
-    Returns:
-      logits ``[B, Q]`` (and the indices).
-    """
+    """Logits ``[B, Q]`` of F ``[B, h, w, C]`` at ``coord`` and ``cell`` ``[B, Q, 2]`` (and
+    with ``return_indices`` the nearest indices ``[B, Q, 4, 2]``)."""
     b, h, w, c = feature_map.shape
     flat = feature_map.reshape(b, h * w, c)
     rel_cell = cell * jnp.asarray([h, w], jnp.float32)
@@ -167,15 +105,8 @@ class ImplicitDecoder(nn.Module):
 
   def decode_grid(self, projected: jax.Array, rows: jax.Array,
                   target_size: Tuple[int, int]) -> jax.Array:
-    """Logits for whole rows of the target grid (all four shifts fused).
-
-    Args:
-      projected: ``project(F)`` for ONE image, ``[h, w, D]``.
-      rows: int32 row indices ``[R]`` of the target grid ``(H, W)``.
-      target_size: ``(H, W)``; queries are its pixel centres, cell (2/H, 2/W).
-    Returns:
-      logits ``[R, W]``.
-    """
+    """Logits ``[R, W]`` at the pixel centres of rows ``rows`` ``[R]`` of ``target_size``, from
+    ONE image's ``project(F)`` ``[h, w, D]`` (the four shifts as one batch)."""
     h, w, _ = projected.shape
     big_h, big_w = target_size
     qy = make_coord_axis(big_h)[rows]  # [R]
@@ -199,22 +130,8 @@ class ImplicitDecoder(nn.Module):
 
   def decode_axes(self, projected: jax.Array, y_axis, x_axis,
                   rel_cell: Tuple[jax.Array, jax.Array]) -> jax.Array:
-    """``decode_grid`` from precomputed per-axis alignment tables.
-
-    The same arithmetic as ``decode_grid``; the tables may come from traced
-    sizes (``crm_jax.refine`` builds them for bucketed shapes), so one
-    compilation serves many target and feature sizes.
-
-    Args:
-      projected: ``project(F)`` for ONE image, ``[h, w, D]``; only indices in
-        the tables are read. Its dtype is the MLP's compute dtype.
-      y_axis: ``(qy [R], iy [2, R], rel_y [2, R])``: query coordinates of the
-        R rows and, for the shifts -1 and +1, ``align_axis``'s outputs.
-      x_axis: the same for the W columns.
-      rel_cell: float32 scalars ``(2/H * h, 2/W * w)``.
-    Returns:
-      float32 logits ``[R, W]``.
-    """
+    """``decode_grid`` from host-made tables: ``y_axis`` ``(qy [R], iy [2, R], rel_y [2, R])``
+    (``geometry.query_axis``), ``x_axis`` for the W columns; float32 ``[R, W]``."""
     qy, iys, rel_ys = y_axis
     qx, ixs, rel_xs = x_axis
     num_rows, num_cols = qy.shape[0], qx.shape[0]
