@@ -1,9 +1,5 @@
-"""One run per output folder or workdir: ``FolderLock``, an exclusive lock on a folder.
-
-The lock is ``fcntl.flock`` on the folder itself (no file is added to it); the kernel releases
-it when the process ends, however it ends, so a killed run never leaves it stuck. Rules for
-users: docs/faults_and_files.md.
-"""
+"""One run per output folder or workdir: ``FolderLock``, ``fcntl.flock`` on the folder itself (no
+file added; the kernel releases it however the process ends). Rules: docs/faults_and_files.md."""
 
 from __future__ import annotations
 
@@ -15,9 +11,8 @@ from crm_jax.io import InputError
 
 
 class FolderLock:
-  """``with FolderLock(folder, what):`` holds the folder's lock; a second holder (another
-  process, or another ``FolderLock`` of this one) is refused with one ``InputError`` line naming
-  the folder."""
+  """``with FolderLock(folder, what):`` holds the folder's lock; a second holder (even in this
+  process) is refused with one ``InputError`` line naming the folder."""
 
   def __init__(self, folder: str, what: str = "output folder"):
     self.folder = folder

@@ -1,9 +1,6 @@
-"""IoU and mBA of refined masks, as the published eval_post scripts compute them, and the
-published output layout (``<s>_<name>_mask.png`` per scale, ``<name>_{im,seg,gt}.png``).
-
-Pure NumPy + OpenCV (no JAX), so ``crm-evaluate --metrics-only`` starts fast. The rules, and
-where crm-jax decides what the published code leaves open: docs/metrics.md.
-"""
+"""IoU and mBA of refined masks as the published eval_post scripts compute them (docs/metrics.md),
+and the output layout (``<s>_<name>_mask.png`` per scale, ``<name>_{im,seg,gt}.png``). Pure
+NumPy + OpenCV (no JAX), so ``crm-evaluate --metrics-only`` starts fast."""
 
 from __future__ import annotations
 
@@ -22,15 +19,7 @@ from crm_jax.io import InputError, is_complete_output, read_grey, read_mask
 
 COPY_ROLES = ("im", "seg", "gt")  # <name>_<role>.png: the image, input seg and gt as read
 MASK_SUFFIX = "_mask.png"
-
-
-def copy_suffix(role: str) -> str:
-  """``_<role>.png``: how a copy's file name ends."""
-  return f"_{role}.png"
-
-
-GT_SUFFIX = copy_suffix("gt")
-SEG_SUFFIX = copy_suffix("seg")
+GT_SUFFIX, SEG_SUFFIX = "_gt.png", "_seg.png"
 
 
 def scale_key(scale: float) -> str:
@@ -45,7 +34,7 @@ def mask_path(out_dir: str, name: str, scale: float) -> str:
 
 def copy_path(out_dir: str, name: str, role: str) -> str:
   """``<out_dir>/<name>_<role>.png`` for a role of ``COPY_ROLES``."""
-  return os.path.join(out_dir, name + copy_suffix(role))
+  return os.path.join(out_dir, f"{name}_{role}.png")
 
 
 def output_files(out_dir: str, name: str, scales: Sequence[float]) -> List[str]:
@@ -55,20 +44,17 @@ def output_files(out_dir: str, name: str, scales: Sequence[float]) -> List[str]:
 
 
 def is_complete(out_dir: str, name: str, scales: Sequence[float]) -> bool:
-  """Whether every file of ``output_files`` is there and whole (``crm_jax.io.is_complete_output``:
-  a truncated or damaged PNG does not count, so a resumed run writes the object again)."""
+  """Whether every file of ``output_files`` is there and whole (``io.is_complete_output``)."""
   return all(is_complete_output(p) for p in output_files(out_dir, name, scales))
 
 
 def is_output_file(file_name: str) -> bool:
   """Whether a file name belongs to the output layout (a refined mask or a copy)."""
   return not file_name.startswith(".") and file_name.endswith(
-      (MASK_SUFFIX,) + tuple(copy_suffix(role) for role in COPY_ROLES))
+      (MASK_SUFFIX,) + tuple(f"_{role}.png" for role in COPY_ROLES))
 
 
-# ---------------------------------------------------------------------------------------------
-# Per image.
-
+# -- per image ---------------------------------------------------------------------------------
 
 def binarize(grey: np.ndarray) -> np.ndarray:
   """Grey ``[H, W]`` (any integer or float dtype) -> bool ``[H, W]``: ``grey > 128``."""
@@ -98,15 +84,8 @@ def boundary_bands(gt: np.ndarray) -> List[np.ndarray]:
 
 def boundary_accuracy(gt: np.ndarray, mask: np.ndarray,
                       bands: Optional[Sequence[np.ndarray]] = None) -> float:
-  """The boundary accuracy of one image, the mean over the five radii.
-
-  Args:
-    gt: bool ``[H, W]`` (or grey, then binarised ``> 128``).
-    mask: bool ``[H, W]`` (or grey, binarised likewise), the same size.
-    bands: ``boundary_bands(gt)``, when already computed (they depend on gt only).
-  Returns:
-    A float in [0, 1], or NaN when gt has no boundary (all background or all foreground).
-  """
+  """The mBA of one image (the mean over the five radii) in [0, 1], NaN when gt has no boundary.
+  gt, mask: bool (or grey, binarised ``> 128``) ``[H, W]``; bands: ``boundary_bands(gt)``."""
   gt, mask = _as_bool(gt), _as_bool(mask)
   if gt.shape != mask.shape:
     raise ValueError(f"gt is {gt.shape} but mask is {mask.shape}")
@@ -128,11 +107,6 @@ def intersection_union(gt: np.ndarray, mask: np.ndarray) -> Tuple[int, int]:
   return int(np.count_nonzero(gt & mask)), int(np.count_nonzero(gt | mask))
 
 
-def is_small_seg(seg_grey: np.ndarray) -> bool:
-  """Whether the input seg's grey values sum to less than 32*32 (the small-input rule)."""
-  return int(np.asarray(seg_grey).sum(dtype=np.int64)) < SMALL_SEG_GREY_SUM
-
-
 def _as_bool(x: np.ndarray) -> np.ndarray:
   x = np.asarray(x)
   return x if x.dtype == bool else binarize(x)
@@ -152,16 +126,13 @@ class ImageScores:
 
 def per_image(gt: np.ndarray, seg: np.ndarray, mask: np.ndarray,
               bands: Optional[Sequence[np.ndarray]] = None) -> ImageScores:
-  """The scores of one image from grey uint8 ``[H, W]`` gt, input seg and refined mask.
-
-  ``bands``: ``boundary_bands(gt)`` when already computed (a folder reuses them across scales).
-  Raises ``ValueError`` when the three are not the same size.
-  """
+  """The scores of one image from grey uint8 ``[H, W]`` gt, input seg and refined mask
+  (``ValueError`` unless of one size); ``bands``: ``boundary_bands(gt)``, if computed."""
   gt, seg, mask = np.asarray(gt), np.asarray(seg), np.asarray(mask)
   if not (gt.ndim == 2 and gt.shape == seg.shape == mask.shape):
     raise ValueError(f"gt {gt.shape}, seg {seg.shape} and mask {mask.shape} differ "
                      "(expected three [H, W] masks of one size)")
-  small = is_small_seg(seg)
+  small = int(seg.sum(dtype=np.int64)) < SMALL_SEG_GREY_SUM  # the small-input rule
   if small:
     mask = seg
   gt_b, seg_b, mask_b = binarize(gt), binarize(seg), binarize(mask)
@@ -174,29 +145,19 @@ def per_image(gt: np.ndarray, seg: np.ndarray, mask: np.ndarray,
 
 
 class Accumulator:
-  """Data-set scores of one scale as exact (sum, count) pairs.
-
-  IoU = sum of intersections / sum of unions; mBA = sum of per-image mBA / number of images
-  that have a boundary (see the module docstring).
-  """
+  """Data-set scores of one scale as exact (sum, count) pairs: IoU = sum of intersections / sum
+  of unions; mBA = sum of per-image mBA / number of images that have a boundary."""
 
   def __init__(self):
-    self.old_intersection = 0
-    self.old_union = 0
-    self.new_intersection = 0
-    self.new_union = 0
-    self.old_mba_sum = 0.0
-    self.new_mba_sum = 0.0
-    self.num_images = 0
-    self.num_mba_images = 0
+    self.old_intersection = self.old_union = self.new_intersection = self.new_union = 0
+    self.old_mba_sum = self.new_mba_sum = 0.0
+    self.num_images = self.num_mba_images = 0
     self.small_seg: List[str] = []
     self.no_boundary: List[str] = []
 
   def add(self, scores: ImageScores, name: str = "") -> None:
-    self.old_intersection += scores.old_intersection
-    self.old_union += scores.old_union
-    self.new_intersection += scores.new_intersection
-    self.new_union += scores.new_union
+    for field in ("old_intersection", "old_union", "new_intersection", "new_union"):
+      setattr(self, field, getattr(self, field) + getattr(scores, field))
     self.num_images += 1
     if scores.small_seg:
       self.small_seg.append(name)
@@ -223,9 +184,7 @@ class Accumulator:
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Over a folder.
-
+# -- over a folder -----------------------------------------------------------------------------
 
 def list_names(out_dir: str) -> List[str]:
   """The object names of an output folder: every ``<name>_gt.png``, sorted."""
@@ -236,9 +195,8 @@ def list_names(out_dir: str) -> List[str]:
 
 
 def score_object(gt: np.ndarray, seg: np.ndarray, masks: Dict[str, np.ndarray]) -> Dict:
-  """One object's record: ``{"scales": {scale_key: ImageScores fields as a list}}`` from grey
-  uint8 ``[H, W]`` gt, input seg and the refined mask of each scale (JSON-able, so processes
-  can gather records; ``summarize`` adds them up)."""
+  """One object's JSON-able record, ``{"scales": {scale_key: ImageScores fields as a list}}``,
+  from grey uint8 ``[H, W]`` gt, input seg and the refined mask of each scale."""
   bands = boundary_bands(gt)
   return {"scales": {k: list(dataclasses.astuple(per_image(gt, seg, m, bands)))
                      for k, m in masks.items()}, "missing": {}}
@@ -246,9 +204,8 @@ def score_object(gt: np.ndarray, seg: np.ndarray, masks: Dict[str, np.ndarray]) 
 
 def score_files(out_dir: str, name: str, scales: Sequence[float],
                 say: Callable[[str], None] = print) -> Dict:
-  """``score_object`` of an object in an output folder, read from its files; an object without
-  a usable gt or seg is ``{"skipped": reason}``, a scale without a usable mask is listed under
-  ``"missing"``. Each such case is reported through ``say`` in one line."""
+  """``score_object`` of an object's files in an output folder; no usable gt or seg:
+  ``{"skipped": reason}``, no usable mask: under ``"missing"``; each said in one line."""
   try:
     gt = read_mask(copy_path(out_dir, name, "gt"))
     seg = read_mask(copy_path(out_dir, name, "seg"))
@@ -269,18 +226,12 @@ def score_files(out_dir: str, name: str, scales: Sequence[float],
     except InputError as e:
       missing[scale_key(s)] = str(e)
       say(f"metrics: {name} left out of scale {scale_key(s)}: {e}")
-  record = score_object(gt, seg, masks)
-  record["missing"] = missing
-  return record
+  return {**score_object(gt, seg, masks), "missing": missing}
 
 
 def summarize(records: Sequence[Tuple[str, Dict]], scales: Sequence[float]) -> Dict:
-  """The metrics of ``(name, record)`` pairs, added up in their order.
-
-  Returns ``{"scales": {scale_key(s): {"iou", "mba", "old_iou", "old_mba", "num_images",
-  "num_mba_images", "missing": [names]}}, "num_images", "num_objects", "skipped": ["name:
-  reason"], "small_seg": [names], "no_boundary": [names]}``; a score is ``None`` when undefined.
-  """
+  """The metrics of ``(name, record)`` pairs: ``{"scales": {scale_key: Accumulator.result() +
+  "missing"}, "num_images", "num_objects", "skipped", "small_seg", "no_boundary"}``."""
   accs = {scale_key(s): Accumulator() for s in scales}
   missing: Dict[str, List[str]] = {k: [] for k in accs}
   skipped, evaluated = [], set()
@@ -307,8 +258,7 @@ def summarize(records: Sequence[Tuple[str, Dict]], scales: Sequence[float]) -> D
 def evaluate_folder(out_dir: str, scales: Sequence[float] = SCALES,
                     names: Optional[Sequence[str]] = None, progress: bool = False,
                     log: Callable[[str], None] = print) -> Dict:
-  """The metrics (``summarize``) of the objects ``names`` (default: every ``<name>_gt.png``) of
-  an output folder, read from its files (``score_files``)."""
+  """``summarize`` of ``score_files`` of ``names`` (default: every ``<name>_gt.png``)."""
   if names is None:
     names = list_names(out_dir)
 

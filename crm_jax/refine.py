@@ -1,10 +1,6 @@
-"""``crm_jax.Refiner``: the published multi-scale test loop on one image or a batch.
-
-Owns the refiner: inputs checked, reflect-padded and normalised, each scale's pass run by an
-execution plan (``crm_jax.plans``: plain, banded, fused, or auto), ``min_side`` (the leading scales
-a small image skips, ``crm_jax.scales``), the compute dtype, and the persistent compilation cache.
-The algorithm: docs/refinement.md; using it: docs/refining.md. The command line is
-``crm_jax.cli.refine`` (``crm-refine``).
+"""``crm_jax.Refiner``: the published multi-scale test loop on one image or a batch, run by an
+execution plan (``crm_jax.plans``), with ``min_side``, the compute dtype and the persistent
+compilation cache. The algorithm: docs/refinement.md; using it: docs/refining.md.
 """
 
 import os
@@ -36,14 +32,9 @@ PLAN_CHOICES = ("auto",) + plans.PLANS
 
 
 def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
-  """Points JAX's persistent compilation cache at ``path``; returns the dir.
-
-  ``path`` None: ``$CRM_JAX_CACHE_DIR`` if set (empty: disable), else
-  ``~/.cache/crm_jax/xla``. Every compilation over 0.1 s is cached (JAX's
-  default threshold, 1 s, would skip most CPU compilations of the query loop).
-  Only ``jax.config`` is used; JAX reads the directory when it first
-  compiles, so call this before the first compilation of the process.
-  """
+  """Points JAX's persistent compilation cache at ``path`` (default ``$CRM_JAX_CACHE_DIR``, empty:
+  off, else ``~/.cache/crm_jax/xla``); returns the dir. Call before the first compilation.
+  Compilations over 0.1 s are cached (JAX's 1 s would skip most CPU ones of the query loop)."""
   if path is None:
     path = os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)
   path = os.path.expanduser(path) if path else None
@@ -67,8 +58,7 @@ def _cast(variables, dtype, device):
 
 
 def _caller_stacklevel() -> int:
-  """The ``stacklevel`` of the first frame outside this module, for ``warnings.warn`` called
-  here (the caller's line, whichever public method it called)."""
+  """The ``warnings.warn`` stacklevel of the first frame outside this module."""
   frame, level = sys._getframe(1), 1
   while frame is not None and frame.f_code.co_filename == __file__:
     frame, level = frame.f_back, level + 1
@@ -76,11 +66,8 @@ def _caller_stacklevel() -> int:
 
 
 class BatchInputError(InputError):
-  """Some pairs of a ``refine_batch`` call were bad; the others were refined.
-
-  ``results`` holds one entry per pair: the result, or None for a bad pair;
-  ``bad`` maps each bad pair's index to its message.
-  """
+  """Some pairs of a ``refine_batch`` call were bad; the others were refined. ``results``: one
+  entry per pair (None for a bad one); ``bad``: each bad pair's index -> its message."""
 
   def __init__(self, bad: Dict[int, str], results: list):
     lines = "; ".join(f"pair {i}: {msg}" for i, msg in sorted(bad.items()))
@@ -100,30 +87,18 @@ class Refiner:
 
   Args:
     config, variables: the model.
-    plan: ``auto`` (default), ``plain``, ``banded`` or ``fused``
-      (``crm_jax.plans``; ``auto`` is ``banded`` on the CPU, ``fused`` on an
-      accelerator whose memory holds it).
-    memory_budget: bytes the fused plan may use (``auto``; default: the
-      device's free memory).
-    query_chunk: queries per decoder chunk (whole rows; default per platform,
-      ``plans.QUERIES_PER_CHUNK``).
+    plan: ``auto`` (banded on the CPU, fused where it fits), ``plain``, ``banded``, ``fused``.
+    memory_budget: bytes the fused plan may use (``auto``; default: the device's free memory).
+    query_chunk: queries per decoder chunk (whole rows; default per platform).
     pad: reflect padding (32, as published).
     bucket_steps: bucket ladder rungs per octave.
     dtype: ``"float32"`` or ``"bfloat16"`` (bucketed plans only).
     band_elements: elements of the widest per-band tensor (``banded``).
     batch_ladder: batch sizes the fused plan compiles for.
-    compilation_cache: also switch on the persistent compilation cache
-      (``enable_compilation_cache``; the command-line entry points do).
-    device: the ``jax.Device`` that runs everything (default: JAX's default
-      device); one Refiner per device refines on several devices at once.
-    min_side: leave out the leading scales at which an image's shorter side (unpadded,
-      ``min(H, W) * s``) is below this many pixels; the last scale always runs
-      (``crm_jax.scales.scales_to_run``). The results still hold every requested scale: at a
-      scale left out, the coarse mask as a probability (``mask / 255``: nothing refined yet).
-      0 (default): every scale, the published loop. ``ValueError`` unless an int >= 0.
-    warn_small: with ``min_side`` 0, warn once (``SmallImageWarning``) when the coarsest scale
-      shows an image with its shorter side below ``crm_jax.scales.SMALL_SIDE`` pixels (the
-      dataset runs pass False and print one line of their own).
+    compilation_cache: also switch on ``enable_compilation_cache``.
+    device: the ``jax.Device`` that runs everything (default: JAX's default device).
+    min_side: skip leading scales where ``min(H, W) * s < min_side`` (0: the published loop).
+    warn_small: with ``min_side`` 0, warn once (``SmallImageWarning``) about a small image.
   """
 
   def __init__(self, config: ModelConfig, variables, *, plan: str = "auto",
@@ -142,42 +117,28 @@ class Refiner:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if name != "float32" and plan == "plain":
       raise ValueError("dtype other than float32 needs a bucketed plan (banded or fused)")
-    self.min_side = check_min_side(min_side)
-    self.warn_small = warn_small
-    self.config = config
+    self.min_side, self.warn_small = check_min_side(min_side), warn_small
+    self.config, self.dtype, self.plan, self.memory_budget = config, name, plan, memory_budget
     self.device = device or jax.devices()[0]
     self.variables = jax.device_put(variables, self.device)
     self.compute_variables = (self.variables if name == "float32"
                               else _cast(variables, DTYPES[name], self.device))
-    self.dtype = name
-    self.plan = plan
-    self.memory_budget = memory_budget
     self.query_chunk = query_chunk or plans.queries_per_chunk(self.device.platform)
-    self.pad = pad
-    self.bucket_steps = bucket_steps
-    self.band_elements = band_elements
+    self.pad, self.bucket_steps, self.band_elements = pad, bucket_steps, band_elements
     self.batch_ladder = tuple(batch_ladder)
     self.exported = None  # a crm_jax.export.ExportedFused (from_export): runs the fused plan
 
   @classmethod
   def from_checkpoint(cls, path: str, **kwargs) -> "Refiner":
-    """Loads a model checkpoint directory (``crm_jax.checkpoint``). Without ``min_side`` (or
-    with None) the checkpoint's recommendation is used (``ckpt.recommended_min_side``: 0, the
-    published loop, unless the checkpoint names one, as the bundled one does)."""
+    """Loads a model checkpoint directory; ``min_side`` None: the checkpoint's recommendation."""
     kwargs["min_side"], _ = ckpt.resolve_min_side(kwargs.get("min_side"), path)
     config, variables = ckpt.load_model(path)
     return cls(config, variables, **kwargs)
 
   @classmethod
   def from_export(cls, path: str, checkpoint: Optional[str] = None, **kwargs) -> "Refiner":
-    """Runs the fused plan through the serialized programs of ``crm_jax.export.export_fused``
-    in ``path`` (no tracing or lowering here; the platform must be one of the export's).
-
-    The variables come from ``checkpoint`` (default: the one the export records), which must be
-    the checkpoint the export was made with (``ExportedFused.check_variables``). The dtype and
-    batch sizes are the export's; a bucket, scale or batch it lacks raises
-    ``crm_jax.export.ExportError`` naming what it holds.
-    """
+    """Runs the fused plan from the programs ``crm-export`` wrote in ``path`` (no tracing), with
+    the variables of ``checkpoint`` (default: the export's own; another one is refused)."""
     exported = export_lib.load_fused(path)
     checkpoint = checkpoint or exported.manifest["checkpoint"]
     kwargs["min_side"], _ = ckpt.resolve_min_side(kwargs.get("min_side"), checkpoint)
@@ -190,24 +151,16 @@ class Refiner:
 
   # -- inputs -------------------------------------------------------------------------------
 
-  def _check(self, image, mask) -> Tuple[np.ndarray, np.ndarray]:
-    image = as_rgb(image, "image")
-    mask = as_mask(mask, "mask")
+  def _prepared(self, image, mask, scales) -> Tuple[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """The checked mask (uint8 ``[H, W]``) and the normalised, reflect-padded pair (float32
+    ``[H+2p, W+2p, 3]``, ``[H+2p, W+2p]``); ``InputError`` for a bad pair or scales."""
+    image, mask = as_rgb(image, "image"), as_mask(mask, "mask")
     if image.shape[:2] != mask.shape:
       raise InputError(f"image is {image.shape[1]}x{image.shape[0]} but mask is "
                        f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
     if min(mask.shape) <= self.pad:
       raise InputError(f"image is {mask.shape[1]}x{mask.shape[0]}; both sides must "
                        f"exceed {self.pad} pixels (the reflect padding)")
-    return image, mask
-
-  def _prepared(self, image, mask, scales) -> Tuple[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
-    """The checked mask (uint8 ``[H, W]``) and the normalised, reflect-padded pair
-    (``[H+2p, W+2p, 3]``, ``[H+2p, W+2p]`` float32).
-
-    ``InputError`` for a bad pair, or scales the pair's size cannot take (``check_scales``).
-    """
-    image, mask = self._check(image, mask)
     check_scales(scales, mask.shape, pad=self.pad)
     p = self.pad
     return mask, (np.pad(normalize_image(image), ((p, p), (p, p), (0, 0)), mode="reflect"),
@@ -232,43 +185,33 @@ class Refiner:
 
   def _run(self, padded: List[Tuple[np.ndarray, np.ndarray]],
            scales: Tuple[float, ...]) -> List[Dict[float, np.ndarray]]:
-    """Padded pairs -> ``{s: prob}`` on their padded grids, on ``self.device``."""
-    with jax.default_device(self.device):
-      return self._run_on_device(padded, scales)
-
-  def _run_on_device(self, padded, scales):
-    """``_run`` under ``jax.default_device``; fused pairs grouped by bucket."""
+    """Padded pairs -> ``{s: prob}`` on their padded grids, on ``self.device`` (fused pairs
+    batched by bucket)."""
     results: List[Optional[Dict[float, np.ndarray]]] = [None] * len(padded)
     groups: Dict[tuple, List[int]] = {}
     for i, (image_p, _) in enumerate(padded):
-      bucket = bucket_shape(image_p.shape[:2], self.bucket_steps)
-      groups.setdefault(bucket, []).append(i)
-    for bucket, idx in groups.items():
-      plan = self._bucket_plan(bucket, scales, min(len(idx), max(self.batch_ladder)))
-      if plan == "fused":
-        out = plans.refine_fused(self.config, self.compute_variables,
-                                 [padded[i][0] for i in idx], [padded[i][1] for i in idx],
-                                 scales, self.query_chunk, self.bucket_steps,
-                                 self.batch_ladder,
-                                 program=None if self.exported is None else self.exported.program)
-        for i, r in zip(idx, out):
-          results[i] = r
-        continue
-      for i in idx:
-        if plan == "plain":
-          results[i] = plans.refine_plain(self.config, self.variables, *padded[i], scales,
-                                          self.query_chunk)
+      groups.setdefault(bucket_shape(image_p.shape[:2], self.bucket_steps), []).append(i)
+    with jax.default_device(self.device):
+      for bucket, idx in groups.items():
+        plan = self._bucket_plan(bucket, scales, min(len(idx), max(self.batch_ladder)))
+        if plan == "fused":
+          program = None if self.exported is None else self.exported.program
+          out = plans.refine_fused(self.config, self.compute_variables,
+                                   [padded[i][0] for i in idx], [padded[i][1] for i in idx],
+                                   scales, self.query_chunk, self.bucket_steps,
+                                   self.batch_ladder, program=program)
+          for i, r in zip(idx, out):
+            results[i] = r
+        elif plan == "plain":
+          for i in idx:
+            results[i] = plans.refine_plain(self.config, self.variables, *padded[i], scales,
+                                            self.query_chunk)
         else:
-          results[i] = plans.refine_banded(self.config, self.compute_variables, *padded[i],
-                                           scales, self.query_chunk, self.bucket_steps,
-                                           self.band_elements)
+          for i in idx:
+            results[i] = plans.refine_banded(self.config, self.compute_variables, *padded[i],
+                                             scales, self.query_chunk, self.bucket_steps,
+                                             self.band_elements)
     return results
-
-  def _crop(self, probs: Dict[float, np.ndarray], keep) -> Dict[float, np.ndarray]:
-    """The scales in ``keep`` cropped to the image and copied to the host (only those)."""
-    p = self.pad
-    return {s: np.array(prob[p:prob.shape[0] - p, p:prob.shape[1] - p])
-            for s, prob in probs.items() if s in keep}
 
   def _warn_if_small(self, sizes: Sequence[Tuple[int, int]], scales: Tuple[float, ...]) -> None:
     """The once-per-Refiner ``SmallImageWarning`` (see ``warn_small``)."""
@@ -285,36 +228,25 @@ class Refiner:
 
   def _refine_prepared(self, prepared, scales: Tuple[float, ...],
                        keep=None) -> List[Dict[float, np.ndarray]]:
-    """``_prepared`` pairs -> ``{s: [H, W] float32}`` for every ``s`` of ``keep`` (default:
-    every scale; the others never leave the device).
-
-    Each pair is refined at ``scales_to_run(scales, (H, W), self.min_side)`` (pairs of one such
-    tuple go to ``_run`` together); a scale left out holds ``mask / 255``.
-    """
+    """``_prepared`` pairs -> ``{s: [H, W] float32}`` for each ``s`` of ``keep`` (default: all),
+    refined at ``scales_to_run(scales, (H, W), self.min_side)``; a scale left out: ``mask/255``."""
     self._warn_if_small([mask.shape for mask, _ in prepared], scales)
     groups: Dict[Tuple[float, ...], List[int]] = {}
     for i, (mask, _) in enumerate(prepared):
       groups.setdefault(scales_to_run(scales, mask.shape, self.min_side), []).append(i)
     keep = tuple(scales if keep is None else keep)
     results: List[Optional[Dict[float, np.ndarray]]] = [None] * len(prepared)
+    p = self.pad  # each kept scale cropped to the image and copied to the host (only those)
     for kept, idx in groups.items():
       for i, probs in zip(idx, self._run([prepared[i][1] for i in idx], kept)):
-        probs = self._crop(probs, keep)
-        results[i] = {s: probs[s] if s in probs else mask_to_prob(prepared[i][0])
-                      for s in scales if s in keep}
+        results[i] = {s: np.array(probs[s][p:probs[s].shape[0] - p, p:probs[s].shape[1] - p])
+                      if s in probs else mask_to_prob(prepared[i][0]) for s in scales if s in keep}
     return results
 
   def refine_all_scales(self, image: np.ndarray, mask: np.ndarray,
                         scales: Sequence[float] = SCALES) -> Dict[float, np.ndarray]:
-    """The probability map after each scale, ``{s: [H, W] float32}``.
-
-    Args:
-      image: RGB uint8 ``[H, W, 3]`` (grey is replicated, RGBA loses alpha).
-      mask: the coarse mask, grey uint8 ``[H, W]`` (0-255, soft values allowed).
-        An empty mask gives all-zero predictions, as published.
-      scales: the input scales, coarse to fine; with ``min_side``, those that
-        ``scales_to_run`` leaves out hold ``mask / 255`` (float32).
-    """
+    """RGB uint8 ``[H, W, 3]`` image and grey uint8 ``[H, W]`` coarse mask -> the probability
+    map after each of ``scales`` (coarse to fine), ``{s: [H, W] float32}``."""
     scales = check_scales(scales)
     return self._refine_prepared([self._prepared(image, mask, scales)], scales)[0]
 
@@ -329,13 +261,8 @@ class Refiner:
                               scales: Sequence[float] = SCALES,
                               keep: Optional[Sequence[float]] = None
                               ) -> List[Dict[float, np.ndarray]]:
-    """``refine_all_scales`` of every pair; pairs of one bucket run as one batch (``fused``).
-
-    Sizes may differ; pairs whose ``min_side`` scales differ run as separate
-    groups. A bad pair (image and mask of different sizes, ...)
-    does not stop the others: they are refined, then ``BatchInputError``
-    (an ``InputError``) names every bad pair's index and carries the results.
-    """
+    """``refine_all_scales`` of every pair (sizes may differ; one bucket: one ``fused`` batch).
+    Bad pairs do not stop the others: then ``BatchInputError`` names them, with the results."""
     scales = check_scales(scales)
     images, masks = list(images), list(masks)
     if len(images) != len(masks):
@@ -358,11 +285,8 @@ class Refiner:
 
   def refine_batch(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                    scales: Sequence[float] = SCALES) -> List[np.ndarray]:
-    """One refined probability ``[H_i, W_i]`` per pair, after the last scale.
-
-    See ``refine_batch_all_scales`` for batching and errors (its
-    ``BatchInputError.results`` here hold the last scale's maps).
-    """
+    """One refined probability ``[H_i, W_i]`` float32 per pair, after the last scale (see
+    ``refine_batch_all_scales``; ``BatchInputError.results`` hold the last scale's maps)."""
     last = check_scales(scales)[-1]
     try:
       return [r[last] for r in self.refine_batch_all_scales(images, masks, scales)]
@@ -372,8 +296,7 @@ class Refiner:
 
 
 
-if __name__ == "__main__":
-  # The command moved (one home for every command); no import of it from the library.
+if __name__ == "__main__":  # the command moved to crm_jax.cli
   print("error: `python -m crm_jax.refine` is now `crm-refine` (or `python -m crm_jax.cli.refine`)",
         file=sys.stderr)
   sys.exit(2)

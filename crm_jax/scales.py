@@ -1,15 +1,6 @@
-"""The one rule for refinement scales, shared by the API, the CLIs and the configs.
-
-Scales are the input scales of the multi-scale loop (docs/refinement.md), coarse to fine: a
-non-empty sequence of finite numbers in (0, 1], strictly increasing. For a given image, every
-scale must also leave the reflect-padded image at least ``MIN_SCALED_SIDE`` pixels on each side
-(one feature at the encoder's output stride); a smaller input makes the loop's empty-seg rule
-zero the whole prediction.
-
-``min_side`` (off by default) leaves out the leading scales at which an image is too small to
-show the encoder anything useful (``scales_to_run``); ``small_image_note`` and the lines built on
-it warn when the default loop would show an image that small.
-"""
+"""The one rule for refinement scales (docs/refining.md, input rules), shared by the API, the CLIs
+and the configs, and ``min_side``: the leading scales a small image skips, and the warnings
+about small images (docs/refinement.md, "Small images and min_side")."""
 
 import math
 import numbers
@@ -24,14 +15,9 @@ MIN_SCALED_SIDE = 8  # pixels: the encoder's output stride (one feature).
 
 def check_scales(scales: Sequence[float], size: Optional[Tuple[int, int]] = None,
                  pad: int = REFLECT_PAD) -> Tuple[float, ...]:
-  """The scales as a tuple of floats, or ``InputError`` saying which rule a scale breaks.
-
-  Args:
-    scales: the refinement scales, coarse to fine.
-    size: ``(H, W)`` of an image to refine (unpadded): then every scale must also leave its
-      padded size at least ``MIN_SCALED_SIDE`` on each side.
-    pad: the reflect padding added on every side.
-  """
+  """The scales (coarse to fine) as a tuple of floats, or ``InputError`` naming the rule broken.
+  With ``size`` ``(H, W)`` (unpadded), each scale must leave the image padded by ``pad`` at least
+  ``MIN_SCALED_SIDE`` pixels on each side."""
   try:
     out = tuple(float(s) for s in scales)
   except (TypeError, ValueError):
@@ -56,9 +42,6 @@ def check_scales(scales: Sequence[float], size: Optional[Tuple[int, int]] = None
   return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Small images: the optional ``min_side`` (docs/refinement.md, "Small images and min_side").
-
 SMALL_SIDE = 64  # pixels: a coarsest pass that shows the shorter side below this is warned about
 
 
@@ -67,8 +50,7 @@ class SmallImageWarning(UserWarning):
 
 
 def check_min_side(min_side) -> int:
-  """``min_side`` as an int, or ``InputError`` (a ``ValueError``) unless it is a whole number of
-  pixels >= 0."""
+  """``min_side`` as an int; ``InputError`` (a ``ValueError``) unless a whole number >= 0."""
   if isinstance(min_side, bool) or not isinstance(min_side, numbers.Integral) or min_side < 0:
     raise InputError(f"min side {min_side!r} (--min-side, min_side=): must be a whole number of "
                      "pixels, 0 or more (0: every scale, the published loop)")
@@ -77,20 +59,15 @@ def check_min_side(min_side) -> int:
 
 def scales_to_run(scales: Sequence[float], size: Tuple[int, int],
                   min_side: int) -> Tuple[float, ...]:
-  """The scales that refine an image of ``size`` ``(H, W)`` (unpadded): the checked ``scales``
-  without the leading ones at which its shorter side, ``min(H, W) * s``, is below ``min_side``
-  pixels. The last scale always stays; ``min_side=0`` keeps every scale (the published loop).
-  """
-  scales = check_scales(scales)
-  min_side = check_min_side(min_side)
-  short = min(size)
-  return tuple(s for s in scales[:-1] if short * s >= min_side) + scales[-1:]
+  """The ``scales`` that refine an image of ``size`` ``(H, W)``: without the leading ones where
+  ``min(H, W) * s < min_side``; the last always stays (``min_side=0``: every scale)."""
+  scales, min_side = check_scales(scales), check_min_side(min_side)
+  return tuple(s for s in scales[:-1] if min(size) * s >= min_side) + scales[-1:]
 
 
 def small_image_note(scales: Sequence[float], size: Tuple[int, int]) -> Optional[str]:
-  """What the coarsest of ``scales`` shows of an image of ``size`` ``(H, W)`` when
-  ``min_side=SMALL_SIDE`` would leave a scale out (``"256x192: the coarsest scale 0.125 shows it
-  at 32x24 pixels"``, width x height), else None."""
+  """When ``min_side=SMALL_SIDE`` would leave a scale out for ``size`` ``(H, W)``: e.g. ``"256x192:
+  the coarsest scale 0.125 shows it at 32x24 pixels"`` (width x height); else None."""
   scales = check_scales(scales)
   if scales_to_run(scales, size, SMALL_SIDE) == scales:
     return None
@@ -99,8 +76,7 @@ def small_image_note(scales: Sequence[float], size: Tuple[int, int]) -> Optional
 
 
 def small_image_advice(scales: Sequence[float], size: Optional[Tuple[int, int]] = None) -> str:
-  """The command lines' advice; for one image of ``size`` ``(H, W)`` also the scales that
-  ``min_side=SMALL_SIDE`` would run."""
+  """The command lines' advice; with ``size`` ``(H, W)``, the scales ``SMALL_SIDE`` would run."""
   advice = f"small images refine better with --min-side {SMALL_SIDE}"
   if size is None:
     return advice
@@ -109,8 +85,7 @@ def small_image_advice(scales: Sequence[float], size: Optional[Tuple[int, int]] 
 
 def small_images_line(named_sizes: Sequence[Tuple[str, Optional[Tuple[int, int]]]],
                       scales: Sequence[float]) -> Optional[str]:
-  """One ``warning:`` line for a dataset run: how many of the ``(name, (H, W) or None)`` objects
-  ``small_image_note`` finds small, with the first as the example; None when none is."""
+  """One ``warning:`` line counting the small ``(name, (H, W) or None)`` objects, or None."""
   small = [(name, size) for name, size in named_sizes
            if size is not None and small_image_note(scales, size)]
   if not small:

@@ -1,6 +1,5 @@
-"""What the commands share: the model and run flags of refine and evaluate, and the exit-status
-rule (a bad input, checkpoint or OS error is one ``error:`` line and status 2, no traceback; a
-run that SIGTERM or SIGINT interrupts leaves no partial file and ends with 128 + the signal)."""
+"""What the commands share: the run flags of refine and evaluate, and the exit-status rule
+(docs/faults_and_files.md): an error is one ``error:`` line and 2; SIGTERM/SIGINT: 128 + it."""
 
 import argparse
 import os
@@ -32,12 +31,7 @@ def _interrupt(signum, frame):
 
 def exit_status(run: Callable[[], object]) -> int:
   """``run()``, then 0; a bad input, checkpoint or OS error is one ``error:`` line and 2.
-
-  SIGTERM and SIGINT (handlers installed for the call, from the main thread) stop the run at
-  once: the temporary files being written are removed (``io.stop_writes``), so every output in
-  place is whole and a rerun of the same command finishes the rest; one line says so, and the
-  process exits with 128 + the signal's number without the interpreter's shutdown (worker
-  threads may be inside XLA, and a multi-process run's peers may never reach its barrier)."""
+  SIGTERM and SIGINT remove the temporary files being written and exit with 128 + the signal."""
   previous = {}
   if threading.current_thread() is threading.main_thread():
     previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
@@ -50,7 +44,7 @@ def exit_status(run: Callable[[], object]) -> int:
           "no partial file is left; run the same command again to finish", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(128 + signum)
+    os._exit(128 + signum)  # no shutdown: threads may be inside XLA, peers never reach a barrier
   except (InputError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -65,9 +59,7 @@ def exit_status(run: Callable[[], object]) -> int:
 
 def add_run_flags(parser: argparse.ArgumentParser, checkpoint_help: str,
                   batch_help: str) -> argparse._ArgumentGroup:
-  """The flags of refine and evaluate: the model (``--checkpoint``, ``--scales``,
-  ``--min-side``, ``--dtype``, ``--plan``) on ``parser``, and the dataset run (``--devices``,
-  ``--batch-size``, ``--overwrite``, ``--no-progress``) in a group, which is returned."""
+  """The model flags of refine and evaluate on ``parser``; returns the "dataset runs" group."""
   parser.add_argument("--checkpoint", default=None, help=checkpoint_help)
   parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
                       help="refinement scales, coarse to fine (default: %(default)s)")

@@ -1,9 +1,6 @@
 """``make demo``: refine the bundled images with the bundled checkpoint.
 
-    python -m crm_jax.cli.demo [--output demo_output] [--overwrite]
-
-Evaluates ``crm_jax/assets/crm_small`` on ``crm_jax/assets/demo_big``: the before/after IoU and
-mBA table and side-by-side pictures (image, coarse, refined, ground truth).
+The before/after IoU and mBA table and side-by-side pictures (image, coarse, refined, gt).
 """
 
 import argparse

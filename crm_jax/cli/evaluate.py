@@ -1,13 +1,6 @@
 """``crm-evaluate`` (``evaluate.py`` in a checkout): BIG-style data refined at every scale, IoU and
-mBA reported as the published scripts compute them.
-
-    crm-evaluate --data DIR --checkpoint CKPT --output OUT [--scales 0.125 0.25 0.5 1.0]
-    crm-evaluate --data crm_big --tfds-data-dir TFDS_DIR [--split test] --checkpoint CKPT \\
-        --output OUT
-    crm-evaluate --metrics-only --output OUT
-
-The work is ``crm_jax.evaluation.evaluate``; the output folder, resume and hosts: docs/big.md.
-"""
+mBA reported as the published scripts compute them; the work is ``crm_jax.evaluation.evaluate``
+(docs/big.md)."""
 
 import argparse
 import sys
@@ -36,10 +29,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Writes the published output layout in OUT, OUT/manifest.json and OUT/metrics.json; a run
-  started again with the same model and settings skips complete objects, one with others is
-  refused unless --overwrite. Bad objects are reported and skipped; the exit status is 2 (one
-  line, no traceback) only when nothing could be evaluated or an argument is bad."""
+  """Writes the output layout, manifest.json and metrics.json in OUT; 2 when nothing could be
+  evaluated or an argument is bad (one ``error:`` line)."""
   p = parser()
   args = p.parse_args(argv)
   if not args.metrics_only and not (args.data and args.checkpoint):

@@ -1,11 +1,6 @@
 """``crm-refine``: one image (``--image --mask --output OUT.png``) or a folder of images with their
-coarse masks (``--images --masks --output DIR``) on every local device and host.
-
-    crm-refine --image IMG --mask MASK --output OUT.png [--checkpoint DIR] [--min-side N]
-    crm-refine --images IMAGES --masks MASKS --output DIR [--mask-suffix SUFFIX] [--devices N]
-
-The work is ``crm_jax.Refiner`` and ``crm_jax.folder_refine.refine_folder``; docs/refining.md.
-"""
+coarse masks (``--images --masks --output DIR``) on every local device and host; the work is
+``crm_jax.Refiner`` and ``crm_jax.folder_refine.refine_folder`` (docs/refining.md)."""
 
 import argparse
 import os
@@ -52,9 +47,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _model(args) -> Tuple[str, int]:
-  """The checkpoint and ``min_side`` of a run: ``--checkpoint`` or the bundled one,
-  ``--min-side`` or the checkpoint's recommendation; one ``note:`` line on stderr says which
-  defaults were taken, where they matter."""
+  """The checkpoint and ``min_side`` of a run (defaults: the bundled one, its recommendation);
+  one ``note:`` line on stderr says which defaults were taken, where they matter."""
   path = DEMO_CHECKPOINT if args.checkpoint is None else args.checkpoint
   min_side, min_side_note = ckpt.resolve_min_side(args.min_side, path)
   notes = [] if min_side_note is None else [min_side_note]
@@ -68,8 +62,7 @@ def _model(args) -> Tuple[str, int]:
 
 
 def _refine_one(args) -> None:
-  """The single-image mode: the output is checked before the checkpoint is loaded, is never
-  one of the inputs, and an existing one is replaced only with ``--overwrite``."""
+  """One image; the output is checked first, never an input, replaced only with --overwrite."""
   scales = check_scales(args.scales)
   if args.min_side is not None:
     check_min_side(args.min_side)
@@ -90,8 +83,7 @@ def _refine_one(args) -> None:
   else:
     refiner = Refiner.from_checkpoint(path, dtype=args.dtype, plan=args.plan,
                                       min_side=min_side, warn_small=False)
-  prob = refiner.refine(image, mask, scales)
-  io.write_image(args.output, prob_to_uint8(prob))
+  io.write_image(args.output, prob_to_uint8(refiner.refine(image, mask, scales)))
   print(f"wrote {args.output}")
 
 
@@ -105,9 +97,7 @@ def _refine_folder(args) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Bad arguments, files and checkpoints, and OS errors, end in one ``error:`` line naming the
-  path (exit status 2); in folder mode a bad pair is reported and skipped, and the status is 2
-  only when nothing could be refined."""
+  """0, or 2 after one ``error:`` line (folder mode: only when nothing could be refined)."""
   p = parser()
   args = p.parse_args(argv)
   if args.image is not None:
