@@ -17,7 +17,7 @@ import json
 import os
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 from tqdm import tqdm
@@ -30,7 +30,7 @@ from crm_jax.io import InputError, InputWarning, check_output_dir, remove_leftov
 from crm_jax.metrics import scale_key
 from crm_jax.parallel import (Item, Log, error_line, local_refiners, one_line, rate,
                               refine_share, share)
-from crm_jax.scales import small_images_line
+from crm_jax.scales import check_min_side, check_scales, small_images_line
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "crm-jax-output"
@@ -38,6 +38,20 @@ SETTINGS = ("fingerprint", "scales", "dtype", "plan", "min_side", "orientation")
 SETTING_DEFAULTS = {"min_side": 0, "orientation": "stored"}  # in manifests older than the key
 DEFAULT_PLAN = "banded"  # for a refiner that does not name its execution plan
 _BAR = "{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {remaining} left{postfix}"
+
+
+def start(scales: Sequence[float], min_side: Optional[int], batch_size: int,
+          all_processes: bool) -> Tuple[float, ...]:
+  """Before any listing: the run's arguments checked (the scales returned as a tuple) and, with
+  ``all_processes``, this process joined to a multi-host run (``JAX_*`` variables)."""
+  scales = check_scales(scales)
+  if min_side is not None:
+    check_min_side(min_side)
+  if batch_size < 1:
+    raise InputError(f"batch size {batch_size}: must be at least 1")
+  if all_processes:
+    distributed.maybe_initialize_distributed()
+  return scales
 
 
 def write_json(path: str, blob) -> None:
@@ -80,7 +94,7 @@ def prepare_output(out_dir: str, settings: Dict, overwrite: bool, log: Log,
   """Makes ``out_dir`` hold outputs of ``settings`` only, then writes its manifest: outputs
   (``is_output(file name)``) made otherwise are refused, or removed with ``overwrite``."""
   old = read_manifest(out_dir)
-  setting = lambda m, k: m.get(k, SETTING_DEFAULTS.get(k))  # pylint: disable=unnecessary-lambda-assignment
+  setting = lambda m, k: m.get(k, SETTING_DEFAULTS.get(k))  # noqa: E731
   if old is not None and all(setting(old, k) == settings[k] for k in SETTINGS):
     return
   existing = sorted(f for f in os.listdir(out_dir)
@@ -164,18 +178,19 @@ def _input_warnings_to(log: Log):
     yield
 
 
-def run(out_dir: str, inputs: Sequence[str], items: Sequence[Item], problems: Sequence[str], scales: Sequence[float],
-        handle: Callable, *, is_complete: Callable[[Item], bool],
+def run(out_dir: str, inputs: Sequence[str], items: Sequence[Item], problems: Sequence[str],
+        scales: Sequence[float], handle: Callable, *, is_complete: Callable[[Item], bool],
         is_output: Callable[[str], bool], results_file: str, refiner=None,
         checkpoint: Optional[str] = None, min_side: Optional[int] = None,
         dtype: str = "float32", plan: str = "auto", batch_size: int = 1,
         devices: Optional[int] = None, overwrite: bool = False, progress: bool = True,
         log: Log = print, export: Optional[str] = None, orientation: str = "stored",
         keep: Optional[Sequence[float]] = None) -> Outcome:
-  """Refines every item not complete in ``out_dir`` (checked first: ``check_output_dir``) on every local
-  device and process; ``handle(item, loaded, probs)`` writes an item's outputs (the one that
-  makes it complete last) and may return a JSON-able record. Errors on any process (setup, an
-  output that cannot be written) stop every process; a bad item is skipped and reported."""
+  """Refines every item not complete in ``out_dir`` (checked first: ``check_output_dir``) on
+  every local device and process; ``handle(item, loaded, probs)`` writes an item's outputs
+  (the one that makes it complete last) and may return a JSON-able record. An error on any
+  process (setup, an output that cannot be written) stops every process; a bad item is skipped
+  and reported."""
   start, main = time.time(), jax.process_index() == 0
   say = log if not (progress and main) else (lambda m: _bar_safe(log, m))
   existed = os.path.isdir(out_dir)

@@ -16,13 +16,13 @@ from typing import Dict, Optional, Sequence
 import jax
 import numpy as np
 
-from crm_jax import dataset_run, distributed, metrics
+from crm_jax import dataset_run, metrics
 from crm_jax.constants import SCALES
 from crm_jax.data.big import folder_objects, list_objects, tfds_objects  # noqa: F401 (public here)
 from crm_jax.io import InputError, as_mask, check_output_dir, remove_leftovers, write_image
 from crm_jax.parallel import Item, Log
 from crm_jax.preprocess import prob_to_uint8
-from crm_jax.scales import check_min_side, check_scales
+from crm_jax.scales import check_scales
 
 METRICS_FILE = "metrics.json"
 
@@ -71,10 +71,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
   nothing to evaluate), ``CheckpointError``, ``OSError`` (an output that cannot be written).
   """
   start = time.time()
-  scales = check_scales(scales)
-  if min_side is not None:
-    check_min_side(min_side)
   if metrics_only:
+    scales = check_scales(scales)
     if not os.path.isdir(out_dir):
       raise InputError(f"{out_dir}: no such folder (nothing to evaluate)")
     check_output_dir(out_dir)
@@ -83,10 +81,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     return _write_metrics(out_dir, result, dataset_run.read_manifest(out_dir), {}, start, log)
   if not data:
     raise InputError("no data given")
-  if batch_size < 1:
-    raise InputError(f"batch size {batch_size}: must be at least 1")
-  if all_processes if all_processes is not None else refiner is None:
-    distributed.maybe_initialize_distributed()
+  scales = dataset_run.start(scales, min_side, batch_size, refiner is None
+                             if all_processes is None else all_processes)
   if tfds_data_dir:
     objects, problems = tfds_objects(data, tfds_data_dir, split)
   else:

@@ -14,14 +14,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from crm_jax import dataset_run, distributed
+from crm_jax import dataset_run
 from crm_jax.constants import SCALES
 from crm_jax.io import (InputError, file_image_size, is_complete_output, read_image, read_mask,
                         write_image)
 from crm_jax.metrics import scale_key
 from crm_jax.parallel import Item, Log
 from crm_jax.preprocess import prob_to_uint8
-from crm_jax.scales import check_min_side, check_scales
 
 
 class NothingToRefine(InputError):
@@ -156,13 +155,7 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
   Raises ``InputError`` (bad arguments or folders, before any work; nothing refined now or
   before), ``CheckpointError``, ``OSError`` (an output that cannot be written).
   """
-  scales = check_scales(scales)
-  if min_side is not None:
-    check_min_side(min_side)
-  if batch_size < 1:
-    raise InputError(f"batch size {batch_size}: must be at least 1")
-  if refiner is None:
-    distributed.maybe_initialize_distributed()
+  scales = dataset_run.start(scales, min_side, batch_size, all_processes=refiner is None)
   main = jax.process_index() == 0
   try:
     pairs, problems = pair_folders(images, masks, suffix)

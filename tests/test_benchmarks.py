@@ -37,3 +37,12 @@ def test_profile_stages_at_a_tiny_size():
   stages = {l.split("|")[1].strip() for l in out.splitlines() if l.startswith("| ")}
   assert {"stem", "layer1", "layer2", "layer3", "branches", "fusion head", "queries",
           "total"} <= stages
+
+
+def test_decode_at_a_tiny_size():
+  out = _run("decode.py", "--size", "96x64", "--images", "6", "--rounds", "2")
+  lines = [l for l in out.splitlines() if l.startswith(("1 thread", "2 thread"))]
+  assert len(lines) == 2, out
+  for line in lines:
+    assert re.search(r"io\.decode_image +[0-9.]+ img/s, cv2\.imdecode +[0-9.]+ img/s, "
+                     r"io/cv2 [0-9.]+$", line), line

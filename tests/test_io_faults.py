@@ -3,15 +3,20 @@ output, JPEGs damaged inside, EXIF orientation (docs/faults_and_files.md). No JA
 
 import errno
 import os
+import signal
 import struct
 import subprocess
+import sys
 import threading
 import warnings
 import zlib
+from io import BytesIO
 
 import cv2
 import numpy as np
 import pytest
+import simplejpeg
+from PIL import Image
 
 from crm_jax import io, metrics
 from crm_jax.io import InputError, InputWarning, WriteError
@@ -105,10 +110,10 @@ def test_disk_full_during_write_leaves_nothing(tmp_path, monkeypatch, share, exi
 
 @pytest.mark.parametrize("call, err", [("fsync", errno.ENOSPC), ("fsync", errno.EIO),
                                        ("close", errno.EDQUOT), ("replace", errno.EIO),
-                                       ("fchmod", errno.EPERM)])
+                                       ("open", errno.EACCES)])
 def test_late_write_errors_leave_nothing(tmp_path, monkeypatch, call, err):
   """Errors that show only after the data was handed over: fsync (delayed allocation), close
-  (network file systems), the rename."""
+  (network file systems), the rename; and the temporary file that cannot be made."""
   real = getattr(os, call)
   failed = []
 
@@ -144,8 +149,9 @@ def test_writes_are_whole_and_fsynced(tmp_path, monkeypatch):
   io.write_text(str(tmp_path / "a.json"), "{}\n")
   with open(tmp_path / "a.json") as f:
     assert f.read() == "{}\n"
-  mode = os.stat(target).st_mode & 0o777
-  assert mode == 0o666 & ~io._umask()
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # as a plain open(path, "w") gives
   assert not _leftovers(tmp_path)
 
 
@@ -179,12 +185,7 @@ def test_real_full_disk(tmp_path):
     assert e.value.errno == errno.ENOSPC and str(e.value).startswith(target)
     assert NOSPACE in str(e.value)
     assert not os.listdir(disk)  # neither the target nor a temporary file
-    # What OpenCV's own imwrite leaves on the same full disk is not accepted as complete.
-    cv2.imwrite(target, big[:, :, ::-1])
-    if os.path.exists(target):
-      assert os.path.getsize(target) < len(io.encode_image(big))
-      assert not io.is_complete_output(target)
-      os.remove(target)
+    assert not io.is_complete_output(target)  # so a rerun writes it
     # A small file still fits, whole.
     io.write_image(target, big[:20, :20])
     assert io.is_complete_output(target)
@@ -193,28 +194,39 @@ def test_real_full_disk(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Complete outputs: a file that is whole, not merely present.
+# Complete outputs: outputs are written under a temporary name and renamed, so a file under its
+# final name is whole; a killed write leaves none (and a rerun writes it).
+
+_KILLED_WRITE = """
+import os, signal, sys
+import numpy as np
+from crm_jax import io
+real = os.write
+def write(fd, data):  # the process dies with half of the bytes written
+  real(fd, bytes(data[:len(data) // 2]))
+  os.kill(os.getpid(), signal.SIGKILL)
+os.write = write
+io.write_image(sys.argv[1], np.full((60, 80), 7, np.uint8))
+"""
 
 
-def test_truncated_png_is_not_complete(tmp_path):
-  img = _noise(60, 80, 1)
+def _killed_write(target):
+  proc = subprocess.run([sys.executable, "-c", _KILLED_WRITE, target], cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO))
+  assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_killed_write_leaves_no_output(tmp_path):
   target = str(tmp_path / "m.png")
+  _killed_write(target)
+  assert not os.path.exists(target) and not io.is_complete_output(target)
+  assert len(_leftovers(tmp_path)) == 1  # removed by the next run (io.remove_leftovers)
+  # Over an earlier output, the earlier one stays, whole.
+  img = _noise(60, 80, 1)
   io.write_image(target, img)
+  _killed_write(target)
   assert io.is_complete_output(target)
-  with open(target, "rb") as f:
-    whole = f.read()
-  cut_points = sorted({1, 8, 33, len(whole) // 2, len(whole) - 12, len(whole) - 1,
-                       min(len(whole) - 1, 4096)})
-  for keep in cut_points:
-    with open(target, "wb") as f:
-      f.write(whole[:keep])
-    assert not io.is_complete_output(target), keep
-  # The same size, but a block of zeros inside (a crash that kept the size, not the data).
-  holed = bytearray(whole)
-  holed[100:600] = bytes(500)
-  with open(target, "wb") as f:
-    f.write(bytes(holed))
-  assert not io.is_complete_output(target)
+  assert np.array_equal(cv2.imread(target, cv2.IMREAD_UNCHANGED), img)
   with open(target, "wb") as f:
     f.write(b"")
   assert not io.is_complete_output(target)
@@ -228,23 +240,17 @@ def test_other_formats_complete_when_whole(tmp_path):
     target = str(tmp_path / f"out{ext}")
     io.write_image(target, img)
     assert io.is_complete_output(target), ext
-    with open(target, "rb") as f:
-      data = f.read()
-    with open(target, "wb") as f:
-      f.write(data[:len(data) * 2 // 3])
-    assert not io.is_complete_output(target), ext
+    assert np.array_equal(cv2.imread(target)[:, :, ::-1], io.read_image(target)), ext
 
 
-def test_metrics_is_complete_refuses_a_truncated_mask(tmp_path):
+def test_metrics_is_complete_needs_every_file(tmp_path):
   out, name, scales = str(tmp_path), "obj", (0.5, 1.0)
   for path in metrics.output_files(out, name, scales):
     io.write_image(path, _noise(40, 50, 1))
   assert metrics.is_complete(out, name, scales)
   path = metrics.mask_path(out, name, 0.5)
-  with open(path, "rb") as f:
-    data = f.read()
-  with open(path, "wb") as f:
-    f.write(data[:len(data) - 20])
+  os.remove(path)
+  _killed_write(path)  # the rerun of that mask is killed: the object is still not complete
   assert not metrics.is_complete(out, name, scales)
   io.write_image(path, _noise(40, 50, 1))
   assert metrics.is_complete(out, name, scales)
@@ -275,8 +281,7 @@ def _corrupt_cases():
 def test_jpeg_with_zeroed_bytes_is_refused(tmp_path, kind, where):
   data = _corrupt_cases()[kind]
   damaged = _zeroed(data, where)
-  assert damaged.endswith(b"\xff\xd9") and len(damaged) == len(data)
-  io.check_encoded(damaged, "x.jpg")  # the bytes alone look whole
+  assert damaged.endswith(b"\xff\xd9") and len(damaged) == len(data)  # its end looks whole
   # What this guards against: OpenCV decodes it without an error, to wrong pixels.
   wrong = cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_UNCHANGED)
   right = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -308,7 +313,12 @@ def _valid_jpegs():
       cases[f"{name} q{quality} optimized"] = _jpeg(img, quality=quality, optimize=1)
     cases[f"{name} restarts"] = _jpeg(img, rst_interval=2)
     if img.ndim == 3:
-      cases[f"{name} 4:4:4"] = _jpeg(img, sampling_factor=cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444)
+      for sampling in ("444", "440", "422", "420", "411"):  # chroma subsamplings
+        cases[f"{name} {sampling}"] = _jpeg(
+            img, sampling_factor=getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}"))
+  cmyk = BytesIO()  # Pillow writes CMYK JPEGs (Adobe inverted)
+  Image.fromarray(photo).convert("CMYK").save(cmyk, "JPEG", quality=90)
+  cases["photo CMYK"] = cmyk.getvalue()
   return cases
 
 
@@ -347,17 +357,52 @@ def test_stray_bytes_before_the_end_marker(tmp_path):
     io.decode_image(many, "many.jpg")
 
 
-def test_other_stderr_output_is_passed_on(monkeypatch, capfd):
-  """stderr is caught while a JPEG decodes; lines that are not the decoder's go out as usual."""
-  real = cv2.imdecode
+def test_decoding_leaves_stderr_alone(monkeypatch, capfd):
+  """No decode swaps the process's stderr (libjpeg's warnings come back as exceptions): fd 2 is
+  the same file while libjpeg runs, what other threads print meanwhile goes out as usual, and
+  damage is still refused."""
+  stderr, seen, real = os.fstat(2), [], simplejpeg.decode_jpeg
 
-  def chatty(*args):
-    os.write(2, b"a line from elsewhere\n")
-    return real(*args)
+  def watched(*args, **kwargs):
+    now = os.fstat(2)
+    seen.append((now.st_dev, now.st_ino) == (stderr.st_dev, stderr.st_ino))
+    return real(*args, **kwargs)
 
-  monkeypatch.setattr(cv2, "imdecode", chatty)
-  io.decode_image(_jpeg(_photo()))
+  monkeypatch.setattr(simplejpeg, "decode_jpeg", watched)
+  good, bad = _jpeg(_photo()), _zeroed(_jpeg(_photo(6, 300, 400), quality=95), 0.4, count=4000)
+  printing = threading.Thread(target=lambda: [os.write(2, b"a line from elsewhere\n"),
+                                              io.decode_image(good)])
+  printing.start()
+  io.decode_image(good)
+  with pytest.raises(InputError, match="corrupt JPEG"):
+    io.decode_image(bad, "bad.jpg")
+  printing.join()
+  assert seen and all(seen), seen
   assert "a line from elsewhere" in capfd.readouterr().err
+
+
+def test_jpegs_turbojpeg_cannot_read_go_to_opencv(monkeypatch):
+  """A layout TurboJPEG's API refuses (an unusual chroma subsampling) is decoded by OpenCV, as
+  before; a truncated file is still refused (Pillow's check)."""
+  def refuse(*args, **kwargs):
+    raise ValueError("tjDecompressHeader3(): Could not determine subsampling level of JPEG image")
+  monkeypatch.setattr(simplejpeg, "decode_jpeg", refuse)
+  data = _jpeg(_photo())
+  expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[:, :, ::-1]
+  assert np.array_equal(io.decode_image(data), expected)
+  with pytest.raises(InputError, match="truncated"):
+    io.decode_image(data[:len(data) * 2 // 3], "cut.jpg")
+
+
+@pytest.mark.parametrize("params", [{}, {"progressive": 1}, {"progressive": 1, "optimize": 1}])
+def test_every_cut_of_a_jpeg_is_refused(params):
+  """Wherever a baseline or progressive JPEG is cut (a progressive one still decodes to a blurred
+  picture from its first scans), it is an error naming the file."""
+  data = _jpeg(_photo(7, 60, 80), **params)
+  for keep in range(3, len(data) - 2, 7):
+    with pytest.raises(InputError) as e:
+      io.decode_image(data[:keep], "cut.jpg")
+    assert str(e.value).startswith("cut.jpg: ") and "JPEG" in str(e.value), (keep, e.value)
 
 
 def test_corrupt_jpeg_detection_with_threads():
