@@ -40,10 +40,11 @@ DEFAULT_PLAN = "banded"  # for a refiner that does not name its execution plan
 _BAR = "{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {remaining} left{postfix}"
 
 
-def start(scales: Sequence[float], min_side: Optional[int], batch_size: int,
-          all_processes: bool) -> Tuple[float, ...]:
-  """Before any listing: the run's arguments checked (the scales returned as a tuple) and, with
-  ``all_processes``, this process joined to a multi-host run (``JAX_*`` variables)."""
+def start(out_dir: str, inputs: Sequence[str], scales: Sequence[float], min_side: Optional[int],
+          batch_size: int, all_processes: bool) -> Tuple[float, ...]:
+  """Before any listing: the run's arguments and output folder checked (the scales returned as a
+  tuple) and, with ``all_processes``, this process joined to a multi-host run (``JAX_*``)."""
+  check_output_dir(out_dir, inputs, create=False)
   scales = check_scales(scales)
   if min_side is not None:
     check_min_side(min_side)

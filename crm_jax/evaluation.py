@@ -81,8 +81,8 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
     return _write_metrics(out_dir, result, dataset_run.read_manifest(out_dir), {}, start, log)
   if not data:
     raise InputError("no data given")
-  scales = dataset_run.start(scales, min_side, batch_size, refiner is None
-                             if all_processes is None else all_processes)
+  scales = dataset_run.start(out_dir, [tfds_data_dir or data], scales, min_side, batch_size,
+                             refiner is None if all_processes is None else all_processes)
   if tfds_data_dir:
     objects, problems = tfds_objects(data, tfds_data_dir, split)
   else:

@@ -155,7 +155,8 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
   Raises ``InputError`` (bad arguments or folders, before any work; nothing refined now or
   before), ``CheckpointError``, ``OSError`` (an output that cannot be written).
   """
-  scales = dataset_run.start(scales, min_side, batch_size, all_processes=refiner is None)
+  scales = dataset_run.start(out_dir, [images, masks], scales, min_side, batch_size,
+                             all_processes=refiner is None)
   main = jax.process_index() == 0
   try:
     pairs, problems = pair_folders(images, masks, suffix)

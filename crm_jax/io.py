@@ -377,9 +377,10 @@ def _writable_dir(path: str) -> None:
     raise InputError(f"{path}: cannot write in this folder ({e.strerror or e})") from None
 
 
-def check_output_dir(path: str, inputs: Iterable[str] = ()) -> str:
+def check_output_dir(path: str, inputs: Iterable[str] = (), create: bool = True) -> str:
   """Before any work: ``path`` as an output folder, created; ``InputError`` when it is a file,
-  cannot be written, or is (or lies inside) one of the ``inputs`` folders."""
+  cannot be written, or is (or lies inside) one of the ``inputs`` folders. ``create=False``:
+  only the checks that need no folder (before the inputs are listed)."""
   real = os.path.realpath(path)
   for folder in inputs:
     inside = os.path.realpath(folder or ".").rstrip(os.sep)
@@ -387,7 +388,10 @@ def check_output_dir(path: str, inputs: Iterable[str] = ()) -> str:
       raise InputError(f"{path}: the output folder is (or lies inside) the input folder "
                        f"{folder}; its files would be mixed with or overwrite the inputs: "
                        "choose another output folder")
-  _writable_dir(path)
+  if create:
+    _writable_dir(path)
+  elif os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f"{path}: is a file, not a folder")
   return path
 
 
