@@ -122,6 +122,8 @@ def refine_share(batches: Sequence[List[Item]], refiners: Sequence[Refiner],
       except (InputError, MemoryError) as e:
         fail(it.name, e)
     if not group:
+      if bar is not None:
+        bar.update(len(batch))
       return
     try:
       results = refiner.refine_batch_all_scales([x[0] for _, x in group],
