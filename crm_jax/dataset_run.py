@@ -28,8 +28,8 @@ from crm_jax import export as export_lib
 from crm_jax.folder_lock import FolderLock
 from crm_jax.io import InputError, InputWarning, check_output_dir, remove_leftovers, write_text
 from crm_jax.metrics import scale_key
-from crm_jax.parallel import (Item, Log, error_line, local_refiners, one_line, rate,
-                              refine_share, share)
+from crm_jax.io import one_line
+from crm_jax.parallel import Item, Log, local_refiners, rate, refine_share, share
 from crm_jax.scales import check_min_side, check_scales, small_images_line
 
 MANIFEST_FILE = "manifest.json"
@@ -216,17 +216,11 @@ def run(out_dir: str, inputs: Sequence[str], items: Sequence[Item], problems: Se
     # The start barrier: any process's setup error stops all; process 0's list of complete
     # objects is everyone's (it looked after removing outputs, before anyone wrote).
     names = hashlib.sha256("\n".join(it.name for it in items).encode()).hexdigest()
-    gathered = distributed.allgather([None if error is None else error_line(error), names,
-                                      complete])
-    if error is not None:
-      raise error
-    for i, (e, _, _) in enumerate(gathered):
-      if e is not None:
-        raise InputError(f"process {i}: {e}")
-    if len({g[1] for g in gathered}) > 1:
+    gathered = distributed.gather([names, complete], error)
+    if len({g[0] for g in gathered}) > 1:
       raise InputError("the processes see different objects to refine (is the data and output "
                        "folder shared by every host?)")
-    complete = gathered[0][2]
+    complete = gathered[0][1]
     done = set(complete)
     todo = [it for it in items if it.name not in done]
     if main:
@@ -245,16 +239,10 @@ def run(out_dir: str, inputs: Sequence[str], items: Sequence[Item], problems: Se
       result = refine_share(mine, refiners, scales, handle, log=say,
                             bar=bar if progress and main else None, keep=keep)
     # The end barrier: every process's result (and error).
-    mine_blob = {"refined": result.refined, "failed": result.failed, "records": result.records,
-                 "object_seconds": result.object_seconds, "seconds": result.seconds,
-                 "pixels": result.pixels, "devices": result.devices,
-                 "error": None if result.error is None else error_line(result.error)}
-    every = distributed.allgather(mine_blob)
-    if result.error is not None:
-      raise result.error
-    for i, r in enumerate(every):
-      if r["error"] is not None:
-        raise InputError(f"process {i}: {r['error']}")
+    every = distributed.gather({
+        "refined": result.refined, "failed": result.failed, "records": result.records,
+        "object_seconds": result.object_seconds, "seconds": result.seconds,
+        "pixels": result.pixels, "devices": result.devices}, result.error)
     hosts = [{"process": i, "devices": r["devices"], "refined": len(r["refined"]),
               "failed": len(r["failed"]), "seconds": r["seconds"], "pixels": r["pixels"]}
              for i, r in enumerate(every)]

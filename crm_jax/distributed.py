@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from crm_jax.io import InputError
+from crm_jax.io import InputError, error_line
 
 _STATE = {'initialized': False}
 _CALLS = itertools.count(1)  # every process makes the same sequence of allgather calls
@@ -103,9 +103,13 @@ def allgather(value) -> list:
   return out
 
 
-def agree(error: str | None = None) -> None:
-  """A barrier that fails together: ``InputError`` on every process when any passes an error."""
-  for i, e in enumerate(allgather(error)):
+def gather(value, error: BaseException | None = None) -> list:
+  """``allgather(value)`` that fails together: this process's ``error`` is raised here, another
+  process's as an ``InputError`` naming it; otherwise every process's ``value``, in order."""
+  gathered = allgather([None if error is None else error_line(error), value])
+  if error is not None:
+    raise error
+  for i, (e, _) in enumerate(gathered):
     if e is not None:
-      raise InputError(e if jax.process_count() == 1 or i == jax.process_index()
-                       else f'process {i}: {e}')
+      raise InputError(f'process {i}: {e}')
+  return [v for _, v in gathered]

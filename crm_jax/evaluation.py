@@ -19,7 +19,7 @@ import numpy as np
 from crm_jax import dataset_run, metrics
 from crm_jax.constants import SCALES
 from crm_jax.data.big import folder_objects, list_objects, tfds_objects  # noqa: F401 (public here)
-from crm_jax.io import InputError, as_mask, check_output_dir, remove_leftovers, write_image
+from crm_jax.io import InputError, check_output_dir, remove_leftovers, write_image
 from crm_jax.parallel import Item, Log
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales
@@ -41,7 +41,7 @@ def _write_and_score(out_dir: str, scales: Sequence[float], item: Item, loaded,
     write_image(metrics.mask_path(out_dir, item.name, s), masks[metrics.scale_key(s)])
   for role, pixels in zip(metrics.COPY_ROLES, loaded):
     write_image(metrics.copy_path(out_dir, item.name, role), pixels)
-  return metrics.score_object(as_mask(loaded[2]), as_mask(loaded[1]), masks)  # as read back
+  return metrics.score_refined(loaded[1], loaded[2], masks)
 
 
 def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,

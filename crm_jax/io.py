@@ -366,6 +366,18 @@ def os_error_line(e: OSError) -> str:
   return str(e)
 
 
+def one_line(e: BaseException) -> str:
+  """An error's message on one line."""
+  return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def error_line(e: BaseException) -> str:
+  """An error as one line: an OS error names its path; any but a bad input's names its type."""
+  if isinstance(e, OSError):
+    return os_error_line(e)
+  return one_line(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {one_line(e)}"
+
+
 def _writable_dir(path: str) -> None:
   """Creates ``path`` if needed and proves a file can be made in it (``InputError`` if not)."""
   if os.path.exists(path) and not os.path.isdir(path):

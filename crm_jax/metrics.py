@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from crm_jax.constants import (BINARY_THRESHOLD, MBA_MIN_RADIUS, MBA_NUM_RADII,
                                MBA_RADIUS_DIVISOR, SCALES, SMALL_SEG_GREY_SUM)
-from crm_jax.io import InputError, is_complete_output, read_grey, read_mask
+from crm_jax.io import InputError, as_mask, is_complete_output, read_grey, read_mask
 
 COPY_ROLES = ("im", "seg", "gt")  # <name>_<role>.png: the image, input seg and gt as read
 MASK_SUFFIX = "_mask.png"
@@ -200,6 +200,12 @@ def score_object(gt: np.ndarray, seg: np.ndarray, masks: Dict[str, np.ndarray]) 
   bands = boundary_bands(gt)
   return {"scales": {k: list(dataclasses.astuple(per_image(gt, seg, m, bands)))
                      for k, m in masks.items()}, "missing": {}}
+
+
+def score_refined(seg: np.ndarray, gt: np.ndarray, masks: Dict[str, np.ndarray]) -> Dict:
+  """``score_object`` of an object refined now, from its seg and gt as loaded: read as their
+  written copies are read back (``as_mask``), so the scores equal ``score_files``'."""
+  return score_object(as_mask(gt), as_mask(seg), masks)
 
 
 def score_files(out_dir: str, name: str, scales: Sequence[float],

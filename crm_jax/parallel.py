@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from crm_jax.io import InputError, os_error_line
+from crm_jax.io import InputError, error_line
 from crm_jax.refine import Refiner
 
 Log = Callable[[str], None]
@@ -68,18 +68,6 @@ def share(items: Sequence[Item], batch_size: int = 1, bucket_of: Optional[Callab
     if k == index:
       mine.append(batch)
   return mine
-
-
-def one_line(e: BaseException) -> str:
-  """An error's message on one line."""
-  return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-
-
-def error_line(e: BaseException) -> str:
-  """An error as one line: an OS error names its path; any but a bad input's names its type."""
-  if isinstance(e, OSError):
-    return os_error_line(e)
-  return one_line(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {one_line(e)}"
 
 
 @dataclasses.dataclass

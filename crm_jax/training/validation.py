@@ -20,9 +20,10 @@ from crm_jax.constants import SCALES
 from crm_jax.data import big
 from crm_jax.data.synthesis import lowres_segmenter_mask
 from crm_jax.data.synthetic import make_synthetic_pair
-from crm_jax.io import InputError, as_mask, as_rgb, write_image, write_text
+from crm_jax.io import InputError, write_image, write_text
 from crm_jax.metrics import scale_key
-from crm_jax.parallel import Item, error_line, local_refiners, refine_share, share
+from crm_jax.io import error_line
+from crm_jax.parallel import Item, local_refiners, refine_share, share
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales
 from crm_jax.training import workdir as wd
@@ -50,11 +51,9 @@ def held_out_pair(size: int, seed: int, i: int) -> Tuple[np.ndarray, np.ndarray,
 
 
 def held_out_items(num: int, size: int, seed: int) -> List[Item]:
-  """The held-out set as items, read as ``crm-evaluate`` reads its files."""
-  def load(i):
-    image, seg, gt = held_out_pair(size, seed, i)
-    return as_rgb(image), as_mask(seg), as_mask(gt)
-  return [Item(f'held_out_{i:03d}', lambda i=i: load(i), (size, size)) for i in range(num)]
+  """The held-out set as items (``refine`` and ``score_object`` read them as files are read)."""
+  return [Item(f'held_out_{i:03d}', lambda i=i: held_out_pair(size, seed, i), (size, size))
+          for i in range(num)]
 
 
 def make_held_out_set(folder: str, num: int, size: int, seed: int) -> None:
@@ -102,17 +101,16 @@ class Validator:
     keys = [scale_key(s) for s in self.scales]
 
     def score(item, loaded, probs):  # as crm-evaluate scores what it writes
-      masks = {k: prob_to_uint8(probs[s]) for k, s in zip(keys, self.scales)}
-      return metrics.score_object(as_mask(loaded[2]), as_mask(loaded[1]), masks)
+      return metrics.score_refined(loaded[1], loaded[2], {k: prob_to_uint8(probs[s])
+                                                          for k, s in zip(keys, self.scales)})
 
     result = refine_share(share(self.items), local_refiners(self.model_cfg, variables),
                           self.scales, score, log=lambda _: None)
-    gathered = distributed.allgather({
-        'records': result.records, 'failed': result.failed,
-        'error': None if result.error is None else error_line(result.error)})
-    for g in gathered:
-      if g['error'] is not None:
-        raise TrainingError(f'validation at step {step}: {g["error"]}')
+    try:
+      gathered = distributed.gather({'records': result.records, 'failed': result.failed},
+                                    result.error)
+    except Exception as e:  # pylint: disable=broad-except
+      raise TrainingError(f'validation at step {step}: {error_line(e)}') from None
     records = {n: r for g in gathered for n, r in g['records'].items()}
     summary = metrics.summarize([(it.name, records[it.name]) for it in self.items
                                  if it.name in records], self.scales)
