@@ -34,7 +34,8 @@ def resized_copy(data: str, out_dir: str, long_side: int,
   import cv2
   from crm_jax.data.synthesis import binarize_gt, lowres_segmenter_mask
   from crm_jax.evaluation import list_objects
-  from crm_jax.io import read_image, read_mask, write_image
+  from crm_jax.io import read_image, read_mask
+  from crm_jax.outputs import write_image
   os.makedirs(out_dir, exist_ok=True)
   triples, _ = list_objects(data)
   for t in triples:

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
 
   from crm_jax import bundled
   from crm_jax.data import real_photos
-  from crm_jax.io import write_image
+  from crm_jax.outputs import write_image
   from crm_jax.refine import Refiner, enable_compilation_cache
 
   enable_compilation_cache()

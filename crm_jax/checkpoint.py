@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from crm_jax.io import folder_written_atomically
+from crm_jax.outputs import folder_written_atomically
 from crm_jax.models.crm import CRM, ModelConfig, init_variables
 from crm_jax.scales import check_min_side
 

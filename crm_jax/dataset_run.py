@@ -26,9 +26,10 @@ from crm_jax import checkpoint as ckpt
 from crm_jax import distributed
 from crm_jax import export as export_lib
 from crm_jax.folder_lock import FolderLock
-from crm_jax.io import InputError, InputWarning, check_output_dir, remove_leftovers, write_text
+from crm_jax.io import InputError, InputWarning
+from crm_jax.outputs import check_output_dir, remove_leftovers, write_text
 from crm_jax.metrics import scale_key
-from crm_jax.io import one_line
+from crm_jax.outputs import one_line
 from crm_jax.parallel import Item, Log, local_refiners, rate, refine_share, share
 from crm_jax.scales import check_min_side, check_scales, small_images_line
 

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from crm_jax.io import InputError, error_line
+from crm_jax.io import InputError
+from crm_jax.outputs import error_line
 
 _STATE = {'initialized': False}
 _CALLS = itertools.count(1)  # every process makes the same sequence of allgather calls

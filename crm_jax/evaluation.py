@@ -19,7 +19,8 @@ import numpy as np
 from crm_jax import dataset_run, metrics
 from crm_jax.constants import SCALES
 from crm_jax.data.big import folder_objects, list_objects, tfds_objects  # noqa: F401 (public here)
-from crm_jax.io import InputError, check_output_dir, remove_leftovers, write_image
+from crm_jax.io import InputError
+from crm_jax.outputs import check_output_dir, remove_leftovers, write_image
 from crm_jax.parallel import Item, Log
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales

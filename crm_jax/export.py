@@ -14,7 +14,8 @@ import numpy as np
 
 from crm_jax import checkpoint as ckpt
 from crm_jax import plans
-from crm_jax.io import InputError, folder_written_atomically
+from crm_jax.io import InputError
+from crm_jax.outputs import folder_written_atomically
 from crm_jax.models.crm import ModelConfig
 from crm_jax.scales import check_scales
 

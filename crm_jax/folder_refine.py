@@ -16,8 +16,8 @@ import numpy as np
 
 from crm_jax import dataset_run
 from crm_jax.constants import SCALES
-from crm_jax.io import (InputError, file_image_size, is_complete_output, read_image, read_mask,
-                        write_image)
+from crm_jax.io import InputError, file_image_size, read_image, read_mask
+from crm_jax.outputs import is_complete_output, write_image
 from crm_jax.metrics import scale_key
 from crm_jax.parallel import Item, Log
 from crm_jax.preprocess import prob_to_uint8

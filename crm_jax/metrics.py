@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from crm_jax.constants import (BINARY_THRESHOLD, MBA_MIN_RADIUS, MBA_NUM_RADII,
                                MBA_RADIUS_DIVISOR, SCALES, SMALL_SEG_GREY_SUM)
-from crm_jax.io import InputError, as_mask, is_complete_output, read_grey, read_mask
+from crm_jax.io import InputError, as_mask, read_grey, read_mask
+from crm_jax.outputs import is_complete_output
 
 COPY_ROLES = ("im", "seg", "gt")  # <name>_<role>.png: the image, input seg and gt as read
 MASK_SUFFIX = "_mask.png"

@@ -12,7 +12,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from crm_jax.io import InputError, error_line
+from crm_jax.io import InputError
+from crm_jax.outputs import error_line
 from crm_jax.refine import Refiner
 
 Log = Callable[[str], None]

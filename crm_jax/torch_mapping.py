@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crm_jax import checkpoint as ckpt
-from crm_jax.io import atomic_write
+from crm_jax.outputs import atomic_write
 from crm_jax.models.crm import ModelConfig
 from crm_jax.models.encoder import Bottleneck
 

@@ -215,7 +215,7 @@ def test_an_interrupted_run_leaves_whole_files_and_the_rerun_finishes_it(pairs, 
   import signal
   import subprocess
   import sys
-  from crm_jax import io
+  from crm_jax import outputs
   from crm_jax.cli import evaluate as evaluate_cli
   from crm_jax.cli import refine as refine_cli
   main = {'refine': refine_cli.main, 'evaluate': evaluate_cli.main}[command]
@@ -230,9 +230,9 @@ def test_an_interrupted_run_leaves_whole_files_and_the_rerun_finishes_it(pairs, 
   assert proc.returncode == 128 + getattr(signal, sig), proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr and lines[-1].startswith(f'stopped by {sig}: '), lines
   left = os.listdir(out)
-  assert not [f for f in left if io.TMP_MARK in f], left
+  assert not [f for f in left if outputs.TMP_MARK in f], left
   written = [f for f in left if f.endswith('.png')]
-  assert all(io.is_complete_output(str(out / f)) for f in written), written
+  assert all(outputs.is_complete_output(str(out / f)) for f in written), written
   assert set(_outputs(out)) < set(_outputs(whole))  # stopped before the end
   assert main(_command_args(pairs, command, out)) == 0
   assert _outputs(out) == _outputs(whole)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from crm_jax import io
+from crm_jax import outputs
 from crm_jax.data import folders, tfds_builders
 from crm_jax.io import InputError, MaskWarning
 from crm_jax.scales import MIN_SCALED_SIDE, check_scales
@@ -276,7 +277,7 @@ def test_check_output_file(tmp_path):
   image = tmp_path / "in.png"
   image.write_bytes(_encode(MASK_255))
   out = tmp_path / "sub" / "out.png"
-  assert io.check_output_file(str(out), [str(image)]) == str(out)
+  assert outputs.check_output_file(str(out), [str(image)]) == str(out)
   assert out.parent.is_dir() and not os.listdir(out.parent)  # the probe leaves nothing
   for path, words in ((str(tmp_path), "is a folder"), (str(tmp_path / "x") + "/", "is a folder"),
                       (str(tmp_path / "refined"), "not an image file name"),
@@ -285,27 +286,27 @@ def test_check_output_file(tmp_path):
                       (str(image.parent / "." / "in.png"), "is the input"),
                       (str(image / "out.png"), "is a file, not a folder")):
     with pytest.raises(InputError) as e:
-      io.check_output_file(path, [str(image)])
+      outputs.check_output_file(path, [str(image)])
     assert words in str(e.value) and str(e.value).startswith(path), (path, e.value)
   link = tmp_path / "link.png"
   link.symlink_to(image)
   with pytest.raises(InputError, match="is the input"):
-    io.check_output_file(str(link), [str(image)])
+    outputs.check_output_file(str(link), [str(image)])
 
 
 def test_check_output_dir(tmp_path):
   data = tmp_path / "data"
   data.mkdir()
-  assert io.check_output_dir(str(tmp_path / "out"), [str(data)])
+  assert outputs.check_output_dir(str(tmp_path / "out"), [str(data)])
   assert (tmp_path / "out").is_dir()
   for path in (data, data / "inside", data / "inside" / "deeper", tmp_path / "." / "data"):
     with pytest.raises(InputError, match="input folder"):
-      io.check_output_dir(str(path), [str(data)])
+      outputs.check_output_dir(str(path), [str(data)])
   f = tmp_path / "file"
   f.write_text("x")
   for path in (f, f / "sub"):
     with pytest.raises(InputError, match="is a file, not a folder|cannot write"):
-      io.check_output_dir(str(path))
+      outputs.check_output_dir(str(path))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -315,9 +316,9 @@ def test_read_only_output_folder(tmp_path):
   ro.chmod(0o555)
   try:
     with pytest.raises(InputError, match="cannot write"):
-      io.check_output_dir(str(ro))
+      outputs.check_output_dir(str(ro))
     with pytest.raises(InputError, match="cannot write"):
-      io.check_output_file(str(ro / "x.png"))
+      outputs.check_output_file(str(ro / "x.png"))
   finally:
     ro.chmod(0o755)
 
@@ -327,7 +328,7 @@ def test_write_errors_name_the_output_not_the_temporary_file(tmp_path):
   f.write_text("x")
   target = str(f / "out.png")
   with pytest.raises(OSError) as e:
-    io.write_image(target, MASK_255)
+    outputs.write_image(target, MASK_255)
   assert str(e.value).startswith(target) and ".tmp-" not in str(e.value)
 
 
@@ -336,12 +337,12 @@ def test_write_errors_name_the_output_not_the_temporary_file(tmp_path):
 
 _KILLED_WRITER = """
 import os, signal, sys
-from crm_jax import io
+from crm_jax import outputs
 def write(tmp):
   with open(tmp, "w") as f:
     f.write("half")
   os.kill(os.getpid(), signal.SIGKILL)  # killed inside the write, before the rename
-io.atomic_write(sys.argv[1], write)
+outputs.atomic_write(sys.argv[1], write)
 """
 
 
@@ -353,8 +354,8 @@ def test_leftovers_of_a_killed_write_are_removed(tmp_path):
   left = [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
   assert len(left) == 1 and not target.exists()
   # A temporary file of a live process (this one) is kept; the dead one's is removed.
-  fd = os.open(str(tmp_path / f"{io.tmp_prefix()}live.png"), os.O_CREAT | os.O_WRONLY)
+  fd = os.open(str(tmp_path / f"{outputs.tmp_prefix()}live.png"), os.O_CREAT | os.O_WRONLY)
   os.close(fd)
-  assert io.remove_leftovers(str(tmp_path)) == left
-  assert os.listdir(tmp_path) == [f"{io.tmp_prefix()}live.png"]
-  assert io.remove_leftovers(str(tmp_path / "missing")) == []
+  assert outputs.remove_leftovers(str(tmp_path)) == left
+  assert os.listdir(tmp_path) == [f"{outputs.tmp_prefix()}live.png"]
+  assert outputs.remove_leftovers(str(tmp_path / "missing")) == []

@@ -19,7 +19,9 @@ import simplejpeg
 from PIL import Image
 
 from crm_jax import io, metrics
-from crm_jax.io import InputError, InputWarning, WriteError
+from crm_jax import outputs
+from crm_jax.io import InputError, InputWarning
+from crm_jax.outputs import WriteError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "crm_jax", "assets", "demo_big")
@@ -54,7 +56,7 @@ def _demo_jpegs():
 
 
 def _leftovers(folder):
-  return [f for f in os.listdir(folder) if io.TMP_MARK in f]
+  return [f for f in os.listdir(folder) if outputs.TMP_MARK in f]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,10 +79,10 @@ class _Faults:
 
 def _targets(tmp_path):
   img = _noise()
-  png = io.encode_image(img, ".png")
+  png = outputs.encode_image(img, ".png")
   text = '{"a": ' + "1" * 5000 + "}\n"
-  return [("image", str(tmp_path / "out.png"), lambda p: io.write_image(p, img), len(png)),
-          ("text", str(tmp_path / "summary.json"), lambda p: io.write_text(p, text), len(text))]
+  return [("image", str(tmp_path / "out.png"), lambda p: outputs.write_image(p, img), len(png)),
+          ("text", str(tmp_path / "summary.json"), lambda p: outputs.write_text(p, text), len(text))]
 
 
 @pytest.mark.parametrize("share", [0.0, 0.001, 0.5, 0.999])
@@ -99,7 +101,7 @@ def test_disk_full_during_write_leaves_nothing(tmp_path, monkeypatch, share, exi
     assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
     line = str(e.value)
     assert line.startswith(target) and NOSPACE in line and "\n" not in line, line
-    assert io.TMP_MARK not in line and io.os_error_line(e.value) == line
+    assert outputs.TMP_MARK not in line and outputs.os_error_line(e.value) == line
     if existing:
       with open(target, "rb") as f:
         assert f.read() == old, kind
@@ -143,10 +145,10 @@ def test_writes_are_whole_and_fsynced(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
   img = _noise(channels=1)
   target = str(tmp_path / "mask.png")
-  io.write_image(target, img)
+  outputs.write_image(target, img)
   assert len(synced) >= 1  # the file (and the folder where the OS allows)
   assert np.array_equal(cv2.imread(target, cv2.IMREAD_UNCHANGED), img)
-  io.write_text(str(tmp_path / "a.json"), "{}\n")
+  outputs.write_text(str(tmp_path / "a.json"), "{}\n")
   with open(tmp_path / "a.json") as f:
     assert f.read() == "{}\n"
   umask = os.umask(0)
@@ -158,7 +160,7 @@ def test_writes_are_whole_and_fsynced(tmp_path, monkeypatch):
 def test_unencodable_image_is_a_write_error(tmp_path):
   target = str(tmp_path / "out.png")
   with pytest.raises(WriteError) as e:
-    io.write_image(target, np.zeros((4, 4, 5), np.uint8))
+    outputs.write_image(target, np.zeros((4, 4, 5), np.uint8))
   assert str(e.value).startswith(target) and "encode" in str(e.value)
   assert not os.listdir(tmp_path)
 
@@ -181,14 +183,14 @@ def test_real_full_disk(tmp_path):
     big = _noise(200, 170, 3)
     target = os.path.join(disk, "0.5_obj_mask.png")
     with pytest.raises(WriteError) as e:
-      io.write_image(target, big)
+      outputs.write_image(target, big)
     assert e.value.errno == errno.ENOSPC and str(e.value).startswith(target)
     assert NOSPACE in str(e.value)
     assert not os.listdir(disk)  # neither the target nor a temporary file
-    assert not io.is_complete_output(target)  # so a rerun writes it
+    assert not outputs.is_complete_output(target)  # so a rerun writes it
     # A small file still fits, whole.
-    io.write_image(target, big[:20, :20])
-    assert io.is_complete_output(target)
+    outputs.write_image(target, big[:20, :20])
+    assert outputs.is_complete_output(target)
   finally:
     subprocess.run(["umount", disk], check=False)
 
@@ -200,13 +202,13 @@ def test_real_full_disk(tmp_path):
 _KILLED_WRITE = """
 import os, signal, sys
 import numpy as np
-from crm_jax import io
+from crm_jax import outputs
 real = os.write
 def write(fd, data):  # the process dies with half of the bytes written
   real(fd, bytes(data[:len(data) // 2]))
   os.kill(os.getpid(), signal.SIGKILL)
 os.write = write
-io.write_image(sys.argv[1], np.full((60, 80), 7, np.uint8))
+outputs.write_image(sys.argv[1], np.full((60, 80), 7, np.uint8))
 """
 
 
@@ -219,40 +221,40 @@ def _killed_write(target):
 def test_a_killed_write_leaves_no_output(tmp_path):
   target = str(tmp_path / "m.png")
   _killed_write(target)
-  assert not os.path.exists(target) and not io.is_complete_output(target)
-  assert len(_leftovers(tmp_path)) == 1  # removed by the next run (io.remove_leftovers)
+  assert not os.path.exists(target) and not outputs.is_complete_output(target)
+  assert len(_leftovers(tmp_path)) == 1  # removed by the next run (outputs.remove_leftovers)
   # Over an earlier output, the earlier one stays, whole.
   img = _noise(60, 80, 1)
-  io.write_image(target, img)
+  outputs.write_image(target, img)
   _killed_write(target)
-  assert io.is_complete_output(target)
+  assert outputs.is_complete_output(target)
   assert np.array_equal(cv2.imread(target, cv2.IMREAD_UNCHANGED), img)
   with open(target, "wb") as f:
     f.write(b"")
-  assert not io.is_complete_output(target)
-  assert not io.is_complete_output(str(tmp_path / "missing.png"))
-  assert not io.is_complete_output(str(tmp_path))
+  assert not outputs.is_complete_output(target)
+  assert not outputs.is_complete_output(str(tmp_path / "missing.png"))
+  assert not outputs.is_complete_output(str(tmp_path))
 
 
 def test_other_formats_complete_when_whole(tmp_path):
   img = _photo()
   for ext in (".jpg", ".bmp", ".png"):
     target = str(tmp_path / f"out{ext}")
-    io.write_image(target, img)
-    assert io.is_complete_output(target), ext
+    outputs.write_image(target, img)
+    assert outputs.is_complete_output(target), ext
     assert np.array_equal(cv2.imread(target)[:, :, ::-1], io.read_image(target)), ext
 
 
 def test_metrics_is_complete_needs_every_file(tmp_path):
   out, name, scales = str(tmp_path), "obj", (0.5, 1.0)
   for path in metrics.output_files(out, name, scales):
-    io.write_image(path, _noise(40, 50, 1))
+    outputs.write_image(path, _noise(40, 50, 1))
   assert metrics.is_complete(out, name, scales)
   path = metrics.mask_path(out, name, 0.5)
   os.remove(path)
   _killed_write(path)  # the rerun of that mask is killed: the object is still not complete
   assert not metrics.is_complete(out, name, scales)
-  io.write_image(path, _noise(40, 50, 1))
+  outputs.write_image(path, _noise(40, 50, 1))
   assert metrics.is_complete(out, name, scales)
 
 
@@ -498,7 +500,7 @@ def test_exif_orientation(tmp_path, orientation):
 
 def test_exif_orientation_in_png_and_bad_tags():
   img = _marked()
-  png = _png_with_exif(io.encode_image(img), 6)
+  png = _png_with_exif(outputs.encode_image(img), 6)
   assert io.exif_orientation(png) == 6
   assert io.decode_image(png, orientation="exif").shape == (80, 48, 3)
   with pytest.warns(InputWarning, match="EXIF orientation 6"):

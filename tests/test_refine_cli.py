@@ -203,6 +203,7 @@ def test_orientation_flag_reads_photos_as_viewers_show_them(files, ckpt, capsys,
   the same refinement as of the turned pixels saved without a tag; the folder's manifest keeps
   the orientation, so a rerun with the other one is refused."""
   from crm_jax import io
+  from crm_jax import outputs
   from tests.test_io_faults import _with_exif
   image = io.read_image(files["image"])  # H x W, as viewers show the photo
   mask = io.read_mask(files["mask"])
@@ -216,7 +217,7 @@ def test_orientation_flag_reads_photos_as_viewers_show_them(files, ckpt, capsys,
   assert cv2.imwrite(str(masks / "phone.png"), mask)
   viewer = io.read_image(str(photos / "phone.jpg"), orientation="exif")
   assert viewer.shape[:2] == mask.shape
-  (tmp_path / "plain.png").write_bytes(io.encode_image(viewer))
+  (tmp_path / "plain.png").write_bytes(outputs.encode_image(viewer))
 
   one = ["--image", str(photos / "phone.jpg"), "--mask", str(masks / "phone.png"),
          "--checkpoint", ckpt, "--scales", "0.5", "1.0"]

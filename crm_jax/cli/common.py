@@ -10,7 +10,8 @@ from typing import Callable
 
 from crm_jax.checkpoint import CheckpointError
 from crm_jax.constants import SCALES
-from crm_jax.io import InputError, os_error_line, stop_writes
+from crm_jax.io import InputError
+from crm_jax.outputs import os_error_line, stop_writes
 from crm_jax.refine import DTYPES, PLAN_CHOICES
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -14,7 +14,8 @@ from crm_jax.bundled import DEMO_CHECKPOINT, DEMO_DATA
 from crm_jax.cli.common import exit_status
 from crm_jax.constants import BINARY_THRESHOLD, SCALES
 from crm_jax.evaluation import evaluate, list_objects
-from crm_jax.io import read_grey, read_image, read_mask, write_image
+from crm_jax.io import read_grey, read_image, read_mask
+from crm_jax.outputs import write_image
 from crm_jax.metrics import mask_path
 from crm_jax.refine import enable_compilation_cache
 

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Tuple
 
 from crm_jax import checkpoint as ckpt
 from crm_jax import io
+from crm_jax import outputs
 from crm_jax.bundled import DEMO_CHECKPOINT
 from crm_jax.cli.common import add_run_flags, exit_status
 from crm_jax.folder_refine import read_pair, refine_folder
@@ -66,10 +67,10 @@ def _refine_one(args) -> None:
   scales = check_scales(args.scales)
   if args.min_side is not None:
     check_min_side(args.min_side)
-  io.check_output_file(args.output, inputs=(args.image, args.mask))
+  outputs.check_output_file(args.output, inputs=(args.image, args.mask))
   if os.path.exists(args.output) and not args.overwrite:
     raise io.InputError(f"{args.output}: already exists; pass --overwrite to replace it")
-  io.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
+  outputs.remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
   image, mask = read_pair(args.image, args.mask, args.orientation)
   check_scales(scales, image.shape[:2])
   path, min_side = _model(args)
@@ -83,7 +84,7 @@ def _refine_one(args) -> None:
   else:
     refiner = Refiner.from_checkpoint(path, dtype=args.dtype, plan=args.plan,
                                       min_side=min_side, warn_small=False)
-  io.write_image(args.output, prob_to_uint8(refiner.refine(image, mask, scales)))
+  outputs.write_image(args.output, prob_to_uint8(refiner.refine(image, mask, scales)))
   print(f"wrote {args.output}")
 
 

@@ -22,7 +22,8 @@ from ml_collections import config_flags
 from crm_jax import training
 from crm_jax.checkpoint import CheckpointError
 from crm_jax.data.pipeline import DatasetError
-from crm_jax.io import InputError, os_error_line
+from crm_jax.io import InputError
+from crm_jax.outputs import os_error_line
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort")
 

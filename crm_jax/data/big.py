@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from crm_jax.data import folders
-from crm_jax.io import (InputError, encoded_size, file_image_size, one_line, read_image,
-                        read_mask)
+from crm_jax.io import InputError, encoded_size, file_image_size, read_image, read_mask
+from crm_jax.outputs import one_line
 from crm_jax.parallel import Item
 
 

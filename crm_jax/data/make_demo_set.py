@@ -13,7 +13,7 @@ import numpy as np
 
 from crm_jax.data.synthesis import lowres_segmenter_mask
 from crm_jax.data.synthetic import make_synthetic_pair
-from crm_jax.io import write_image
+from crm_jax.outputs import write_image
 
 DEFAULT_SIZES = ((1536, 2048), (1600, 2048), (1440, 1920))  # (H, W), 2K-class
 DEFAULT_SEED = 2022

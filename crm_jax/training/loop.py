@@ -18,7 +18,7 @@ from crm_jax import checkpoint as model_ckpt
 from crm_jax.data import pipeline
 from crm_jax.distributed import barrier, maybe_initialize_distributed
 from crm_jax.folder_lock import FolderLock
-from crm_jax.io import write_image
+from crm_jax.outputs import write_image
 from crm_jax.training import config as cfg_lib
 from crm_jax.training import devices
 from crm_jax.training import logger as log_lib

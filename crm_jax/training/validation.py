@@ -20,9 +20,10 @@ from crm_jax.constants import SCALES
 from crm_jax.data import big
 from crm_jax.data.synthesis import lowres_segmenter_mask
 from crm_jax.data.synthetic import make_synthetic_pair
-from crm_jax.io import InputError, write_image, write_text
+from crm_jax.io import InputError
+from crm_jax.outputs import write_image, write_text
 from crm_jax.metrics import scale_key
-from crm_jax.io import error_line
+from crm_jax.outputs import error_line
 from crm_jax.parallel import Item, local_refiners, refine_share, share
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 
 from crm_jax import checkpoint as model_ckpt
-from crm_jax.io import write_text
+from crm_jax.outputs import write_text
 from crm_jax.training.config import (RESUMABLE_FIELDS, TrainingError, config_to_json,
                                      recorded_fields)
 
