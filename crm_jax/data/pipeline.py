@@ -1,10 +1,6 @@
-"""The seeded, deterministic, multi-process training loader (docs/data.md, "The loader").
-
-Example ``j`` of global step ``t`` is a pure function of ``(seed, t, j)``: resuming at step ``t``
-reproduces an uninterrupted run's batches whatever the number of workers, hosts or devices. Each
-host builds its slice of every global batch: ``image`` float32 ``[b, S, S, 3]`` normalised,
-``seg`` ``[b, S, S, 1]`` in [-1, 1], ``gt`` ``[b, S, S, 1]`` in [0, 1].
-"""
+"""The seeded, deterministic, multi-process training loader (docs/data.md, "The loader"): example
+``j`` of global step ``t`` is a pure function of ``(seed, t, j)``; each host builds its slice of
+every global batch: ``image`` float32 ``[b, S, S, 3]``, ``seg`` and ``gt`` ``[b, S, S, 1]``."""
 
 from __future__ import annotations
 
@@ -30,9 +26,7 @@ REAL_PHOTOS = 'real_photos'
 DATASETS = (SYNTHETIC, TFDS_MIXTURE, REAL_PHOTOS)
 
 # Stream keys of np.random.default_rng([seed, key, ...]), so the streams never overlap.
-_PERMUTATION_STREAM = 1
-_EXAMPLE_STREAM = 2
-_PASS_STREAM = 3
+_PERMUTATION_STREAM, _EXAMPLE_STREAM, _PASS_STREAM = 1, 2, 3
 
 
 class DatasetError(ValueError):
@@ -40,9 +34,7 @@ class DatasetError(ValueError):
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
-  if isinstance(config, dict):
-    return config.get(name, default)
-  return getattr(config, name, default) if name in config else default
+  return config[name] if name in config else default
 
 
 def make_source(config: Any):
@@ -50,8 +42,7 @@ def make_source(config: Any):
   ``config.dataset`` (``DATASETS``); DatasetError for an unknown, empty or unprepared one."""
   kind = _get(config, 'dataset')
   if kind == SYNTHETIC:
-    size = int(_get(config, 'synthetic_size'))
-    n = int(_get(config, 'synthetic_num_examples'))
+    size, n = int(_get(config, 'synthetic_size')), int(_get(config, 'synthetic_num_examples'))
     if n <= 0 or size <= 0:
       raise DatasetError(f'synthetic dataset: synthetic_num_examples ({n}) and synthetic_size '
                          f'({size}) must be positive')
@@ -67,8 +58,7 @@ def make_source(config: Any):
       raise DatasetError(f'dataset tfds_mixture: {e}') from None
     except FileNotFoundError as e:
       raise DatasetError(f'{e}, or set config.data_dir / config.tfds_sets') from None
-    source = tfds_builders.MixtureSource(
-        {n: tfds_builders.load_source(n, data_dir) for n in names})
+    source = tfds_builders.MixtureSource({n: tfds_builders.load_source(n, data_dir) for n in names})
     if len(source) == 0:
       raise DatasetError(f'{data_dir}: the datasets {", ".join(names)} hold no example')
     return source
@@ -88,8 +78,7 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def record_index(seed: int, step: int, j: int, batch_size: int, num_records: int) -> int:
   """The source record of example ``j`` of global step ``step`` (a per-epoch permutation)."""
-  g = step * batch_size + j
-  epoch, pos = divmod(g, num_records)
+  epoch, pos = divmod(step * batch_size + j, num_records)
   return int(_epoch_permutation(seed, epoch, num_records)[pos])
 
 
@@ -118,21 +107,16 @@ class StepBatch:
 
   def __init__(self, source, seed: int, batch_size: int, crop_size: int, indices: Sequence[int],
                options: augment.Options = augment.Options()):
-    self.source = source
-    self.options = options
-    self.seed = int(seed)
-    self.batch_size = int(batch_size)
-    self.crop_size = int(crop_size)
-    self.indices = tuple(int(j) for j in indices)
+    self.source, self.options, self.indices = source, options, tuple(int(j) for j in indices)
+    self.seed, self.batch_size, self.crop_size = int(seed), int(batch_size), int(crop_size)
 
   def __call__(self, step: int) -> Dict[str, np.ndarray]:
-    examples = [make_example(self.source, self.seed, int(step), j, self.batch_size,
-                             self.crop_size, self.options)
-                for j in self.indices]
+    step = int(step)
+    examples = [make_example(self.source, self.seed, step, j, self.batch_size, self.crop_size,
+                             self.options) for j in self.indices]
     batch = {k: np.stack([e[k] for e in examples]) for k in ('image', 'seg', 'gt')}
     if self.options.pass_scales is not None:
-      batch = augment.pass_inputs(batch, step_pass_scale(self.seed, int(step),
-                                                         self.options.pass_scales))
+      batch = augment.pass_inputs(batch, step_pass_scale(self.seed, step, self.options.pass_scales))
     return batch
 
 
@@ -155,9 +139,6 @@ def step_batch_fn(config: Any, source, indices: Sequence[int]) -> StepBatch:
                    augment.Options.from_config(config))
 
 
-PARENT_POLL_SECONDS = 1.0
-
-
 def exit_with_parent(worker_index: int, worker_count: int) -> None:
   """grain's ``worker_init_fn``: the worker ends within a second of its parent, however it ended."""
   del worker_index, worker_count
@@ -165,7 +146,7 @@ def exit_with_parent(worker_index: int, worker_count: int) -> None:
 
   def watch():
     while os.getppid() == parent:
-      time.sleep(PARENT_POLL_SECONDS)
+      time.sleep(1.0)
     os._exit(1)
 
   threading.Thread(target=watch, name='exit_with_parent', daemon=True).start()
@@ -192,17 +173,14 @@ class TrainLoader:
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if workers > 0:
       # grain's workers read absl flags: outside an absl app, take their defaults.
-      if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+      flags.FLAGS.mark_as_parsed()
       # Batches travel pickled, not in shared memory: grain keeps each worker's last batch in a
       # reference cycle, whose shared memory outlived the run (resource_tracker's warning).
       it_ds = grain.experimental.WithOptionsIterDataset(
           it_ds, grain.experimental.DatasetOptions(min_shm_size=sys.maxsize))
-      it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                             per_worker_buffer_size=2),
-                                worker_init_fn=exit_with_parent)
-    self._dataset = it_ds
-    self._iterator = None
+      mp_options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+      it_ds = it_ds.mp_prefetch(mp_options, worker_init_fn=exit_with_parent)
+    self._dataset, self._iterator = it_ds, None
 
   def __iter__(self) -> Iterator:
     self.close()

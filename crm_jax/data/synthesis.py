@@ -1,10 +1,5 @@
-"""Coarse-mask synthesis for training (docs/data.md, "Coarse-mask synthesis").
-
-``synthesize_coarse_mask``: upstream's step a (``simplify_boundary``) then step b
-(``random_morphology``) on the binarised gt. ``lowres_segmenter_mask``: a low-resolution
-segmenter's mask (the bundled demo set, ``lowres_mask_fraction``). All randomness comes from a
-``np.random.Generator`` argument (upstream's distribution, not its global random streams).
-"""
+"""Coarse-mask synthesis for training (docs/data.md, "Coarse-mask synthesis"): upstream's steps a
+and b, and a low-resolution segmenter's mask; all randomness from a ``np.random.Generator``."""
 
 from __future__ import annotations
 
@@ -34,9 +29,6 @@ LOWRES_FACTOR = 16
 LOWRES_BLUR_SIGMA = 0.7  # Gaussian sigma at the low resolution, in low-res pixels.
 LOWRES_THRESHOLD = 0.5
 
-# Structuring-element shapes of step b.
-_SHAPE_RECT, _SHAPE_ELLIPSE, _SHAPE_HALF_HEIGHT, _SHAPE_HALF_WIDTH = range(4)
-
 
 def as_mask_2d(mask: np.ndarray) -> np.ndarray:
   """Accepts [H, W] or [H, W, 1]; returns [H, W]."""
@@ -58,11 +50,8 @@ def binarize_gt(gt: np.ndarray) -> np.ndarray:
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
   """IoU of the nonzero pixels of two masks, with ``IOU_EPS`` so that empty vs empty is 1."""
-  a = np.asarray(a) != 0
-  b = np.asarray(b) != 0
-  inter = np.count_nonzero(a & b)
-  union = np.count_nonzero(a | b)
-  return float((inter + IOU_EPS) / (union + IOU_EPS))
+  a, b = np.asarray(a) != 0, np.asarray(b) != 0
+  return float((np.count_nonzero(a & b) + IOU_EPS) / (np.count_nonzero(a | b) + IOU_EPS))
 
 
 def _simplify_contour(contour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -73,15 +62,12 @@ def _simplify_contour(contour: np.ndarray, rng: np.random.Generator) -> np.ndarr
   num_starts = n - num_remove
   pts = contour[:, 0, :].astype(np.int64)
   dist = np.sum((pts[:num_starts] - pts[num_remove:num_remove + num_starts]) ** 2, axis=1)
-  order = np.argsort(dist, kind="stable")
   # At least one candidate (upstream's int(0.1 * num_starts) is none, a crash, for 10 points).
   num_candidates = max(1, int(num_starts * REMOVE_START_FRACTION))
-  start = int(order[rng.integers(num_candidates)])
+  start = int(np.argsort(dist, kind="stable")[rng.integers(num_candidates)])
   kept = np.concatenate([contour[:start], contour[start + num_remove:]], axis=0)
   m = kept.shape[0]
-  num_sample = int(m * SAMPLE_RATE)
-  idx = np.sort(rng.choice(m, size=num_sample, replace=False))
-  return kept[idx]
+  return kept[np.sort(rng.choice(m, size=int(m * SAMPLE_RATE), replace=False))]
 
 
 def simplify_boundary(gt_uint8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -89,13 +75,8 @@ def simplify_boundary(gt_uint8: np.ndarray, rng: np.random.Generator) -> np.ndar
   filled; a copy of the input when no polygon is left."""
   gt_uint8 = np.ascontiguousarray(as_mask_2d(gt_uint8), dtype=np.uint8)
   contours, _ = cv2.findContours(gt_uint8, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-  polygons = []
-  for contour in contours:
-    if contour.shape[0] < MIN_CONTOUR_POINTS:
-      continue
-    polygon = _simplify_contour(contour, rng)
-    if polygon.shape[0] > 0:
-      polygons.append(np.ascontiguousarray(polygon, dtype=np.int32))
+  polygons = [_simplify_contour(c, rng) for c in contours if c.shape[0] >= MIN_CONTOUR_POINTS]
+  polygons = [np.ascontiguousarray(p, dtype=np.int32) for p in polygons if p.shape[0] > 0]
   if not polygons:
     return gt_uint8.copy()
   out = np.zeros_like(gt_uint8)
@@ -105,15 +86,11 @@ def simplify_boundary(gt_uint8: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 
 def _random_structuring_element(rng: np.random.Generator) -> np.ndarray:
+  """A rectangle, an ellipse, or a half-height or half-width ellipse (ksize is (width, height))."""
   size = int(rng.integers(*KERNEL_SIZE_RANGE))
-  shape = int(rng.integers(4))
-  if shape == _SHAPE_RECT:
-    return cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
-  if shape == _SHAPE_ELLIPSE:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-  if shape == _SHAPE_HALF_HEIGHT:  # OpenCV ksize is (width, height).
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size // 2))
-  return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size // 2, size))
+  shapes = [(cv2.MORPH_RECT, (size, size)), (cv2.MORPH_ELLIPSE, (size, size)),
+            (cv2.MORPH_ELLIPSE, (size, size // 2)), (cv2.MORPH_ELLIPSE, (size // 2, size))]
+  return cv2.getStructuringElement(*shapes[int(rng.integers(4))])
 
 
 def random_morphology(seg_uint8: np.ndarray, reference_uint8: np.ndarray, iou_target: float,
@@ -128,18 +105,15 @@ def random_morphology(seg_uint8: np.ndarray, reference_uint8: np.ndarray, iou_ta
   for _ in range(MORPH_ROUNDS):
     for _ in range(RECTS_PER_ROUND):
       # A random non-empty rectangle [y0, y1) x [x0, x1).
-      x0 = int(rng.integers(w))
-      y0 = int(rng.integers(h))
-      x1 = int(rng.integers(x0 + 1, w + 1))
-      y1 = int(rng.integers(y0 + 1, h + 1))
+      x0, y0 = int(rng.integers(w)), int(rng.integers(h))
+      x1, y1 = int(rng.integers(x0 + 1, w + 1)), int(rng.integers(y0 + 1, h + 1))
       # A lone pixel that the dilation/erosion below grows into a blob or a hole.
       if rng.random() < CENTRE_PIXEL_PROB:
         seg[(y0 + y1) // 2, (x0 + x1) // 2] = 255 * int(rng.integers(2))
       op = cv2.dilate if rng.random() < DILATE_PROB else cv2.erode
       kernel = _random_structuring_element(rng)
       # The region is morphed on its own: OpenCV's default border leaves the edges unaffected.
-      region = np.ascontiguousarray(seg[y0:y1, x0:x1])
-      seg[y0:y1, x0:x1] = op(region, kernel, iterations=1)
+      seg[y0:y1, x0:x1] = op(np.ascontiguousarray(seg[y0:y1, x0:x1]), kernel, iterations=1)
     if mask_iou(seg, reference) < iou_target:
       break
   return seg
@@ -168,12 +142,11 @@ def lowres_segmenter_mask(gt: np.ndarray, rng: np.random.Generator | None = None
   [H, W] uint8 in {0, 255}."""
   gt_bin = binarize_gt(gt)
   h, w = gt_bin.shape
-  lh = max(1, int(round(h / factor)))
-  lw = max(1, int(round(w / factor)))
-  small = cv2.resize(gt_bin.astype(np.float32) / 255.0, (lw, lh), interpolation=cv2.INTER_AREA)
-  small = small.reshape(lh, lw)
-  small = cv2.GaussianBlur(small, (0, 0), LOWRES_BLUR_SIGMA, borderType=cv2.BORDER_REPLICATE)
-  small = small.reshape(lh, lw)
+  lh, lw = max(1, int(round(h / factor))), max(1, int(round(w / factor)))
+  small = cv2.resize(gt_bin.astype(np.float32) / 255.0, (lw, lh),
+                     interpolation=cv2.INTER_AREA).reshape(lh, lw)
+  small = cv2.GaussianBlur(small, (0, 0), LOWRES_BLUR_SIGMA,
+                           borderType=cv2.BORDER_REPLICATE).reshape(lh, lw)
   if rng is not None:
     small = small + rng.uniform(-0.1, 0.1, size=small.shape).astype(np.float32)
   up = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w)

@@ -1,11 +1,6 @@
-"""A synthetic source of (image, mask) pairs with exactly known masks (tests, demos, CPU runs).
-
-Each pair is a textured object on a textured background: the mask unites a noise blob, star
-polygons and ellipses (sometimes a hole, sometimes thin lines); the colours differ but the textures
-overlap, so the boundary is no colour threshold; the object is composited with a lightly blurred
-alpha while the mask stays hard {0, 255}. Any size from 1x1; ``SyntheticSource`` is random-access
-and deterministic per (seed, index).
-"""
+"""Synthetic (image, mask) pairs with exactly known masks (tests, demos, CPU runs): a textured
+object (noise blob, star polygons, ellipses, maybe a hole or thin lines) on a textured background,
+composited with a lightly blurred alpha; the mask stays hard {0, 255}. Any size from 1x1."""
 
 from __future__ import annotations
 
@@ -28,15 +23,17 @@ ALPHA_BLUR_SIGMA = 0.6  # pixels; the composite's edge softness.
 _QUANTILE_SAMPLES = 65_536  # quantiles are estimated on a strided subsample of this size
 
 
-def _value_noise(h: int, w: int, cells: float, rng: np.random.Generator,
-                 channels: int = 1) -> np.ndarray:
-  """Smooth noise, float32 [h, w, channels]: a grid of ``cells`` across, cubic upsampling."""
+def _grid_shape(h: int, w: int, cells: float) -> Tuple[int, int]:
+  """The noise grid of ``cells`` across the longer side, at least 2 x 2."""
   longer = max(h, w)
-  gh = max(2, int(math.ceil(cells * h / longer)) + 1)
-  gw = max(2, int(math.ceil(cells * w / longer)) + 1)
-  grid = rng.standard_normal((gh, gw, channels), dtype=np.float32)
-  up = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
-  return up.reshape(h, w, channels)
+  return (max(2, int(math.ceil(cells * h / longer)) + 1),
+          max(2, int(math.ceil(cells * w / longer)) + 1))
+
+
+def _value_noise(h: int, w: int, cells: float, rng: np.random.Generator) -> np.ndarray:
+  """Smooth noise, float32 [h, w]: a grid of ``cells`` across, cubic upsampling."""
+  grid = rng.standard_normal(_grid_shape(h, w, cells) + (1,), dtype=np.float32)
+  return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC).reshape(h, w)
 
 
 def _quantile(x: np.ndarray, q: float) -> float:
@@ -48,8 +45,7 @@ def _star_polygon(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
   """A random star-shaped polygon [N, 2] (x, y), int32."""
   n = int(rng.integers(4, 13))
   cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
-  radius = rng.uniform(0.08, 0.3) * min(h, w)
-  angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+  radius, angles = rng.uniform(0.08, 0.3) * min(h, w), np.sort(rng.uniform(0, 2 * np.pi, n))
   radii = radius * rng.uniform(0.4, 1.0, n)
   pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
   return np.round(pts).astype(np.int32)
@@ -68,13 +64,12 @@ def _make_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
   if rng.random() < 0.85:
     field = np.zeros((h, w), np.float32)
     for cells, amplitude in BLOB_OCTAVES:
-      field += amplitude * _value_noise(h, w, cells, rng)[..., 0]
+      field += amplitude * _value_noise(h, w, cells, rng)
     cy, cx = rng.uniform(0.3, 0.7, 2)
     ys = (np.arange(h, dtype=np.float32) + 0.5) / h - cy
     xs = (np.arange(w, dtype=np.float32) + 0.5) / w - cx
     field -= BLOB_FALLOFF * (ys[:, None] ** 2 + xs[None, :] ** 2)
-    area = rng.uniform(*BLOB_AREA_RANGE)
-    mask[field > _quantile(field, 1.0 - area)] = 255
+    mask[field > _quantile(field, 1.0 - rng.uniform(*BLOB_AREA_RANGE))] = 255
   for _ in range(int(rng.integers(0, 4))):
     if rng.random() < 0.5:
       cv2.fillPoly(mask, [_star_polygon(h, w, rng)], 255)
@@ -88,8 +83,7 @@ def _make_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
       for _ in range(int(rng.integers(1, 6))):
         k = int(rng.integers(ys.size))
         start = (int(xs[k]) * 4, int(ys[k]) * 4)
-        angle = rng.uniform(0, 2 * np.pi)
-        length = rng.uniform(0.1, 0.4) * max(h, w)
+        angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.4) * max(h, w)
         end = (int(start[0] + length * math.cos(angle)), int(start[1] + length * math.sin(angle)))
         cv2.line(mask, start, end, 255, thickness=int(rng.integers(1, 4)))
   # Never empty nor full where the image has room for both.
@@ -98,13 +92,8 @@ def _make_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
       mask[h // 2, w // 2] = 255
       _random_ellipse(mask, rng, 255)
     if mask.all():
-      mask[0, 0] = 0
       mask[: max(1, h // 8), : max(1, w // 8)] = 0
   return mask
-
-
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
-  return rng.uniform(40, 215, 3).astype(np.float32)
 
 
 def _offset_colour(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -116,10 +105,7 @@ def _offset_colour(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _texture(h: int, w: int, colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """float32 [h, w, 3]: a colour with low-frequency colour noise, a gradient, maybe stripes."""
   # Noise and a linear gradient on the grid, upsampled together (cubic keeps a ramp linear).
-  cells = rng.uniform(2.0, 30.0)
-  longer = max(h, w)
-  gh = max(2, int(math.ceil(cells * h / longer)) + 1)
-  gw = max(2, int(math.ceil(cells * w / longer)) + 1)
+  gh, gw = _grid_shape(h, w, rng.uniform(2.0, 30.0))
   grid = TEXTURE_AMPLITUDE * rng.uniform(0.3, 1.0) * rng.standard_normal((gh, gw, 3),
                                                                          dtype=np.float32)
   theta = rng.uniform(0, 2 * np.pi)
@@ -130,14 +116,11 @@ def _texture(h: int, w: int, colour: np.ndarray, rng: np.random.Generator) -> np
   tex = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC).reshape(h, w, 3)
   if rng.random() < 0.4:
     # Stripes sin(a y + b x) = sin(a y) cos(b x) + cos(a y) sin(b x): outer products, cheap.
-    period = rng.uniform(4.0, 40.0)
-    phi = rng.uniform(0, np.pi)
-    a = 2 * np.pi * math.sin(phi) / period
-    b = 2 * np.pi * math.cos(phi) / period
+    period, phi = rng.uniform(4.0, 40.0), rng.uniform(0, np.pi)
+    a, b = 2 * np.pi * math.sin(phi) / period, 2 * np.pi * math.cos(phi) / period
     yy = np.arange(h, dtype=np.float32) * np.float32(a)
     xx = np.arange(w, dtype=np.float32) * np.float32(b)
-    stripes = np.sin(yy)[:, None] * np.cos(xx)[None, :]
-    stripes += np.cos(yy)[:, None] * np.sin(xx)[None, :]
+    stripes = np.sin(yy)[:, None] * np.cos(xx)[None, :] + np.cos(yy)[:, None] * np.sin(xx)[None, :]
     amplitude = rng.uniform(-20, 20, (3, 1)).astype(np.float32)
     tex += cv2.transform(stripes[..., None], amplitude).reshape(h, w, 3)
   return tex
@@ -147,10 +130,7 @@ def _grain(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
   """float32 [h, w, 3] per-pixel noise: a random tile, repeated (cheaper than h * w draws)."""
   th, tw = min(h, GRAIN_TILE), min(w, GRAIN_TILE)
   tile = GRAIN_SIGMA * rng.standard_normal((th, tw, 3), dtype=np.float32)
-  reps_y, reps_x = -(-h // th), -(-w // tw)
-  if reps_y == 1 and reps_x == 1:
-    return tile
-  return np.tile(tile, (reps_y, reps_x, 1))[:h, :w]
+  return np.tile(tile, (-(-h // th), -(-w // tw), 1))[:h, :w]
 
 
 def make_synthetic_pair(height: int, width: int,
@@ -161,15 +141,14 @@ def make_synthetic_pair(height: int, width: int,
   if h < 1 or w < 1:
     raise ValueError(f"size must be at least 1x1, got {h}x{w}")
   mask = _make_mask(h, w, rng)
-  bg_colour = _random_colour(rng)
+  bg_colour = rng.uniform(40, 215, 3).astype(np.float32)
   fg_colour = _offset_colour(bg_colour, rng)
   background = _texture(h, w, bg_colour, rng)
   # Distractor blobs in the background, in colours near the object's (blended in their box only).
   for _ in range(int(rng.integers(0, 3))):
     blob = np.zeros((h, w), np.uint8)
     _random_ellipse(blob, rng, 255)
-    colour = _offset_colour(fg_colour, rng)
-    strength = np.float32(rng.uniform(0.3, 0.7) / 255.0)
+    colour, strength = _offset_colour(fg_colour, rng), np.float32(rng.uniform(0.3, 0.7) / 255.0)
     x, y, bw, bh = cv2.boundingRect(blob)
     if bw and bh:
       weight = blob[y:y + bh, x:x + bw, None].astype(np.float32) * strength
@@ -191,17 +170,14 @@ class SyntheticSource:
   def __init__(self, num_examples: int, height: int, width: int, seed: int = 0):
     if num_examples < 0 or seed < 0:
       raise ValueError(f"num_examples and seed must be >= 0, got {num_examples} and {seed}")
-    self.num_examples = int(num_examples)
-    self.height = int(height)
-    self.width = int(width)
+    self.num_examples, self.height, self.width = int(num_examples), int(height), int(width)
     self.seed = int(seed)
 
   def __len__(self) -> int:
     return self.num_examples
 
   def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
-    index = source_index(index, self.num_examples)
-    rng = np.random.default_rng([self.seed, index])
+    rng = np.random.default_rng([self.seed, source_index(index, self.num_examples)])
     image, mask = make_synthetic_pair(self.height, self.width, rng)
     return {"image": image, "mask": mask}
 

@@ -1,10 +1,6 @@
-"""TFDS builders for CRM's training sets and BIG, written and read without TensorFlow.
-
-One builder per row of ``DATASETS`` (``BUILDERS``: short name -> class; TFDS names are
-``crm_<short>``), prepared from a manually extracted archive (``MANUAL_DOWNLOAD_INSTRUCTIONS``)
-into ``array_record`` files. Training sets: one 'train' split of ``{'image', 'mask', 'name'}``;
-big: one split per subfolder of ``{'image', 'seg', 'gt', 'name'}``. Storage and decoding:
-docs/data.md, "Prepared sets".
+"""TFDS builders (``BUILDERS``: short name -> class, TFDS name ``crm_<short>``) of CRM's training
+sets (a 'train' split of ``{'image', 'mask', 'name'}``) and BIG (a split per subfolder of
+``{'image', 'seg', 'gt', 'name'}``), prepared without TensorFlow into array_record (docs/data.md).
 """
 
 from __future__ import annotations
@@ -13,7 +9,8 @@ import bisect
 import dataclasses
 import inspect
 import os
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+import pathlib
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
 
 from absl import logging
 import cv2
@@ -23,19 +20,14 @@ import tensorflow_datasets as tfds
 
 from crm_jax.data import folders, source_index
 from crm_jax import io as image_io
-from crm_jax.io import InputError, as_rgb, img_bgr_to_rgb
+from crm_jax.io import InputError, as_rgb, decode_mask, img_bgr_to_rgb
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 DATA_VERSION = "1.0.0"
 TRAINING_SETS = ("fss1000", "duts_tr", "duts_te", "ecssd", "msra10k", "dut_omron")
 TFDS_PREFIX = "crm_"
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-# -- decoding and storage normalisation (OpenCV only) -----------------------------------------
+_STORED_AS_IS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG and PNG magic
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
@@ -43,41 +35,18 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
   return as_rgb(img_bgr_to_rgb(image_io.imdecode(data, name)), name)
 
 
-def decode_mask(data: bytes, name: str = "mask") -> np.ndarray:
-  """Encoded bytes -> grey uint8 ``[H, W]`` by the mask rules of ``crm_jax.io.decode_mask``."""
-  return image_io.decode_mask(data, name)
-
-
-def _encode_png(img: np.ndarray, name: str) -> bytes:
+def _storable(data: bytes, name: str, is_mask: bool) -> bytes:
+  """The bytes to store: ``data`` for an 8-bit grey (or, for an image, RGB) JPEG or PNG, else a
+  PNG of ``decode_mask`` / ``decode_image``."""
+  img = image_io.imdecode(data, name)
+  if (data.startswith(_STORED_AS_IS) and img.dtype == np.uint8
+      and (img.ndim == 2 or (not is_mask and img.shape[2] == 3))):
+    return data
+  img = decode_mask(data, name) if is_mask else decode_image(data, name)[:, :, ::-1]
   ok, buf = cv2.imencode(".png", np.ascontiguousarray(img))
   if not ok:
     raise InputError(f"{name}: could not be encoded as PNG")
   return buf.tobytes()
-
-
-def storable_image(data: bytes, name: str = "image") -> bytes:
-  """The bytes to store for an image: unchanged for 8-bit grey/RGB JPEG or PNG, else an RGB PNG."""
-  img = image_io.imdecode(data, name)
-  if (data.startswith((_JPEG_MAGIC, _PNG_MAGIC)) and img.dtype == np.uint8
-      and (img.ndim == 2 or img.shape[2] == 3)):
-    return data
-  return _encode_png(decode_image(data, name)[:, :, ::-1], name)
-
-
-def storable_mask(data: bytes, name: str = "mask") -> bytes:
-  """The bytes to store for a mask: unchanged for 8-bit grey JPEG or PNG, else a grey PNG."""
-  img = image_io.imdecode(data, name)
-  if data.startswith((_JPEG_MAGIC, _PNG_MAGIC)) and img.dtype == np.uint8 and img.ndim == 2:
-    return data
-  return _encode_png(decode_mask(data, name), name)
-
-
-def _read_bytes(path: str) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
-
-
-# -- builders ----------------------------------------------------------------------------------
 
 
 class _CrmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -85,12 +54,6 @@ class _CrmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version(DATA_VERSION)
   RELEASE_NOTES = {DATA_VERSION: "Original files, normalised to JPEG/PNG of the declared channels."}
-  DATASET: "DataSet"
-  SHORT_NAME = ""
-  DISPLAY_NAME = ""
-  DESCRIPTION = ""
-  HOMEPAGE = ""
-  FILES: Dict[str, bool] = {}
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -105,66 +68,55 @@ class _CrmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     features = {k: tfds.features.Image(shape=(None, None, 1 if is_mask else 3), dtype=np.uint8)
                 for k, is_mask in self.FILES.items()}
-    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, homepage=self.HOMEPAGE,
-                                 features=tfds.features.FeaturesDict(
-                                     {**features, "name": tfds.features.Text()}))
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DATASET.description, homepage=self.DATASET.homepage,
+        features=tfds.features.FeaturesDict({**features, "name": tfds.features.Text()}))
 
-  def _encode(self, sample, report: folders.ScanReport) -> Optional[Dict[str, bytes]]:
-    """{feature: stored bytes} of a scanned sample; None if unreadable (reported)."""
-    out = {}
-    for feature, is_mask in self.FILES.items():
-      path = getattr(sample, feature)
-      try:
-        data = _read_bytes(path)
-        out[feature] = storable_mask(data, path) if is_mask else storable_image(data, path)
-      except (OSError, InputError) as e:
-        logging.warning("%s: left out %s: %s", self.name, sample.name, e)
-        if report.unreadable is None:
-          report.unreadable = []
-        report.unreadable.append(os.path.relpath(path, report.root))
-        report.matched -= 1
-        return None
-    return out
+  def _split(self, split: str, label: str, scanned: Tuple[list, folders.ScanReport]):
+    """Logs and keeps the scan report of ``split``; gives its example generator."""
+    samples, report = scanned
+    logging.info("%s: %s", label, report.summary())
+    self.reports[split] = report
+    return self._generate_examples(samples, report)
 
   def _generate_examples(self, samples, report: folders.ScanReport):
+    """(name, {file feature: stored bytes, 'name'}) per sample; unreadable ones are left out,
+    logged and counted in ``report``."""
     for sample in samples:
-      ex = self._encode(sample, report)
-      if ex is not None:
-        yield sample.name, {**ex, "name": sample.name}
+      ex = {}
+      try:
+        for feature, is_mask in self.FILES.items():
+          path = getattr(sample, feature)
+          ex[feature] = _storable(pathlib.Path(path).read_bytes(), path, is_mask)
+      except (OSError, InputError) as e:
+        logging.warning("%s: left out %s: %s", self.name, sample.name, e)
+        report.unreadable = (report.unreadable or []) + [os.path.relpath(path, report.root)]
+        report.matched -= 1
+        continue
+      yield sample.name, {**ex, "name": sample.name}
 
 
 class _PairsBuilder(_CrmBuilder, skip_registration=True):
-  """A training set: one 'train' split of {'image', 'mask', 'name'}."""
-
   FILES = {"image": False, "mask": True}
 
   def _split_generators(self, dl_manager):
-    pairs, report = self.DATASET.scan(os.fspath(dl_manager.manual_dir), what=self.DISPLAY_NAME)
-    logging.info("%s: %s", self.name, report.summary())
-    self.reports["train"] = report
-    return {"train": self._generate_examples(pairs, report)}
+    scanned = self.DATASET.scan(os.fspath(dl_manager.manual_dir), what=self.DISPLAY_NAME)
+    return {"train": self._split("train", self.name, scanned)}
 
 
 class _BigBuilder(_CrmBuilder, skip_registration=True):
-  """BIG: one split per subfolder of {'image', 'seg', 'gt', 'name'}."""
-
   FILES = {"image": False, "seg": True, "gt": True}
 
   def _split_generators(self, dl_manager):
-    splits = {}
-    for split, folder in folders.big_split_folders(os.fspath(dl_manager.manual_dir)).items():
-      triples, report = folders.scan_big(folder, what=f"BIG {split}")
-      logging.info("%s %s: %s", self.name, split, report.summary())
-      self.reports[split] = report
-      splits[split] = self._generate_examples(triples, report)
-    return splits
+    splits = folders.big_split_folders(os.fspath(dl_manager.manual_dir))
+    return {s: self._split(s, f"{self.name} {s}", folders.scan_big(f, what=f"BIG {s}"))
+            for s, f in splits.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSet:
-  """One row of ``DATASETS``: ``summary`` is the builder's docstring, ``instructions`` its
-  ``MANUAL_DOWNLOAD_INSTRUCTIONS``, ``base`` ``_PairsBuilder`` (scanned by ``scan``) or
-  ``_BigBuilder``."""
+  """One row of ``DATASETS``: ``summary`` becomes the builder's docstring, ``instructions`` its
+  ``MANUAL_DOWNLOAD_INSTRUCTIONS``; pairs sets are scanned by ``scan``."""
   short: str
   display: str
   summary: str
@@ -240,26 +192,11 @@ Incomplete triples are left out (and counted).
 """, base=_BigBuilder),
 )
 
-
-def _make_builder(ds: DataSet) -> type:
-  """The TFDS builder class of one ``DATASETS`` row (registered with TFDS as ``crm_<short>``)."""
-  return type("Crm" + "".join(part.capitalize() for part in ds.short.split("_")), (ds.base,), {
-      "__module__": __name__,
-      "__doc__": ds.summary,
-      "name": TFDS_PREFIX + ds.short,
-      "DATASET": ds,
-      "SHORT_NAME": ds.short,
-      "DISPLAY_NAME": ds.display,
-      "DESCRIPTION": ds.description,
-      "HOMEPAGE": ds.homepage,
-      "MANUAL_DOWNLOAD_INSTRUCTIONS": ds.instructions,
-  })
-
-
-BUILDERS: Dict[str, type] = {ds.short: _make_builder(ds) for ds in DATASETS}
-
-
-# -- helpers -----------------------------------------------------------------------------------
+BUILDERS: Dict[str, type] = {
+    ds.short: type("Crm" + "".join(p.capitalize() for p in ds.short.split("_")), (ds.base,), {
+        "__module__": __name__, "__doc__": ds.summary, "name": TFDS_PREFIX + ds.short,
+        "DATASET": ds, "DISPLAY_NAME": ds.display, "MANUAL_DOWNLOAD_INSTRUCTIONS": ds.instructions})
+    for ds in DATASETS}
 
 
 def builder_class(name: str) -> type:
@@ -276,14 +213,14 @@ def get_builder(name: str, data_dir: PathLike) -> tfds.core.GeneratorBasedBuilde
 
 
 def prepared_path(name: str, data_dir: PathLike) -> str:
-  """The folder that holds the prepared files of ``name``: ``<data_dir>/crm_<name>/<version>``."""
+  """``<data_dir>/crm_<name>/<version>``: the folder of the prepared files of ``name``."""
   return os.path.join(os.fspath(data_dir), builder_class(name).name, DATA_VERSION)
 
 
 def is_prepared(name: str, data_dir: PathLike) -> bool:
   """Whether ``name`` is prepared in ``data_dir`` (checked quietly, without building anything)."""
-  path = prepared_path(name, data_dir)
-  return all(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "features.json"))
+  return all(os.path.isfile(os.path.join(prepared_path(name, data_dir), f))
+             for f in ("dataset_info.json", "features.json"))
 
 
 def require_prepared(names: Union[str, Sequence[str]], data_dir: PathLike) -> None:
@@ -299,18 +236,14 @@ def require_prepared(names: Union[str, Sequence[str]], data_dir: PathLike) -> No
 
 def prepare(name: str, manual_dir: PathLike, data_dir: PathLike, *,
             overwrite: bool = False) -> tfds.core.GeneratorBasedBuilder:
-  """Prepares ``name`` from the extracted archive in ``manual_dir`` into ``data_dir`` (no
-  network); a prepared one is reused unless ``overwrite``. ``builder.reports[split]``: the scan
-  reports of the splits generated. Raises ValueError (unknown name), FileNotFoundError,
-  NotADirectoryError or folders.FolderError (an unusable ``manual_dir``, named)."""
-  cls = builder_class(name)
-  folders.check_folder(manual_dir, cls.DISPLAY_NAME)
+  """Prepares ``name`` from the extracted archive in ``manual_dir`` into ``data_dir`` (no network;
+  a prepared one is reused unless ``overwrite``); ``builder.reports``: split -> scan report."""
+  folders.check_folder(manual_dir, builder_class(name).DISPLAY_NAME)
   builder = get_builder(name, data_dir)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), download_mode=mode,
-                                        try_download_gcs=False)
-  builder.download_and_prepare(download_config=config)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(manual_dir), download_mode=mode, try_download_gcs=False))
   return builder
 
 
@@ -319,11 +252,10 @@ class DecodedSource:
   'mask': uint8 [H, W], 'name': str}`` (BIG: ``seg`` and ``gt`` masks). Picklable."""
 
   def __init__(self, name: str, data_dir: PathLike, split: str = "train"):
-    self.name = builder_class(name).SHORT_NAME
+    self.name = builder_class(name).DATASET.short
     self.data_dir = os.fspath(data_dir)
     self.split = split
     self._source = None
-    self._masks: Tuple[str, ...] = ()
     self._len = len(self._open())
 
   def _open(self):
@@ -334,40 +266,29 @@ class DecodedSource:
       if self.split not in splits:
         raise ValueError(f"{self.name} in {self.data_dir} has no split {self.split!r}; "
                          f"it has {', '.join(splits)}")
-      features = builder.info.features
-      self._masks = tuple(k for k in ("mask", "seg", "gt") if k in features)
+      self._masks = tuple(k for k in ("mask", "seg", "gt") if k in builder.info.features)
       decoders = {k: tfds.decode.SkipDecoding() for k in ("image",) + self._masks}
       self._source = builder.as_data_source(split=self.split, decoders=decoders)
     return self._source
 
   def _decode(self, ex: Mapping[str, Any]) -> Dict[str, Any]:
-    name = ex["name"]
-    name = name.decode("utf-8") if isinstance(name, bytes) else str(name)
-    out = {"image": decode_image(ex["image"], f"{self.name}/{name} image")}
-    for k in self._masks:
-      out[k] = decode_mask(ex[k], f"{self.name}/{name} {k}")
-    out["name"] = name
-    return out
+    name = ex["name"].decode("utf-8") if isinstance(ex["name"], bytes) else str(ex["name"])
+    return {"image": decode_image(ex["image"], f"{self.name}/{name} image"),
+            **{k: decode_mask(ex[k], f"{self.name}/{name} {k}") for k in self._masks},
+            "name": name}
 
   def __len__(self) -> int:
     return self._len
 
   def __getitem__(self, index: int) -> Dict[str, Any]:
-    index = source_index(index, self._len)
-    return self._decode(self._open()[index])
+    return self._decode(self._open()[source_index(index, self._len)])
 
   def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
     indices = [source_index(i, self._len) for i in indices]
     return [self._decode(ex) for ex in self._open().__getitems__(indices)]
 
-  def __iter__(self):
-    for i in range(self._len):
-      yield self[i]
-
   def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_source"] = None
-    return state
+    return {**self.__dict__, "_source": None}
 
   def __repr__(self) -> str:
     return (f"DecodedSource(name={self.name!r}, split={self.split!r}, len={self._len}, "
@@ -383,12 +304,10 @@ class MixtureSource:
   """The concatenation of random-access sources (a sequence, or a mapping {name: source})."""
 
   def __init__(self, sources: Union[Sequence[Any], Mapping[str, Any]]):
-    if isinstance(sources, Mapping):
-      self.names = [str(k) for k in sources]
-      self.sources = list(sources.values())
-    else:
-      self.sources = list(sources)
-      self.names = [getattr(s, "name", str(i)) for i, s in enumerate(self.sources)]
+    named = isinstance(sources, Mapping)
+    self.sources = list(sources.values() if named else sources)
+    self.names = ([str(k) for k in sources] if named else
+                  [getattr(s, "name", str(i)) for i, s in enumerate(self.sources)])
     if not self.sources:
       raise ValueError("MixtureSource needs at least one source")
     self.lengths = [len(s) for s in self.sources]
@@ -409,10 +328,6 @@ class MixtureSource:
 
   def __getitems__(self, indices: Iterable[int]) -> List[Any]:
     return [self[i] for i in indices]
-
-  def __iter__(self):
-    for i in range(len(self)):
-      yield self[i]
 
   def __repr__(self) -> str:
     parts = ", ".join(f"{n}: {l}" for n, l in zip(self.names, self.lengths))
