@@ -35,8 +35,8 @@ from crm_jax.scales import check_min_side, check_scales, small_images_line
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "crm-jax-output"
-SETTINGS = ("fingerprint", "scales", "dtype", "plan", "min_side", "orientation")  # masks depend on
-SETTING_DEFAULTS = {"min_side": 0, "orientation": "stored"}  # in manifests older than the key
+SETTINGS = ("fingerprint", "scales", "dtype", "plan", "min_side", "orientation", "labels")
+SETTING_DEFAULTS = {"min_side": 0, "orientation": "stored", "labels": None}  # older manifests
 DEFAULT_PLAN = "banded"  # for a refiner that does not name its execution plan
 _BAR = "{desc}: {n_fmt}/{total_fmt} objects |{bar}| {elapsed} elapsed, {remaining} left{postfix}"
 
@@ -62,8 +62,9 @@ def write_json(path: str, blob) -> None:
 
 
 def run_settings(refiner, scales: Sequence[float], checkpoint: Optional[str] = None,
-                 orientation: str = "stored") -> Dict:
-  """The manifest of a run: what the masks depend on (``SETTINGS``) and the checkpoint path."""
+                 orientation: str = "stored", labels: Optional[Dict] = None) -> Dict:
+  """The manifest of a run: what the masks depend on (``SETTINGS``; ``labels``: None, or
+  ``{"ignore": id}`` for label maps) and the checkpoint path."""
   fp = getattr(refiner, "fingerprint", None) or ckpt.fingerprint(refiner.config,
                                                                   refiner.variables)
   return {"format": MANIFEST_FORMAT, "fingerprint": fp,
@@ -71,7 +72,7 @@ def run_settings(refiner, scales: Sequence[float], checkpoint: Optional[str] = N
           "dtype": str(getattr(refiner, "dtype", "float32")),
           "plan": str(getattr(refiner, "plan", DEFAULT_PLAN)),
           "min_side": int(getattr(refiner, "min_side", 0)),
-          "orientation": orientation,
+          "orientation": orientation, "labels": labels,
           "checkpoint": os.path.abspath(checkpoint) if checkpoint else None}
 
 
@@ -187,12 +188,12 @@ def run(out_dir: str, inputs: Sequence[str], items: Sequence[Item], problems: Se
         dtype: str = "float32", plan: str = "auto", batch_size: int = 1,
         devices: Optional[int] = None, overwrite: bool = False, progress: bool = True,
         log: Log = print, export: Optional[str] = None, orientation: str = "stored",
-        keep: Optional[Sequence[float]] = None) -> Outcome:
+        keep: Optional[Sequence[float]] = None, labels: Optional[Dict] = None) -> Outcome:
   """Refines every item not complete in ``out_dir`` (checked first: ``check_output_dir``) on
   every local device and process; ``handle(item, loaded, probs)`` writes an item's outputs
   (the one that makes it complete last) and may return a JSON-able record. An error on any
   process (setup, an output that cannot be written) stops every process; a bad item is skipped
-  and reported."""
+  and reported. ``labels`` (``{"ignore": id}``): items load label maps (``refine_share``)."""
   start, main = time.time(), jax.process_index() == 0
   say = log if not (progress and main) else (lambda m: _bar_safe(log, m))
   existed = os.path.isdir(out_dir)
@@ -205,7 +206,7 @@ def run(out_dir: str, inputs: Sequence[str], items: Sequence[Item], problems: Se
         lock.acquire()
       refiners = load_refiners(refiner, checkpoint, devices, min_side, log if main else None,
                                export, dtype=dtype, plan=plan)
-      settings = run_settings(refiners[0], scales, checkpoint, orientation)
+      settings = run_settings(refiners[0], scales, checkpoint, orientation, labels)
       if main:
         remove_leftovers(out_dir)
         prepare_output(out_dir, settings, overwrite, log, is_output, results_file)
@@ -238,7 +239,9 @@ def run(out_dir: str, inputs: Sequence[str], items: Sequence[Item], problems: Se
               disable=not (progress and main), dynamic_ncols=True) as bar, \
         _input_warnings_to(say):
       result = refine_share(mine, refiners, scales, handle, log=say,
-                            bar=bar if progress and main else None, keep=keep)
+                            bar=bar if progress and main else None, keep=keep,
+                            ignore=None if labels is None else labels["ignore"],
+                            labels=labels is not None)
     # The end barrier: every process's result (and error).
     every = distributed.gather({
         "refined": result.refined, "failed": result.failed, "records": result.records,

@@ -17,6 +17,7 @@ import numpy as np
 from crm_jax import dataset_run
 from crm_jax.constants import SCALES
 from crm_jax.io import InputError, file_image_size, read_image, read_mask
+from crm_jax.labels import IGNORE, LabelMap, classes_to_refine, read_labels, write_labels
 from crm_jax.outputs import is_complete_output, write_image
 from crm_jax.metrics import scale_key
 from crm_jax.parallel import Item, Log
@@ -36,17 +37,18 @@ MASK_EXT = ".png"
 SUMMARY_FILE = "summary.json"
 
 
-def read_pair(image_path: str, mask_path: str,
-              orientation: str = "stored") -> Tuple[np.ndarray, np.ndarray]:
-  """The image (RGB uint8 ``[H, W, 3]``) and its coarse mask (uint8 ``[H, W]``), read by the
-  rules of ``crm_jax.io`` (``orientation``: ``"stored"``, as published, or ``"exif"``, as
-  viewers show them); ``InputError`` naming the file when one is unreadable or the sizes
-  differ."""
+def read_pair(image_path: str, mask_path: str, orientation: str = "stored",
+              labels: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+  """The image (RGB uint8 ``[H, W, 3]``) and its coarse mask (uint8 ``[H, W]``; ``labels``: a
+  ``LabelMap``), read by the rules of ``crm_jax.io`` (``orientation``: ``"stored"``, as
+  published, or ``"exif"``, as viewers show them); ``InputError`` naming the file when one is
+  unreadable or the sizes differ."""
   image = read_image(image_path, orientation)
-  mask = read_mask(mask_path, orientation)
-  if image.shape[:2] != mask.shape:
-    raise InputError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but {image_path} "
-                     f"is {image.shape[1]}x{image.shape[0]}")
+  mask = read_labels(mask_path, orientation) if labels else read_mask(mask_path, orientation)
+  size = mask.labels.shape if labels else mask.shape
+  if image.shape[:2] != size:
+    raise InputError(f"{mask_path}: {'label map' if labels else 'mask'} is {size[1]}x{size[0]} "
+                     f"but {image_path} is {image.shape[1]}x{image.shape[0]}")
   return image, mask
 
 
@@ -145,13 +147,16 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
                   dtype: str = "float32", plan: str = "auto", batch_size: int = 1,
                   devices: Optional[int] = None, overwrite: bool = False,
                   progress: bool = True, log: Log = print, refiner=None,
-                  export: Optional[str] = None, orientation: str = "stored") -> Dict:
+                  export: Optional[str] = None, orientation: str = "stored",
+                  labels: bool = False, ignore: int = IGNORE) -> Dict:
   """Refines every pair of ``pair_folders(images, masks, suffix)`` into ``out_dir`` on every
   local device and host; process 0 writes ``out_dir/summary.json``, which is returned.
 
   ``refiner``: a ``Refiner`` or one per device instead of ``checkpoint``. ``min_side``, dtype,
   ``plan``, ``export``: as ``Refiner`` (``min_side`` None: the checkpoint's recommendation).
   ``orientation``: ``"stored"`` (as published; EXIF orientation warned about) or ``"exif"``.
+  ``labels``: the masks are label maps, refined into label maps (``Refiner.refine_labels``,
+  ``ignore`` pixels kept; the classes of one image are its batch).
   Raises ``InputError`` (bad arguments or folders, before any work; nothing refined now or
   before), ``CheckpointError``, ``OSError`` (an output that cannot be written).
   """
@@ -165,22 +170,32 @@ def refine_folder(images: str, masks: str, out_dir: str, checkpoint: str, *,
       log(f"skipped {p}")
     raise
   by_name = {p.name: p for p in pairs}
-  items = [Item(p.name, lambda p=p: read_pair(p.image, p.mask, orientation),
+  def load(p):
+    loaded = read_pair(p.image, p.mask, orientation, labels)
+    if labels:  # a map with no class to refine is an error naming its file
+      classes_to_refine(loaded[1].labels, None, ignore, p.mask)
+    return loaded
+
+  items = [Item(p.name, lambda p=p: load(p),
                 None if orientation == "exif" else file_image_size(p.image))  # a tag may turn it
            for p in pairs]
   last = scales[-1]
 
   def write(item, loaded, probs):
-    write_image(os.path.join(out_dir, by_name[item.name].output), prob_to_uint8(probs[last]))
+    path = os.path.join(out_dir, by_name[item.name].output)
+    if labels:
+      write_labels(path, LabelMap(probs[last], loaded[1].palette))
+    else:
+      write_image(path, prob_to_uint8(probs[last]))
 
   run = dataset_run.run(
       out_dir, [images, masks], items, problems, scales, write,
       is_complete=lambda item: is_complete_output(os.path.join(out_dir,
                                                                by_name[item.name].output)),
       is_output=_is_png, results_file=SUMMARY_FILE, refiner=refiner, checkpoint=checkpoint,
-      min_side=min_side, dtype=dtype, plan=plan, batch_size=batch_size, devices=devices,
-      overwrite=overwrite, progress=progress, log=log, export=export, orientation=orientation,
-      keep=(last,))
+      min_side=min_side, dtype=dtype, plan=plan, batch_size=1 if labels else batch_size,
+      devices=devices, overwrite=overwrite, progress=progress, log=log, export=export,
+      orientation=orientation, keep=(last,), labels={"ignore": ignore} if labels else None)
   if main:
     log(f"refined {len(run.refined)} of {len(pairs)} pair(s) into {out_dir} in "
         f"{run.refine_seconds:.1f} s, {len(run.complete)} already complete; "

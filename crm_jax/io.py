@@ -154,7 +154,7 @@ def imdecode(data: bytes, name: str) -> np.ndarray:
   return np.ascontiguousarray(img_bgr_to_rgb(_pixels(data, name)[0]))
 
 
-def _decode(data: bytes, name: str, orientation: str = "stored"):
+def decode_pixels(data: bytes, name: str, orientation: str = "stored"):
   """Bytes -> (pixels, RGB(A) or grey, stored or turned by EXIF; a palette PNG's palette)."""
   if orientation not in ORIENTATIONS:
     raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
@@ -206,7 +206,7 @@ def as_rgb(img: np.ndarray, name: str = "image") -> np.ndarray:
 def decode_image(data: bytes, name: str = "image", orientation: str = "stored") -> np.ndarray:
   """Encoded bytes -> RGB uint8 ``[H, W, 3]``; ``orientation``: ``"stored"`` (as published: an
   EXIF orientation is ignored, with a warning) or ``"exif"`` (turned as viewers show it)."""
-  return as_rgb(_decode(data, name, orientation)[0], name)
+  return as_rgb(decode_pixels(data, name, orientation)[0], name)
 
 
 def read_image(path: str, orientation: str = "stored") -> np.ndarray:
@@ -312,7 +312,7 @@ def as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
 def decode_mask(data: bytes, name: str = "mask", orientation: str = "stored") -> np.ndarray:
   """Encoded bytes -> grey uint8 ``[H, W]`` in 0-255 (a palette PNG whose palette is not grey is
   a label map: index 0 background, every other index foreground)."""
-  img, palette = _decode(data, name, orientation)
+  img, palette = decode_pixels(data, name, orientation)
   if palette is not None:
     colours = np.frombuffer(palette, np.uint8).reshape(-1, 3)
     img = img[:, :, :3]
@@ -333,7 +333,7 @@ def read_mask(path: str, orientation: str = "stored") -> np.ndarray:
 
 def read_grey(path: str) -> np.ndarray:
   """An 8-bit grey file this package wrote -> uint8 ``[H, W]`` as stored (no encoding rule)."""
-  img, _ = _decode(read_bytes(path), path)
+  img, _ = decode_pixels(read_bytes(path), path)
   if img.dtype != np.uint8 or img.ndim != 2:
     raise InputError(f"{path}: expected an 8-bit grey mask, got {img.dtype} with shape "
                      f"{img.shape}")

@@ -87,12 +87,15 @@ class ShareResult:
 
 def refine_share(batches: Sequence[List[Item]], refiners: Sequence[Refiner],
                  scales: Sequence[float], handle: Callable, *, log: Log = print,
-                 bar=None, keep: Optional[Sequence[float]] = None) -> ShareResult:
+                 bar=None, keep: Optional[Sequence[float]] = None, labels: bool = False,
+                 ignore: Optional[int] = None) -> ShareResult:
   """Refines ``batches`` on a thread per refiner; ``handle(item, loaded, probs)`` runs on that
   thread for every refined item (``probs``: ``{s: [H, W] float32}`` of the scales in ``keep``,
   default all) and may return a JSON-able record (kept in ``records``). A bad input or an XLA
   error fails its item (logged); any other error (an output that cannot be written) stops
-  every thread and is the result's ``error``. ``bar``: a tqdm bar of objects, or None."""
+  every thread and is the result's ``error``. ``bar``: a tqdm bar of objects, or None.
+  ``labels``: items load ``(image, crm_jax.labels.LabelMap, ...)``, refined one image at a time
+  by ``Refiner.refine_labels`` (``probs``: ``{last scale: refined label map}``)."""
   todo: "queue.SimpleQueue[List[Item]]" = queue.SimpleQueue()
   for b in batches:
     todo.put(b)
@@ -115,8 +118,12 @@ def refine_share(batches: Sequence[List[Item]], refiners: Sequence[Refiner],
         bar.update(len(batch))
       return
     try:
-      results = refiner.refine_batch_all_scales([x[0] for _, x in group],
-                                                [x[1] for _, x in group], scales, keep=keep)
+      if labels:
+        results = [{scales[-1]: refiner.refine_labels(x[0], x[1].labels, ignore=ignore,
+                                                      scales=scales)} for _, x in group]
+      else:
+        results = refiner.refine_batch_all_scales([x[0] for _, x in group],
+                                                  [x[1] for _, x in group], scales, keep=keep)
     except (InputError, MemoryError, RuntimeError) as e:
       results = getattr(e, "results", [None] * len(group))  # BatchInputError: the good ones
       bad = getattr(e, "bad", {i: str(e) for i in range(len(group))})

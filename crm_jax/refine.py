@@ -18,6 +18,7 @@ from crm_jax import plans
 from crm_jax.constants import REFLECT_PAD, SCALES
 from crm_jax.geometry import BUCKET_STEPS, bucket_shape
 from crm_jax.io import InputError, as_mask, as_rgb
+from crm_jax.labels import IGNORE, Merge, check_labels, classes_to_refine
 from crm_jax.models.crm import ModelConfig
 from crm_jax.preprocess import mask_to_prob, normalize_image, normalize_seg
 from crm_jax.scales import (SMALL_SIDE, SmallImageWarning, check_min_side, check_scales,
@@ -164,7 +165,11 @@ class Refiner:
     check_scales(scales, mask.shape, pad=self.pad)
     p = self.pad
     return mask, (np.pad(normalize_image(image), ((p, p), (p, p), (0, 0)), mode="reflect"),
-                  np.pad(normalize_seg(mask), ((p, p), (p, p)), mode="reflect"))
+                  self._padded_seg(mask))
+
+  def _padded_seg(self, mask: np.ndarray) -> np.ndarray:
+    p = self.pad
+    return np.pad(normalize_seg(mask), ((p, p), (p, p)), mode="reflect")
 
   def bucket_of(self, size: Tuple[int, int]) -> Tuple[int, int]:
     """The bucket of an image of ``size`` ``(H, W)`` (pairs of one bucket batch together)."""
@@ -294,6 +299,33 @@ class Refiner:
       e.results = [None if r is None else r[last] for r in e.results]
       raise
 
+
+  def refine_labels(self, image: np.ndarray, labels: np.ndarray,
+                    classes: Optional[Sequence[int]] = None, ignore: Optional[int] = IGNORE,
+                    scales: Sequence[float] = SCALES) -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]`` image and ``[H, W]`` label map of class ids -> the refined label
+    map, same shape and dtype. Each class (of ``classes``, or every one present but ``ignore``)
+    is refined as a binary mask, the classes of the image batched together (one bucket), and
+    the last scale's probabilities merged by ``crm_jax.labels.Merge`` (docs/labels.md)."""
+    labels, image = check_labels(labels), as_rgb(image, "image")
+    if image.shape[:2] != labels.shape:
+      raise InputError(f"image is {image.shape[1]}x{image.shape[0]} but labels are "
+                       f"{labels.shape[1]}x{labels.shape[0]} (width x height)")
+    scales = check_scales(scales)
+    chosen, last = classes_to_refine(labels, classes, ignore), scales[-1]
+    merge = Merge(labels, ignore)
+    step = max(self.batch_ladder)
+    image_padded = None
+    for i in range(0, len(chosen), step):
+      group = chosen[i:i + step]
+      masks = [np.where(labels == c, 255, 0).astype(np.uint8) for c in group]
+      if image_padded is None:  # the image normalised once, checked with the first class
+        first = self._prepared(image, masks[0], scales)
+        image_padded = first[1][0]
+      prepared = [(m, (image_padded, self._padded_seg(m))) for m in masks]
+      for c, probs in zip(group, self._refine_prepared(prepared, scales, (last,))):
+        merge.add(c, probs[last])
+    return merge.result()
 
 
 if __name__ == "__main__":  # the command moved to crm_jax.cli
