@@ -1,11 +1,6 @@
-"""A training source of composites cut from real photographs (docs/data.md, "Real photographs").
-
-The photographs are scikit-image's sample images (``skimage/data``, read with OpenCV; ``skimage``
-is never imported). A composite: a silhouette (the gt, anti-aliased), a foreground and a
-background cut from photographs, matched or jittered lighting, optional distractors, a random
-camera. ``HELD_OUT`` photographs never appear in training; they make the evaluation sets of
-``benchmarks/real_photos.py``. All randomness comes from ``np.random.default_rng([seed, ...])``.
-"""
+"""Composites cut from scikit-image's sample photographs (docs/data.md, "Real photographs"): a
+silhouette (the gt), photo foreground and background, distractors, a random camera. ``HELD_OUT``
+photographs only make ``benchmarks/real_photos.py``'s sets. Rngs: ``default_rng([seed, ...])``."""
 
 from __future__ import annotations
 
@@ -18,8 +13,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from crm_jax.data import source_index, synthesis
-from crm_jax.data import synthetic
+from crm_jax.data import source_index, synthesis, synthetic
 
 # name -> (file in skimage/data, licence as scikit-image states it, 'photo' or 'texture').
 PHOTOS = {
@@ -38,8 +32,7 @@ PHOTOS = {
     'grass': ('grass.png', 'CC0 (DeviantArt, linolafett)', 'texture'),
     'gravel': ('gravel.png', 'CC0 (CC0Textures)', 'texture'),
 }
-# The silhouette that scikit-image ships (CC0, Andreas Preuss, openclipart).
-HORSE = ('horse.png', 'CC0 (Andreas Preuss, openclipart)')
+HORSE = ('horse.png', 'CC0 (Andreas Preuss, openclipart)')  # the silhouette scikit-image ships
 HELD_OUT = ('astronaut', 'chelsea')
 TRAIN_PHOTOS = tuple(n for n in PHOTOS if n not in HELD_OUT)
 
@@ -51,16 +44,11 @@ SHAPE_FALLOFF = 2.5
 PHOTO_SCALE_RANGE = (0.5, 2.0)
 MATCH_LIGHTING_PROB = 0.4  # else independent jitter of the foreground
 SAME_PHOTO_PROB = 0.15  # foreground and background from the same photograph
-ALPHA_BLUR_PROB = 0.5
-ALPHA_BLUR_SIGMA = (0.3, 2.0)  # pixels at S
-CAMERA_BLUR_PROB = 0.3
-CAMERA_BLUR_SIGMA = (0.3, 1.5)
-DOWNUP_PROB = 0.3
-DOWNUP_FACTOR = (1.5, 4.0)
-NOISE_PROB = 0.3
-NOISE_SIGMA = (1.0, 6.0)
-JPEG_PROB = 0.6
-JPEG_QUALITY = (30, 95)
+ALPHA_BLUR_PROB, ALPHA_BLUR_SIGMA = 0.5, (0.3, 2.0)  # sigma in pixels at S
+CAMERA_BLUR_PROB, CAMERA_BLUR_SIGMA = 0.3, (0.3, 1.5)
+DOWNUP_PROB, DOWNUP_FACTOR = 0.3, (1.5, 4.0)
+NOISE_PROB, NOISE_SIGMA = 0.3, (1.0, 6.0)
+JPEG_PROB, JPEG_QUALITY = 0.6, (30, 95)
 DISTRACTOR_COUNT = (1, 4)  # per side, [low, high)
 DISTRACTOR_SIDE = (0.1, 0.4)  # of the canvas side
 
@@ -78,14 +66,6 @@ def data_dir() -> str:
   return os.path.join(list(spec.submodule_search_locations)[0], 'data')
 
 
-@functools.lru_cache(maxsize=None)
-def load_photo(name: str) -> np.ndarray:
-  """Photograph ``name`` of ``PHOTOS`` as uint8 ``[H, W, 3]`` RGB (grey ones replicated)."""
-  if name not in PHOTOS:
-    raise KeyError(f'unknown photograph {name!r}; known: {", ".join(PHOTOS)}')
-  return np.ascontiguousarray(_read(PHOTOS[name][0], cv2.IMREAD_COLOR)[..., ::-1])
-
-
 def _read(file: str, flags: int) -> np.ndarray:
   path = os.path.join(data_dir(), file)
   image = cv2.imread(path, flags)
@@ -94,110 +74,88 @@ def _read(file: str, flags: int) -> np.ndarray:
   return image
 
 
+def _binary(fg: np.ndarray) -> np.ndarray:  # bool -> uint8 in {0, 255}
+  return np.where(fg, 255, 0).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def load_photo(name: str) -> np.ndarray:
+  """Photograph ``name`` of ``PHOTOS`` as uint8 ``[H, W, 3]`` RGB (grey ones replicated)."""
+  if name not in PHOTOS:
+    raise KeyError(f'unknown photograph {name!r}; known: {", ".join(PHOTOS)}')
+  return np.ascontiguousarray(_read(PHOTOS[name][0], cv2.IMREAD_COLOR)[..., ::-1])
+
+
 @functools.lru_cache(maxsize=None)
 def is_grey(name: str) -> bool:
   """Whether photograph ``name`` is grey (its three channels equal)."""
-  image = load_photo(name)
-  return bool(np.array_equal(image[..., 0], image[..., 1]) and
-              np.array_equal(image[..., 1], image[..., 2]))
+  return bool((load_photo(name) == load_photo(name)[..., :1]).all())
 
 
 @functools.lru_cache(maxsize=1)
 def load_horse() -> np.ndarray:
   """scikit-image's horse silhouette, uint8 ``[H, W]`` in {0, 255} (the horse is 255)."""
-  return np.where(_read(HORSE[0], cv2.IMREAD_GRAYSCALE) < 128, 255, 0).astype(np.uint8)
-
-
-# -- silhouettes --------------------------------------------------------------------------------
-
-
-def _noise(h: int, w: int, cells: float, rng: np.random.Generator) -> np.ndarray:
-  longer = max(h, w)
-  gh = max(2, int(math.ceil(cells * h / longer)) + 1)
-  gw = max(2, int(math.ceil(cells * w / longer)) + 1)
-  grid = rng.standard_normal((gh, gw)).astype(np.float32)
-  return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC).reshape(h, w)
-
-
-def _threshold_area(field: np.ndarray, area: float) -> np.ndarray:
-  sub = field[::max(1, field.shape[0] // 128), ::max(1, field.shape[1] // 128)]
-  return np.where(field > np.quantile(sub, 1.0 - area), 255, 0).astype(np.uint8)
+  return _binary(_read(HORSE[0], cv2.IMREAD_GRAYSCALE) < 128)
 
 
 def smooth_shape(n: int, rng: np.random.Generator) -> np.ndarray:
-  """uint8 ``[n, n]`` in {0, 255}: thresholded low-frequency noise with a radial falloff."""
+  """uint8 ``[n, n]`` in {0, 255}: the largest blob of smooth noise with a radial falloff."""
   field = np.zeros((n, n), np.float32)
-  for cells, amplitude in SHAPE_OCTAVES:
-    field += amplitude * _noise(n, n, cells, rng)
+  for cells, amplitude in SHAPE_OCTAVES:  # bicubically upsampled Gaussian grids
+    grid = rng.standard_normal((max(2, math.ceil(cells) + 1),) * 2).astype(np.float32)
+    field += amplitude * cv2.resize(grid, (n, n), interpolation=cv2.INTER_CUBIC)
   cy, cx = rng.uniform(0.35, 0.65, 2)
   ax = (np.arange(n, dtype=np.float32) + 0.5) / n
   field -= SHAPE_FALLOFF * ((ax[:, None] - cy) ** 2 + (ax[None, :] - cx) ** 2)
-  mask = _threshold_area(field, rng.uniform(*AREA_RANGE))
-  return _largest_component(mask)
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+  step = max(1, n // 128)
+  mask = _binary(field > np.quantile(field[::step, ::step], 1.0 - rng.uniform(*AREA_RANGE)))
   count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-  if count <= 2:
-    return mask
-  keep = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-  return np.where(labels == keep, 255, 0).astype(np.uint8)
+  return mask if count <= 2 else _binary(labels == 1 + np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
 def thin_and_holes_shape(n: int, rng: np.random.Generator) -> np.ndarray:
-  """A smooth silhouette with thin parts and holes, uint8 ``[n, n]`` in {0, 255}."""
+  """A ``smooth_shape`` with thin limbs (curved strokes) and elliptic holes, uint8 ``[n, n]``."""
   mask = smooth_shape(n, rng)
   ys, xs = np.nonzero(mask[::8, ::8])
   if ys.size == 0:
     return mask
-  unit = n / 512.0
   for _ in range(int(rng.integers(2, 8))):  # limbs and strokes leaving the body
     k = int(rng.integers(ys.size))
     x, y = float(xs[k] * 8), float(ys[k] * 8)
-    angle = rng.uniform(0, 2 * np.pi)
-    length = rng.uniform(0.1, 0.45) * n
-    thickness = max(1, int(round(unit * (rng.uniform(1, 4) if rng.random() < 0.5
-                                         else rng.uniform(6, 25)))))
-    bend = rng.uniform(-0.03, 0.03)
+    angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.45) * n
+    width = rng.uniform(1, 4) if rng.random() < 0.5 else rng.uniform(6, 25)
+    thickness, bend = max(1, int(round(n / 512.0 * width))), rng.uniform(-0.03, 0.03) * 11
     pts = []
     for _ in range(12):  # a curved polyline
       pts.append((x, y))
-      x += math.cos(angle) * length / 11
-      y += math.sin(angle) * length / 11
-      angle += bend * 11
-    cv2.polylines(mask, [np.round(np.array(pts)).astype(np.int32)], False, 255, thickness,
-                  lineType=cv2.LINE_8)
+      x, y = x + math.cos(angle) * length / 11, y + math.sin(angle) * length / 11
+      angle += bend
+    cv2.polylines(mask, [np.round(np.array(pts)).astype(np.int32)], False, 255, thickness)
   for _ in range(int(rng.integers(1, 4))):  # holes inside the body
     k = int(rng.integers(ys.size))
     axes = (max(1, int(rng.uniform(0.02, 0.08) * n)), max(1, int(rng.uniform(0.02, 0.08) * n)))
-    cv2.ellipse(mask, (int(xs[k] * 8), int(ys[k] * 8)), axes, float(rng.uniform(0, 180)), 0, 360,
-                0, thickness=-1)
-  if not mask.any():
-    return smooth_shape(n, rng)
-  return mask
+    cv2.ellipse(mask, (int(xs[k] * 8), int(ys[k] * 8)), axes, rng.uniform(0, 180), 0, 360, 0, -1)
+  return mask if mask.any() else smooth_shape(n, rng)
 
 
 def horse_shape(n: int, rng: np.random.Generator) -> np.ndarray:
-  """scikit-image's horse, randomly scaled, rotated, sheared, flipped and placed."""
+  """scikit-image's horse randomly scaled, rotated, sheared, flipped, placed: uint8 ``[n, n]``."""
   horse = load_horse()
   h, w = horse.shape
   scale = rng.uniform(0.45, 0.95) * n / max(h, w)
-  angle = rng.uniform(-25, 25)
-  m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+  m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-25, 25), scale)
   m[0, 1] += rng.uniform(-0.2, 0.2) * scale  # shear
   if rng.random() < 0.5:
     m[0, :2] *= -1
   centre = np.array([n / 2, n / 2]) + rng.uniform(-0.15, 0.15, 2) * n
   m[:, 2] += centre - m[:, :2] @ np.array([w / 2, h / 2])
-  out = cv2.warpAffine(horse, m, (n, n), flags=cv2.INTER_LINEAR, borderValue=0)
-  return np.where(out > 127, 255, 0).astype(np.uint8)
-
+  return _binary(cv2.warpAffine(horse, m, (n, n), flags=cv2.INTER_LINEAR, borderValue=0) > 127)
 
 SHAPES = {SMOOTH: smooth_shape, THIN_AND_HOLES: thin_and_holes_shape, HORSE_SHAPE: horse_shape}
 
 
 def silhouette(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
-  """uint8 ``[n, n]`` in {0, 255}, never empty nor full."""
+  """A ``SHAPES[kind]`` silhouette, uint8 ``[n, n]`` in {0, 255}, never empty nor full."""
   mask = SHAPES[kind](n, rng)
   if not mask.any():
     cv2.circle(mask, (n // 2, n // 2), max(1, n // 6), 255, -1)
@@ -206,45 +164,31 @@ def silhouette(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
   return mask
 
 
-def _pick_kind(rng: np.random.Generator) -> str:
-  kinds = list(SILHOUETTE_WEIGHTS)
-  p = np.array([SILHOUETTE_WEIGHTS[k] for k in kinds])
-  return kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
-
-
-# -- photograph regions and lighting ------------------------------------------------------------
-
-
 def photo_region(name: str, h: int, w: int, rng: np.random.Generator,
                  scale_range: Tuple[float, float] = PHOTO_SCALE_RANGE) -> np.ndarray:
-  """A random ``h x w`` region of photograph ``name``, float32 RGB: rotated by k * 90 degrees,
-  flipped, scaled by a factor log-uniform in ``scale_range``; grey ones get a random duotone."""
+  """float32 ``[h, w, 3]``: a random region of ``name``, turned, flipped, scaled (grey: duotone)."""
   image = np.rot90(load_photo(name), int(rng.integers(4)))
   if rng.random() < 0.5:
     image = image[:, ::-1]
-  factor = math.exp(rng.uniform(*np.log(scale_range)))
   ph, pw = image.shape[:2]
-  zoom = factor * max(h, w) / min(ph, pw)
+  zoom = math.exp(rng.uniform(*np.log(scale_range))) * max(h, w) / min(ph, pw)
   sh, sw = min(ph, max(1, math.ceil(h / zoom))), min(pw, max(1, math.ceil(w / zoom)))
-  y0 = int(rng.integers(ph - sh + 1))
-  x0 = int(rng.integers(pw - sw + 1))
+  y0, x0 = int(rng.integers(ph - sh + 1)), int(rng.integers(pw - sw + 1))
   cut = np.ascontiguousarray(image[y0:y0 + sh, x0:x0 + sw])
   interp = cv2.INTER_AREA if zoom < 1 else cv2.INTER_CUBIC
-  region = cv2.resize(cut, (w, h), interpolation=interp).reshape(h, w, 3).astype(np.float32)
+  region = cv2.resize(cut, (w, h), interpolation=interp).astype(np.float32)
   if is_grey(name):
     dark, light = rng.uniform(0, 120, 3), rng.uniform(135, 255, 3)
-    t = region[..., :1] / 255.0
-    region = (dark + t * (light - dark)).astype(np.float32)
+    region = (dark + region[..., :1] / 255.0 * (light - dark)).astype(np.float32)
   return region
 
 
 def match_lighting(fg: np.ndarray, bg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """``fg`` with its per-channel mean and spread moved (weight in [0.6, 1]) to ``bg``'s."""
-  weight = rng.uniform(0.6, 1.0)
+  w = rng.uniform(0.6, 1.0)  # weight of the match
   f_mean, f_std = fg.mean(axis=(0, 1)), fg.std(axis=(0, 1)) + 1e-3
   b_mean, b_std = bg.mean(axis=(0, 1)), bg.std(axis=(0, 1)) + 1e-3
-  matched = (fg - f_mean) * (b_std / f_std) + b_mean
-  return (weight * matched + (1 - weight) * fg).astype(np.float32)
+  return (w * ((fg - f_mean) * (b_std / f_std) + b_mean) + (1 - w) * fg).astype(np.float32)
 
 
 def jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -261,99 +205,78 @@ def camera(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """float32 RGB -> uint8 RGB through a random camera: blur, lower resolution, noise, JPEG."""
   h, w = image.shape[:2]
   if rng.random() < CAMERA_BLUR_PROB:
-    image = cv2.GaussianBlur(image, (0, 0), rng.uniform(*CAMERA_BLUR_SIGMA)).reshape(h, w, 3)
+    image = cv2.GaussianBlur(image, (0, 0), rng.uniform(*CAMERA_BLUR_SIGMA))
   if rng.random() < DOWNUP_PROB:
     f = rng.uniform(*DOWNUP_FACTOR)
     small = cv2.resize(image, (max(1, round(w / f)), max(1, round(h / f))),
                        interpolation=cv2.INTER_AREA)
-    image = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, 3)
+    image = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
   if rng.random() < NOISE_PROB:
     image = image + rng.normal(0, rng.uniform(*NOISE_SIGMA), image.shape).astype(np.float32)
   out = np.clip(np.rint(image), 0, 255).astype(np.uint8)
   if rng.random() < JPEG_PROB:
-    quality = int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
-    ok, buf = cv2.imencode('.jpg', out[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    quality = [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))]
+    ok, buf = cv2.imencode('.jpg', out[..., ::-1], quality)
     if ok:
       out = np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
   return out
 
 
-# -- composites ---------------------------------------------------------------------------------
-
-
 def alpha_from_silhouette(mask_2x: np.ndarray, size: int) -> np.ndarray:
-  """Area-downsampled alpha, float32 ``[size, size]`` in [0, 1], of a larger silhouette."""
-  alpha = cv2.resize(mask_2x.astype(np.float32) / 255.0, (size, size),
-                     interpolation=cv2.INTER_AREA)
-  return alpha.reshape(size, size)
+  """A larger uint8 silhouette area-downsampled to alpha, float32 ``[size, size]`` in [0, 1]."""
+  return cv2.resize(mask_2x.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def composite(fg: np.ndarray, bg: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-  """``alpha * fg + (1 - alpha) * bg``, float32."""
-  a = alpha[..., None]
-  return (a * fg + (1.0 - a) * bg).astype(np.float32)
+  """``alpha * fg + (1 - alpha) * bg``: ``[H, W, 3]`` layers, ``[H, W]`` alpha -> float32."""
+  return (alpha[..., None] * fg + (1.0 - alpha[..., None]) * bg).astype(np.float32)
 
 
 def paste_distractors(layer: np.ndarray, centres: np.ndarray, rng: np.random.Generator,
                       photos: Sequence[str]) -> np.ndarray:
-  """``layer`` (float32 RGB ``[S, S, 3]``) with small jittered regions of ``photos``, cut with
-  smooth silhouettes, pasted centred on pixels of ``centres`` (bool ``[S, S]``)."""
+  """float32 ``[S, S, 3]`` ``layer`` plus jittered photo blobs centred on ``centres`` (bool)."""
   ys, xs = np.nonzero(centres)
   if ys.size == 0:
     return layer
-  size = layer.shape[0]
-  layer = layer.copy()
+  size, layer = layer.shape[0], layer.copy()
   for _ in range(int(rng.integers(*DISTRACTOR_COUNT))):
     side = max(4, int(rng.uniform(*DISTRACTOR_SIDE) * size))
     patch = jitter(photo_region(photos[int(rng.integers(len(photos)))], side, side, rng), rng)
     alpha = alpha_from_silhouette(smooth_shape(2 * side, rng), side)
     k = int(rng.integers(ys.size))
     y0, x0 = int(ys[k]) - side // 2, int(xs[k]) - side // 2
-    py0, px0 = max(0, -y0), max(0, -x0)
-    y1, x1 = min(size, y0 + side), min(size, x0 + side)
-    y0, x0 = max(0, y0), max(0, x0)
-    window = (slice(py0, py0 + y1 - y0), slice(px0, px0 + x1 - x0))
-    layer[y0:y1, x0:x1] = composite(patch[window], layer[y0:y1, x0:x1], alpha[window])
+    dst = np.s_[max(0, y0):min(size, y0 + side), max(0, x0):min(size, x0 + side)]
+    src = np.s_[max(0, -y0):min(side, size - y0), max(0, -x0):min(side, size - x0)]
+    layer[dst] = composite(patch[src], layer[dst], alpha[src])
   return layer
 
 
-def make_composite(size: int, rng: np.random.Generator,
-                   photos: Sequence[str] = TRAIN_PHOTOS,
+def make_composite(size: int, rng: np.random.Generator, photos: Sequence[str] = TRAIN_PHOTOS,
                    kind: Optional[str] = None,
                    distractor_prob: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
-  """(image uint8 ``[S, S, 3]``, gt uint8 ``[S, S]`` in {0, 255}) from ``photos`` only; with
-  ``distractor_prob`` each, distractors inside the foreground and on the far background (0 draws
-  nothing more from ``rng``)."""
-  kind = kind or _pick_kind(rng)
-  mask_2x = silhouette(kind, 2 * size, rng)
-  alpha = alpha_from_silhouette(mask_2x, size)
-  gt = np.where(alpha > 0.5, 255, 0).astype(np.uint8)
+  """(image uint8 ``[S, S, 3]``, gt uint8 ``[S, S]`` in {0, 255}) from ``photos``; distractors in
+  the foreground and far background each with ``distractor_prob`` (0 draws nothing for them)."""
+  p = np.array(list(SILHOUETTE_WEIGHTS.values()))
+  kind = kind or str(rng.choice(list(SILHOUETTE_WEIGHTS), p=p / p.sum()))
+  alpha = alpha_from_silhouette(silhouette(kind, 2 * size, rng), size)
+  gt = _binary(alpha > 0.5)
   if not gt.any() or gt.all():  # a shape too thin to survive the downsampling
     cv2.circle(gt, (size // 2, size // 2), max(1, size // 6), 255, -1)
     alpha = gt.astype(np.float32) / 255.0
-  fg_name = photos[int(rng.integers(len(photos)))]
-  bg_name = fg_name
+  fg_name = bg_name = photos[int(rng.integers(len(photos)))]
   if len(photos) > 1 and rng.random() >= SAME_PHOTO_PROB:
     bg_name = photos[int(rng.integers(len(photos) - 1))]
-    if bg_name == fg_name:
-      bg_name = photos[-1]
-  fg = photo_region(fg_name, size, size, rng)
-  bg = photo_region(bg_name, size, size, rng)
-  if rng.random() < MATCH_LIGHTING_PROB:
-    fg = match_lighting(fg, bg, rng)
-  else:
-    fg = jitter(fg, rng)
-  if distractor_prob > 0:
-    if rng.random() < distractor_prob:
-      fg = paste_distractors(fg, gt > 0, rng, photos)
-    if rng.random() < distractor_prob:
-      far = cv2.dilate(gt, cv2.getStructuringElement(
-          cv2.MORPH_ELLIPSE, (2 * (size // 10) + 1,) * 2)) == 0
-      bg = paste_distractors(bg, far, rng, photos)
+    bg_name = photos[-1] if bg_name == fg_name else bg_name
+  fg, bg = photo_region(fg_name, size, size, rng), photo_region(bg_name, size, size, rng)
+  fg = match_lighting(fg, bg, rng) if rng.random() < MATCH_LIGHTING_PROB else jitter(fg, rng)
+  if distractor_prob > 0 and rng.random() < distractor_prob:
+    fg = paste_distractors(fg, gt > 0, rng, photos)
+  if distractor_prob > 0 and rng.random() < distractor_prob:
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * (size // 10) + 1,) * 2)
+    bg = paste_distractors(bg, cv2.dilate(gt, disc) == 0, rng, photos)
   if rng.random() < ALPHA_BLUR_PROB:
-    alpha = cv2.GaussianBlur(alpha, (0, 0), rng.uniform(*ALPHA_BLUR_SIGMA)).reshape(size, size)
-  image = camera(composite(fg, bg, alpha), rng)
-  return image, gt
+    alpha = cv2.GaussianBlur(alpha, (0, 0), rng.uniform(*ALPHA_BLUR_SIGMA))
+  return camera(composite(fg, bg, alpha), rng), gt
 
 
 class RealPhotoSource:
@@ -367,32 +290,25 @@ class RealPhotoSource:
     unknown = [p for p in photos if p not in PHOTOS]
     if unknown or not photos:
       raise ValueError(f'unknown or no photographs: {unknown or photos}')
-    self.num_examples = int(num_examples)
-    self.size = int(size)
-    self.seed = int(seed)
-    self.photos = tuple(photos)
     if not 0.0 <= distractor_prob <= 1.0:
       raise ValueError(f'distractor_prob must be in [0, 1], got {distractor_prob}')
-    self.distractor_prob = float(distractor_prob)
+    self.num_examples, self.size, self.seed = int(num_examples), int(size), int(seed)
+    self.photos, self.distractor_prob = tuple(photos), float(distractor_prob)
     data_dir()  # fails now, with the install command, when scikit-image is missing
 
   def __len__(self) -> int:
     return self.num_examples
 
   def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
-    index = source_index(index, self.num_examples)
-    image, mask = make_composite(self.size, np.random.default_rng([self.seed, index]),
-                                 self.photos, distractor_prob=self.distractor_prob)
+    rng = np.random.default_rng([self.seed, source_index(index, self.num_examples)])
+    image, mask = make_composite(self.size, rng, self.photos, distractor_prob=self.distractor_prob)
     return {'image': image, 'mask': mask}
 
   def __repr__(self) -> str:
     return (f'RealPhotoSource(num_examples={self.num_examples}, size={self.size}, '
-            f'seed={self.seed}, photos={self.photos}, '
-            f'distractor_prob={self.distractor_prob})')
+            f'seed={self.seed}, photos={self.photos}, distractor_prob={self.distractor_prob})')
 
-
-# -- the held-out evaluation sets (benchmarks/real_photos.py) -----------------------------------
-
+# The held-out evaluation sets (benchmarks/real_photos.py).
 HELDOUT_STREAM = 7_919  # a seed stream training never draws
 HELDOUT_KINDS = (SMOOTH, THIN_AND_HOLES, HORSE_SHAPE, SMOOTH, THIN_AND_HOLES, HORSE_SHAPE)
 HELDOUT_BASE = 512  # side at which the held-out composites and their coarse masks are made
@@ -407,67 +323,48 @@ class EvalPair(NamedTuple):
   gt: Optional[np.ndarray]  # uint8 [H, W] in {0, 255}; None for plain photographs
 
 
-def _resize_pair(image: np.ndarray, masks: Sequence[Optional[np.ndarray]], long_side: int):
+def _resize_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
+  """uint8 ``[H, W, 3]`` -> uint8 ``[h, w, 3]`` with ``max(h, w) == long_side``."""
   h, w = image.shape[:2]
   f = long_side / max(h, w)
   size = (max(1, round(w * f)), max(1, round(h * f)))
-  interp = cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC
-  image = np.clip(cv2.resize(image, size, interpolation=interp), 0, 255).astype(np.uint8)
-  out = []
-  for m in masks:
-    if m is None:
-      out.append(None)
-      continue
-    r = cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
-    out.append(np.where(r > 127.5, 255, 0).astype(np.uint8))
-  return image, out
+  return cv2.resize(image, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC)
 
 
 def heldout_composites(long_side: int, count: int = len(HELDOUT_KINDS),
                        seed: int = 0) -> List[EvalPair]:
-  """Composites of the ``HELD_OUT`` photographs (each on the other) made at ``HELDOUT_BASE`` and
-  resized to ``long_side``: the same scenes at every size. Coarse masks: even pairs by the
-  published perturbation, odd ones by the low-resolution segmenter."""
-  pairs = []
+  """``count`` composites of the ``HELD_OUT`` photographs, the same scenes at every ``long_side``;
+  coarse masks: the published perturbation (even k) or the low-resolution segmenter (odd k)."""
+  pairs, base = [], HELDOUT_BASE
   for k in range(count):
     rng = np.random.default_rng([seed, HELDOUT_STREAM, k])
     kind = HELDOUT_KINDS[k % len(HELDOUT_KINDS)]
-    fg_name, bg_name = (HELD_OUT if k % 2 == 0 else HELD_OUT[::-1])
-    n = max(long_side, HELDOUT_SHAPE_SIDE)
-    shape_rng = np.random.default_rng([seed, HELDOUT_STREAM, k, 1])
-    mask_big = silhouette(kind, n, shape_rng)
-    base = HELDOUT_BASE
+    fg_name, bg_name = HELD_OUT if k % 2 == 0 else HELD_OUT[::-1]
+    mask_big = silhouette(kind, max(long_side, HELDOUT_SHAPE_SIDE),
+                          np.random.default_rng([seed, HELDOUT_STREAM, k, 1]))
     alpha = alpha_from_silhouette(mask_big, base)
-    fg = photo_region(fg_name, base, base, rng, (0.8, 1.25))
-    bg = photo_region(bg_name, base, base, rng, (0.8, 1.25))
+    fg, bg = (photo_region(name, base, base, rng, (0.8, 1.25)) for name in (fg_name, bg_name))
     fg = match_lighting(fg, bg, rng) if k % 3 == 0 else jitter(fg, rng)
     image = np.clip(np.rint(composite(fg, bg, alpha)), 0, 255).astype(np.uint8)
-    gt_base = np.where(alpha > 0.5, 255, 0).astype(np.uint8)
-    if k % 2 == 0:
-      coarse = synthesis.synthesize_coarse_mask(gt_base, rng)
-    else:
-      coarse = synthesis.lowres_segmenter_mask(gt_base, rng, HELDOUT_LOWRES_FACTOR)
-    image, (coarse,) = _resize_pair(image, [coarse], long_side)
-    gt = mask_big if n == long_side else np.where(
-        cv2.resize(mask_big, (long_side, long_side), interpolation=cv2.INTER_AREA) > 127, 255,
-        0).astype(np.uint8)
+    gt_base = _binary(alpha > 0.5)
+    coarse = (synthesis.synthesize_coarse_mask(gt_base, rng) if k % 2 == 0 else
+              synthesis.lowres_segmenter_mask(gt_base, rng, HELDOUT_LOWRES_FACTOR))
+    image, side = _resize_long_side(image, long_side), (long_side, long_side)
+    coarse = _binary(cv2.resize(coarse.astype(np.float32), side, interpolation=cv2.INTER_LINEAR)
+                     > 127.5)
+    gt = _binary(cv2.resize(mask_big, side, interpolation=cv2.INTER_AREA) > 127)
     pairs.append(EvalPair(f'{fg_name}_on_{bg_name}_{kind}_{k}', image, coarse, gt))
   return pairs
 
-
 # Outlines around each held-out subject (fractions of width, height): polygon; ellipse, degrees.
 OUTLINES = {
-    'astronaut': {
-        'polygon': ((0.28, 0.05), (0.45, 0.02), (0.60, 0.06), (0.62, 0.30), (0.70, 0.45),
-                    (0.74, 0.66), (0.95, 0.68), (1.0, 0.85), (1.0, 1.0), (0.04, 1.0),
-                    (0.05, 0.65), (0.10, 0.50), (0.22, 0.42), (0.25, 0.30)),
-        'ellipse': ((0.50, 0.62), (0.46, 0.50), 0.0),
-    },
-    'chelsea': {
-        'polygon': ((0.0, 0.0), (0.20, 0.0), (0.50, 0.04), (0.88, 0.0), (0.86, 0.30),
-                    (0.80, 0.55), (0.78, 1.0), (0.0, 1.0)),
-        'ellipse': ((0.42, 0.52), (0.46, 0.62), 0.0),
-    },
+    'astronaut': {'polygon': ((0.28, 0.05), (0.45, 0.02), (0.60, 0.06), (0.62, 0.30), (0.70, 0.45),
+                              (0.74, 0.66), (0.95, 0.68), (1.0, 0.85), (1.0, 1.0), (0.04, 1.0),
+                              (0.05, 0.65), (0.10, 0.50), (0.22, 0.42), (0.25, 0.30)),
+                  'ellipse': ((0.50, 0.62), (0.46, 0.50), 0.0)},
+    'chelsea': {'polygon': ((0.0, 0.0), (0.20, 0.0), (0.50, 0.04), (0.88, 0.0), (0.86, 0.30),
+                            (0.80, 0.55), (0.78, 1.0), (0.0, 1.0)),
+                'ellipse': ((0.42, 0.52), (0.46, 0.62), 0.0)},
 }
 
 
@@ -476,8 +373,7 @@ def outline_mask(name: str, shape: str, height: int, width: int) -> np.ndarray:
   spec = OUTLINES[name][shape]
   mask = np.zeros((height, width), np.uint8)
   if shape == 'polygon':
-    pts = np.array([(x * (width - 1), y * (height - 1)) for x, y in spec])
-    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 255)
+    cv2.fillPoly(mask, [np.round(np.array(spec) * (width - 1, height - 1)).astype(np.int32)], 255)
   else:
     (cx, cy), (ax, ay), angle = spec
     cv2.ellipse(mask, (round(cx * width), round(cy * height)),
@@ -489,28 +385,22 @@ def heldout_photographs(long_side: int) -> List[EvalPair]:
   """Each ``HELD_OUT`` photograph resized to ``long_side``, once per ``OUTLINES`` shape; no gt."""
   pairs = []
   for name in HELD_OUT:
-    photo = load_photo(name)
-    image, _ = _resize_pair(photo, [], long_side)
-    for shape in OUTLINES[name]:
-      coarse = outline_mask(name, shape, *image.shape[:2])
-      pairs.append(EvalPair(f'{name}_{shape}', image, coarse, None))
+    image = _resize_long_side(load_photo(name), long_side)
+    pairs += [EvalPair(f'{name}_{shape}', image, outline_mask(name, shape, *image.shape[:2]),
+                       None) for shape in OUTLINES[name]]
   return pairs
 
-
-# -- measures -----------------------------------------------------------------------------------
-
+# Measures.
 FAR_FRACTION = 0.03  # of the image diagonal
 GREY_THRESHOLD = 128  # grey masks are foreground above this (crm_jax.metrics.binarize)
 
 
 def distance_to_boundary(mask: np.ndarray) -> np.ndarray:
-  """float32 ``[H, W]``: each pixel's distance to the nearest pixel of the other label of a grey
-  mask (foreground ``> GREY_THRESHOLD``); infinite everywhere when it is empty or full."""
+  """Grey ``[H, W]`` mask -> float32 ``[H, W]`` distance to the other label (inf if none)."""
   fg = np.asarray(mask) > GREY_THRESHOLD
   if fg.all() or not fg.any():
     return np.full(fg.shape, np.inf, np.float32)
-  inside = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, 5)
-  outside = cv2.distanceTransform((~fg).astype(np.uint8), cv2.DIST_L2, 5)
+  inside, outside = (cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, 5) for m in (fg, ~fg))
   return np.where(fg, inside, outside).astype(np.float32)
 
 
@@ -524,11 +414,9 @@ class FarFlips(NamedTuple):
 
 def far_flip_share(coarse: np.ndarray, refined: np.ndarray,
                    fraction: float = FAR_FRACTION) -> FarFlips:
-  """The share of the pixels farther than ``fraction`` of the diagonal from the coarse mask's
-  boundary whose label the refinement flips. ``coarse``: grey ``[H, W]``; ``refined``: grey
-  ``[H, W]``, or a floating probability map (foreground ``> 0.5``)."""
-  coarse = np.asarray(coarse)
-  refined = np.asarray(refined)
+  """Flipped shares of the pixels of grey ``[H, W]`` ``coarse`` farther than ``fraction`` of the
+  diagonal from its boundary; ``refined``: grey ``[H, W]`` or float probabilities ``[H, W]``."""
+  coarse, refined = np.asarray(coarse), np.asarray(refined)
   if coarse.shape != refined.shape:
     raise ValueError(f'coarse {coarse.shape} and refined {refined.shape} differ')
   h, w = coarse.shape
@@ -536,32 +424,25 @@ def far_flip_share(coarse: np.ndarray, refined: np.ndarray,
   coarse_fg = coarse > GREY_THRESHOLD
   refined_fg = refined > (0.5 if np.issubdtype(refined.dtype, np.floating) else GREY_THRESHOLD)
   flipped = far & (coarse_fg != refined_fg)
-
-  def share(region):
-    n = int(np.count_nonzero(region))
-    return int(np.count_nonzero(flipped & region)) / n if n else math.nan
-
-  return FarFlips(share(far), share(far & coarse_fg), share(far & ~coarse_fg),
-                  int(np.count_nonzero(far)))
+  counts = [(int(np.count_nonzero(flipped & r)), int(np.count_nonzero(r)))
+            for r in (far, far & coarse_fg, far & ~coarse_fg)]
+  return FarFlips(*(f / n if n else math.nan for f, n in counts), counts[0][1])
 
 
 def make_source(config):
   """The source of ``config.dataset = 'real_photos'`` (with synthetic pairs mixed in)."""
   from crm_jax.data.tfds_builders import MixtureSource  # imports TFDS (seconds): only here
-  get = lambda name, default=None: config[name] if name in config else default  # noqa: E731
-  n = int(get('real_photos_num_examples', 0))
-  size = int(get('real_photos_size', 0))
-  fraction = float(get('real_photos_synthetic_fraction', 0.0))
+  get = lambda name: config[name] if name in config else 0  # noqa: E731
+  n, size = int(get('real_photos_num_examples')), int(get('real_photos_size'))
+  fraction = float(get('real_photos_synthetic_fraction'))
   if n <= 0 or size <= 0 or not 0.0 <= fraction < 1.0:
     raise ValueError(f'real_photos_num_examples ({n}) and real_photos_size ({size}) must be '
                      f'positive and real_photos_synthetic_fraction ({fraction}) in [0, 1)')
-  seed = int(get('seed', 0))
-  n_synthetic = int(round(n * fraction))
-  distractor_prob = float(get('real_photos_distractor_prob', 0.0))
-  sources = {'real_photos': RealPhotoSource(n - n_synthetic, size, seed,
-                                            distractor_prob=distractor_prob)}
+  seed, n_synthetic = int(get('seed')), int(round(n * fraction))
+  sources = {'real_photos': RealPhotoSource(
+      n - n_synthetic, size, seed, distractor_prob=float(get('real_photos_distractor_prob')))}
   if n_synthetic:
-    side = int(get('synthetic_size', 0))
+    side = int(get('synthetic_size'))
     if side <= 0:
       raise ValueError(f'real_photos_synthetic_fraction > 0 needs synthetic_size > 0, got {side}')
     sources['synthetic'] = synthetic.SyntheticSource(n_synthetic, side, side, seed)
