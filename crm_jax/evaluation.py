@@ -20,12 +20,14 @@ from crm_jax import dataset_run, metrics
 from crm_jax.constants import SCALES
 from crm_jax.data.big import folder_objects, list_objects, tfds_objects  # noqa: F401 (public here)
 from crm_jax.io import InputError
-from crm_jax.outputs import check_output_dir, remove_leftovers, write_image
+from crm_jax.labels import IGNORE, LabelMap, read_labels, write_labels
+from crm_jax.outputs import check_output_dir, is_complete_output, remove_leftovers, write_image
 from crm_jax.parallel import Item, Log
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales
 
 METRICS_FILE = "metrics.json"
+LABELS_SUFFIX = "_labels.png"  # label-map layout: <name>_labels.png, the refined label map
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +118,62 @@ def evaluate(data: Optional[str], checkpoint: Optional[str], out_dir: str,
            "refine_seconds": run.refine_seconds, "seconds_per_object": per,
            "object_seconds": run.object_seconds, "hosts": run.hosts}
   return _write_metrics(out_dir, result, run.settings, extra, start, log if main else None)
+
+
+def evaluate_labels(data: str, checkpoint: Optional[str], out_dir: str,
+                    scales: Sequence[float] = SCALES, ignore: Optional[int] = IGNORE,
+                    progress: bool = True, log: Log = print, *, refiner=None,
+                    dtype: str = "float32", overwrite: bool = False, plan: str = "auto",
+                    devices: Optional[int] = None, all_processes: Optional[bool] = None,
+                    min_side: Optional[int] = None, export: Optional[str] = None) -> Dict:
+  """``crm-evaluate --labels``: a BIG-layout folder whose ``_seg``/``_gt`` are label maps,
+  refined (``Refiner.refine_labels``) into ``<name>_labels.png`` (the palette of the seg kept);
+  coarse and refined mIoU and mBA (``metrics.summarize_labels``) in ``metrics.json``, which is
+  returned. Arguments as ``evaluate``; docs/labels.md."""
+  start = time.time()
+  scales = dataset_run.start(out_dir, [data], scales, min_side, 1,
+                             refiner is None if all_processes is None else all_processes)
+  objects, problems = folder_objects(data, labels=True)
+  path = lambda name: os.path.join(out_dir, name + LABELS_SUFFIX)  # noqa: E731
+
+  def write_and_score(item, loaded, refined):
+    _, seg, gt = loaded
+    write_labels(path(item.name), LabelMap(refined[scales[-1]], seg.palette))
+    return metrics.score_labels(gt.labels, seg.labels, refined[scales[-1]], ignore)
+
+  run = dataset_run.run(
+      out_dir, [data], objects, problems, scales, write_and_score,
+      is_complete=lambda item: is_complete_output(path(item.name)),
+      is_output=lambda f: f.endswith(LABELS_SUFFIX) and not f.startswith("."),
+      results_file=METRICS_FILE, refiner=refiner, checkpoint=checkpoint, min_side=min_side,
+      dtype=dtype, plan=plan, devices=devices, overwrite=overwrite, progress=progress, log=log,
+      export=export, keep=scales[-1:], labels={"ignore": ignore})
+  main = jax.process_index() == 0
+  records, skipped = [], list(run.skipped)
+  for item in objects:  # those complete before the run: scored from their files
+    if item.name in run.records:
+      records.append(run.records[item.name])
+    elif item.name in run.complete:
+      try:
+        _, seg, gt = item.load()
+        refined = read_labels(path(item.name)).labels
+        if refined.shape != gt.labels.shape:
+          raise InputError(f"{path(item.name)}: another size than its gt")
+        records.append(metrics.score_labels(gt.labels, seg.labels, refined, ignore))
+      except InputError as e:
+        skipped.append(f"{item.name}: {e}")
+  if not records:
+    raise InputError(f"{data}: nothing could be evaluated ({len(skipped)} object(s) skipped)")
+  result = {**metrics.summarize_labels(records), "num_images": len(records),
+            "skipped": skipped, "model": run.settings, "refined_objects": len(run.refined),
+            "already_complete": len(run.complete), "seconds": time.time() - start,
+            "refine_seconds": run.refine_seconds, "hosts": run.hosts}
+  if main:
+    dataset_run.write_json(os.path.join(out_dir, METRICS_FILE), result)
+    log(metrics.format_label_table(result))
+    log(f"{len(records)} label map(s) evaluated, {len(skipped)} skipped; wrote "
+        f"{os.path.join(out_dir, METRICS_FILE)}")
+  return result
 
 
 def _write_metrics(out_dir: str, result: Dict, settings: Optional[Dict], extra: Dict,

@@ -277,6 +277,57 @@ def evaluate_folder(out_dir: str, scales: Sequence[float] = SCALES,
   return summarize([(n, score_files(out_dir, n, scales, say)) for n in bar], scales)
 
 
+# -- label maps (docs/labels.md) -------------------------------------------------------------
+
+def score_labels(gt: np.ndarray, coarse: np.ndarray, refined: np.ndarray,
+                 ignore: Optional[int] = 255) -> Dict[str, List[float]]:
+  """One image's record ``{class id: [coarse |gt&pred|, |gt|pred|, refined |gt&pred|,
+  |gt|pred|, coarse mBA, refined mBA]}`` for each class of gt (``[H, W]`` class ids); pixels
+  where gt is ``ignore`` count for no class; an mBA is NaN where the class has no boundary."""
+  valid = gt != ignore
+  record = {}
+  for c in np.unique(gt[valid]).tolist():
+    truth, bands, row = gt == c, boundary_bands(gt == c), []
+    for pred in (coarse, refined):
+      row += intersection_union(truth, (pred == c) & valid)
+    record[str(c)] = row + [boundary_accuracy(truth, (p == c) & valid, bands)
+                            for p in (coarse, refined)]
+  return record
+
+
+def summarize_labels(records: Sequence[Dict[str, List[float]]]) -> Dict:
+  """``{"coarse": {"miou", "mba"}, "refined": {...}, "classes": {id: {"coarse_iou", "iou",
+  "coarse_mba", "mba", "images"}}}``: a class's IoU from its pixels summed over the images, its
+  mBA the mean over the images where it has a boundary; mIoU and mBA the means over classes."""
+  sums: Dict[str, list] = {}
+  for record in records:
+    for c, row in record.items():
+      total = sums.setdefault(c, [0, 0, 0, 0, [], [], 0])
+      for i in range(4):
+        total[i] += row[i]
+      for i in (4, 5):
+        if not math.isnan(row[i]):
+          total[i].append(row[i])
+      total[6] += 1
+  mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+  classes = {c: {"coarse_iou": t[0] / t[1] if t[1] else None, "iou": t[2] / t[3] if t[3] else None,
+                 "coarse_mba": mean(t[4]), "mba": mean(t[5]), "images": t[6]}
+             for c, t in sorted(sums.items(), key=lambda kv: int(kv[0]))}
+  over = lambda key: mean([v[key] for v in classes.values() if v[key] is not None])  # noqa: E731
+  return {"coarse": {"miou": over("coarse_iou"), "mba": over("coarse_mba")},
+          "refined": {"miou": over("iou"), "mba": over("mba")}, "classes": classes}
+
+
+def format_label_table(result: Dict) -> str:
+  """Coarse and refined mIoU and mean mBA, and the class count."""
+  old, new = result["coarse"], result["refined"]
+  return "\n".join([f"{'':>8}  {'mIoU':>7}  {'mBA':>7}",
+                     f"{'coarse':>8}  {_fmt(old['miou']):>7}  {_fmt(old['mba']):>7}",
+                     f"{'refined':>8}  {_fmt(new['miou']):>7}  {_fmt(new['mba']):>7}",
+                     f"{'delta':>8}  {_delta(new['miou'], old['miou']):>7}  "
+                     f"{_delta(new['mba'], old['mba']):>7}  ({len(result['classes'])} classes)"])
+
+
 def _wxh(m: np.ndarray) -> str:
   return f"{m.shape[1]}x{m.shape[0]}"
 

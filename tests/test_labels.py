@@ -205,3 +205,51 @@ def test_folder_mode_resumes_after_a_kill_with_identical_bytes(tiny, tmp_path):
     cv2.imwrite(str(masks / f'p{k}.png'), np.full((64 + 8 * k, 88), 255, np.uint8))
   assert _cli('--images', str(tmp_path / 'images'), '--masks', str(masks), '--output', str(out),
               '--checkpoint', tiny) == 2
+
+
+def test_label_scores_by_hand():
+  from crm_jax import metrics
+  gt = np.zeros((40, 40), np.uint8)
+  gt[10:30, 10:30] = 1
+  gt[0, :] = 255  # ignore: counts for no class
+  coarse = gt.copy()
+  coarse[10:30, 10:20] = 0  # half of class 1 lost
+  coarse[0, :] = 1  # predictions on ignore pixels do not count
+  record = metrics.score_labels(gt, coarse, gt)
+  assert record['1'][:4] == [200, 400, 400, 400] and record['0'][:4] == [1160, 1360, 1160, 1160]
+  assert record['1'][5] == 1.0 and record['1'][4] < 1.0
+  result = metrics.summarize_labels([record, metrics.score_labels(gt, gt, gt)])
+  assert result['classes']['1']['coarse_iou'] == 600 / 800 and result['refined']['miou'] == 1.0
+  assert result['coarse']['miou'] == pytest.approx((600 / 800 + 2320 / 2520) / 2)
+  assert result['classes']['1']['images'] == 2
+
+
+def test_crm_evaluate_labels_scores_writes_and_resumes(tiny, refiner, tmp_path, capsys):
+  import json
+  from crm_jax import metrics
+  from crm_jax.cli import evaluate as evaluate_cli
+  data = tmp_path / 'data'
+  data.mkdir()
+  expected = []
+  for k in range(2):
+    image, coarse = scene(64, 80 + 8 * k, seed=20 + k)
+    gt = scene(64, 80 + 8 * k, seed=20 + k)[1] * 0 + coarse  # a gt: coarse with a shape moved
+    gt = np.roll(gt, 2, axis=1)
+    assert cv2.imwrite(str(data / f'o{k}_im.png'), image[:, :, ::-1])
+    labels_lib.write_labels(str(data / f'o{k}_seg.png'), LabelMap(coarse, PALETTE))
+    labels_lib.write_labels(str(data / f'o{k}_gt.png'), LabelMap(gt))
+    expected.append(metrics.score_labels(gt, coarse, refiner.refine_labels(image, coarse,
+                                                                            scales=SCALES)))
+  args = ['--data', str(data), '--labels', '--checkpoint', tiny, '--output',
+          str(tmp_path / 'out'), '--no-progress', '--scales', *map(str, SCALES), '--min-side',
+          '0']
+  assert evaluate_cli.main(args) == 0
+  first = json.load(open(tmp_path / 'out' / 'metrics.json'))
+  want = json.loads(json.dumps(metrics.summarize_labels(expected)))
+  assert {k: first[k] for k in want} == want and first['refined_objects'] == 2
+  assert 'mIoU' in capsys.readouterr().out
+  with Image.open(tmp_path / 'out' / 'o1_labels.png') as img:
+    assert img.mode == 'P'
+  assert evaluate_cli.main(args) == 0  # resumed: scored from the files
+  again = json.load(open(tmp_path / 'out' / 'metrics.json'))
+  assert {k: again[k] for k in want} == want and again['already_complete'] == 2

@@ -12,6 +12,7 @@ import numpy as np
 
 from crm_jax.data import folders
 from crm_jax.io import InputError, encoded_size, file_image_size, read_image, read_mask
+from crm_jax.labels import read_labels
 from crm_jax.outputs import one_line
 from crm_jax.parallel import Item
 
@@ -25,8 +26,13 @@ def _check_sizes(image: np.ndarray, seg: np.ndarray, gt: np.ndarray,
                        f"{w}x{h} (width x height)")
 
 
-def _read_triple(triple: folders.BigTriple):
+def _read_triple(triple: folders.BigTriple, labels: bool = False):
   image = read_image(triple.image)
+  if labels:  # label maps (crm_jax.labels.LabelMap)
+    seg, gt = read_labels(triple.seg), read_labels(triple.gt)
+    _check_sizes(image, seg.labels, gt.labels, (os.path.basename(triple.image), triple.seg,
+                                                triple.gt))
+    return image, seg, gt
   seg = read_mask(triple.seg)
   gt = read_mask(triple.gt)
   _check_sizes(image, seg, gt, (os.path.basename(triple.image), triple.seg, triple.gt))
@@ -68,10 +74,11 @@ def list_objects(data_dir: str) -> Tuple[List[folders.BigTriple], List[str]]:
   return triples, _describe_unmatched(report)
 
 
-def folder_objects(data_dir: str) -> Tuple[List[Item], List[str]]:
-  """``list_objects`` as ``Item`` s (loading checks that the sizes agree)."""
+def folder_objects(data_dir: str, labels: bool = False) -> Tuple[List[Item], List[str]]:
+  """``list_objects`` as ``Item`` s (loading checks that the sizes agree); ``labels``: seg and
+  gt are label maps, loaded as ``crm_jax.labels.LabelMap``."""
   triples, problems = list_objects(data_dir)
-  return [Item(t.name, lambda t=t: _read_triple(t), file_image_size(t.image))
+  return [Item(t.name, lambda t=t: _read_triple(t, labels), file_image_size(t.image))
           for t in triples], problems
 
 
