@@ -20,7 +20,8 @@ TORCHVISION_SKIPPED_PREFIXES = ("layer4.", "fc.")
 
 
 def convert_state_dict(state: Dict[str, np.ndarray]) -> Tuple[ModelConfig, dict, List[str]]:
-  """A CRM state dict -> ``(config, variables, skipped_keys)``, checked."""
+  """A CRM state dict (numpy, PyTorch layout) -> ``(config, variables, skipped_keys)``,
+  checked against the architecture read off it."""
   config = infer_config(state)
   check_keys(state, config)
   variables, skipped = torch_to_flax(state)
@@ -39,13 +40,10 @@ def convert_crm(src: str, out_dir: str, overwrite: bool = False,
     config, variables, skipped = convert_state_dict(state)
   except MappingError as e:
     raise MappingError(f"{src}: {e}") from None
-  layer4 = [k for k in skipped if ".layer4." in "." + k]
-  batches = [k for k in skipped if k.endswith("num_batches_tracked")]
   log(f"read {len(state)} entries from {src}")
-  log(f"skipped {len(layer4)} layer4 entries (never used by CRM) and "
-      f"{len(batches)} num_batches_tracked buffers")
-  ckpt.save_model(out_dir, variables, config,
-                  meta={"source": os.path.abspath(src), "kind": "crm"},
+  log(f"skipped {sum('.layer4.' in '.' + k for k in skipped)} layer4 entries (never used by CRM) "
+      f"and {sum(k.endswith('num_batches_tracked') for k in skipped)} num_batches_tracked buffers")
+  ckpt.save_model(out_dir, variables, config, meta={"source": os.path.abspath(src), "kind": "crm"},
                   overwrite=overwrite)
   log(f"wrote {out_dir}")
   return config, variables
@@ -53,7 +51,8 @@ def convert_crm(src: str, out_dir: str, overwrite: bool = False,
 
 def imagenet_to_variables(state: Dict[str, np.ndarray], seed: int = 0,
                           config: ModelConfig = RESNET50) -> Tuple[dict, List[str]]:
-  """Initial CRM variables from a torchvision ResNet state dict."""
+  """A torchvision ResNet state dict -> ``(variables, skipped_keys)``: CRM's encoder from it
+  (conv1's 4th input channel zero), the rest initialised with ``seed``."""
   state = strip_prefix(state)
   if "conv1.weight" not in state or "layer1.0.conv1.weight" not in state:
     raise MappingError("not a torchvision ResNet state dict (no conv1/layer1 keys)")
@@ -73,10 +72,9 @@ def imagenet_to_variables(state: Dict[str, np.ndarray], seed: int = 0,
     if missing or extra:
       raise MappingError(f"encoder {collection} do not match: missing {missing}, "
                          f"unexpected {extra}")
-    for k in wp:
-      if np.shape(gp[k]) != np.shape(wp[k]):
-        raise MappingError(f"encoder {collection}{k}: shape {np.shape(gp[k])}, "
-                           f"expected {np.shape(wp[k])}")
+    for k in (k for k in wp if np.shape(gp[k]) != np.shape(wp[k])):
+      raise MappingError(f"encoder {collection}{k}: shape {np.shape(gp[k])}, "
+                         f"expected {np.shape(wp[k])}")
     fresh[collection]["encoder"] = got
   return fresh, sorted(skipped)
 
@@ -105,8 +103,7 @@ def export_torch(checkpoint_dir: str, out_path: str, overwrite: bool = False,
   ``num_batches_tracked`` holds the checkpoint's ``meta["step"]`` (else 0)."""
   check_torch_target(out_path, overwrite)  # Before the work.
   config, variables = ckpt.load_model(checkpoint_dir)
-  _, meta = ckpt.read_config(checkpoint_dir)
-  steps = meta.get("step", 0)
+  steps = ckpt.read_config(checkpoint_dir)[1].get("step", 0)
   try:
     state = flax_to_torch(variables, config, num_batches_tracked=steps)
   except MappingError as e:
@@ -131,24 +128,22 @@ def verify_conversion(torch_ckpt_path: str, converted_dir: str, seed: int = 0,
   """Largest ``|logit difference|`` between the PyTorch reference holding the original and the
   converted model, in eval mode on a random ``[1, H, W, 4]``: every pixel centre and 1000 points."""
   reference = _torch_reference()
-  import torch  # optional dependency: PyTorch (crm_jax[torch])
+  torch = reference.torch
   config, variables = ckpt.load_model(converted_dir)
   state = strip_prefix(load_torch_state_dict(torch_ckpt_path))
-  kwargs = reference.config_from_state_dict(state)  # Sizes the unused layer4.
-  kwargs.update(config.architecture())
-  net = reference.TorchCRM(**kwargs).eval()
+  # The state dict sizes the unused layer4; the converted config all the rest.
+  net = reference.TorchCRM(**{**reference.config_from_state_dict(state),
+                              **config.architecture()}).eval()
   try:
     net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
   except RuntimeError as e:
     msg = " ".join(str(e).split())
     raise MappingError(f"{torch_ckpt_path}: does not load into the PyTorch "
                        f"reference ({msg[:300]})") from None
-  rng = np.random.default_rng(seed)
-  h, w = size
+  rng, (h, w) = np.random.default_rng(seed), size
   x = rng.normal(size=(1, h, w, 4)).astype(np.float32)
-  grid = np.asarray(make_coord((h, w))).reshape(1, -1, 2)
-  extra = rng.uniform(-1, 1, size=(1, 1000, 2)).astype(np.float32)
-  coord = np.concatenate([grid, extra], axis=1)
+  coord = np.concatenate([np.asarray(make_coord((h, w))).reshape(1, -1, 2),
+                          rng.uniform(-1, 1, size=(1, 1000, 2)).astype(np.float32)], axis=1)
   cell = np.broadcast_to(np.asarray([2 / h, 2 / w], np.float32), coord.shape).copy()
   with torch.no_grad():
     want = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),

@@ -3,7 +3,7 @@
 
 import os
 import re
-from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -50,75 +50,38 @@ _LEAVES = {
 }
 
 # layer4 (unused by CRM, not in the Flax model) is exported as placeholders, for strict loading.
-LAYER4_STAGE = 4
-LAYER4_BLOCKS = 3
-LAYER4_WIDTH_FACTOR = 2
+LAYER4_STAGE, LAYER4_BLOCKS, LAYER4_WIDTH_FACTOR = 4, 3, 2
 _LAYER4_FILL = {"kernel": 0.0, "scale": 1.0, "bias": 0.0, "mean": 0.0, "var": 1.0}
 
 _FIELD = re.compile(r"\{(2?)([a-z])\}")
+# Per kind: (Flax collection, Flax leaf) -> (PyTorch leaf, axes back to PyTorch).
+_LEAVES_BACK = {kind: {(c, f): (t, axes and tuple(int(i) for i in np.argsort(axes)))
+                       for t, (c, f, axes) in leaves.items()} for kind, leaves in _LEAVES.items()}
+_LEAF_ORDER = [*_LEAVES[BN], BN_COUNTER]  # PyTorch's order of a module's leaves, every kind.
+_TOPS = list(dict.fromkeys(rule[0].split(".")[0] for rule in _MODULES))  # feats, aspp_, imnet
 
 
 class MappingError(ValueError):
   """A state dict that is not a CRM checkpoint or does not fit the model."""
 
 
-def _pattern(template: str) -> "re.Pattern":
-  """A template as a regex; each field an integer written without leading zeros."""
-  pieces, end = [], 0
-  for field in _FIELD.finditer(template):
-    pieces += [re.escape(template[end:field.start()]),
-               f"(?P<{field.group(2)}>0|[1-9][0-9]*)"]
-    end = field.end()
-  return re.compile("".join(pieces) + re.escape(template[end:]))
-
-
-class _Rule(NamedTuple):
-  torch: str
-  flax: str
-  kind: str
-
-  def parse(self, side: str, name: str) -> Optional[Dict[str, int]]:
-    """The fields of ``name`` on ``side`` ("torch" or "flax"), or None if it does not match."""
-    template = getattr(self, side)
-    match = _PATTERNS[self][side].fullmatch(name)
-    if match is None:
-      return None
-    fields = {}
-    for field in _FIELD.finditer(template):
-      value = int(match.group(field.group(2)))
-      if field.group(1):
-        if value % 2:
-          return None
-        value //= 2
-      fields[field.group(2)] = value
-    return fields
-
-  def format(self, side: str, fields: Mapping[str, int]) -> str:
-    return _FIELD.sub(lambda f: str(fields[f.group(2)] * (2 if f.group(1) else 1)),
-                      getattr(self, side))
-
-
-_RULES = tuple(_Rule(*rule) for rule in _MODULES)
-_PATTERNS = {rule: {"torch": _pattern(rule.torch), "flax": _pattern(rule.flax)}
-             for rule in _RULES}
-# Per kind: (Flax collection, Flax leaf) -> (PyTorch leaf, axes back to PyTorch).
-_LEAVES_BACK = {kind: {(c, f): (t, axes and tuple(int(i) for i in np.argsort(axes)))
-                       for t, (c, f, axes) in leaves.items()} for kind, leaves in _LEAVES.items()}
-
-
-def _translate(name: str, side: str) -> Optional[Tuple[_Rule, Dict[str, int], str]]:
-  """``(rule, fields, the other side's name)`` for a module name on ``side``, or None."""
-  other = "flax" if side == "torch" else "torch"
-  for rule in _RULES:
-    fields = rule.parse(side, name)
-    if fields is not None:
-      return rule, fields, rule.format(other, fields)
+def _translate(name: str, side: int) -> Optional[Tuple[str, Dict[str, int], str]]:
+  """``(kind, fields, the other side's name)`` for a module name of PyTorch (side 0) or Flax
+  (side 1), or None. Fields are integers without leading zeros; ``{2l}`` must be even."""
+  for rule in _MODULES:
+    parts = _FIELD.split(rule[side])  # literal, "2" or "", field, literal, ...
+    match = re.fullmatch("(0|[1-9][0-9]*)".join(map(re.escape, parts[::3])), name)
+    if match and not any(two and int(v) % 2 for two, v in zip(parts[1::3], match.groups())):
+      fields = {f: int(v) // int(two or 1)
+                for two, f, v in zip(parts[1::3], parts[2::3], match.groups())}
+      return rule[2], fields, _FIELD.sub(
+          lambda f: str(fields[f.group(2)] * int(f.group(1) or 1)), rule[1 - side])
   return None
 
 
 def torch_key(flax_module: str, leaf: str) -> str:
   """The PyTorch key (no prefix) of a leaf of a Flax module (``"encoder/layer1_0/conv1"``)."""
-  found = _translate(flax_module, "flax")
+  found = _translate(flax_module, 1)
   if found is None:
     raise KeyError(flax_module)
   return f"{found[2]}.{leaf}"
@@ -135,30 +98,26 @@ def is_skipped(key: str) -> bool:
 
 
 def torch_to_flax(state: Mapping[str, np.ndarray]) -> Tuple[dict, List[str]]:
-  """A CRM state dict -> ``(variables, skipped_keys)`` (``layer4``, ``num_batches_tracked``);
-  shapes unchecked; ``MappingError`` on a key of no known module."""
-  state = strip_prefix(state)
+  """A CRM state dict (conv OIHW, linear ``[out, in]``) -> ``(variables, skipped_keys)`` (HWIO,
+  ``[in, out]``; skipped: ``layer4``, ``num_batches_tracked``). Shapes unchecked; ``MappingError``
+  on a key of no known module."""
   variables: dict = {"params": {}, "batch_stats": {}}
   skipped, unknown = [], []
-  for key, value in state.items():
-    if is_skipped(key):
-      skipped.append(key)
-      continue
+  for key, value in strip_prefix(state).items():
     module, _, leaf = key.rpartition(".")
-    found = _translate(module, "torch")
-    if found is None or leaf not in _LEAVES[found[0].kind]:
-      unknown.append(key)
+    found = None if is_skipped(key) else _translate(module, 0)
+    if found is None or leaf not in _LEAVES[found[0]]:
+      (skipped if is_skipped(key) else unknown).append(key)
       continue
-    rule, _, flax_module = found
-    collection, flax_leaf, axes = _LEAVES[rule.kind][leaf]
+    collection, flax_leaf, axes = _LEAVES[found[0]][leaf]
     value = np.asarray(value, dtype=np.float32)
     if axes is not None:
       if value.ndim != len(axes):
-        raise MappingError(f"{key}: expected a {len(axes)}-d {rule.kind} weight, "
+        raise MappingError(f"{key}: expected a {len(axes)}-d {found[0]} weight, "
                            f"got shape {value.shape}")
       value = value.transpose(axes)
     node = variables[collection]
-    for part in flax_module.split("/"):
+    for part in found[2].split("/"):
       node = node.setdefault(part, {})
     node[flax_leaf] = value
   if unknown:
@@ -171,13 +130,11 @@ def _torch_entries(variables) -> Iterator[Tuple[str, str, str, Optional[Tuple[in
   """``(PyTorch module, PyTorch leaf, kind, axes back, leaf)`` per leaf of Flax variables."""
   for path, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
     names = [str(getattr(p, "key", p)) for p in path]
-    collection, module, leaf = names[0], "/".join(names[1:-1]), names[-1]
-    found = _translate(module, "flax")
-    back = found and _LEAVES_BACK[found[0].kind].get((collection, leaf))
+    found = _translate("/".join(names[1:-1]), 1)
+    back = found and _LEAVES_BACK[found[0]].get((names[0], names[-1]))
     if not back:
       raise MappingError(f"{'/'.join(names)}: no PyTorch name for this variable")
-    torch_leaf, axes = back
-    yield found[2], torch_leaf, found[0].kind, axes, value
+    yield found[2], back[0], found[0], back[1], value
 
 
 def _layer4_variables(config: ModelConfig) -> dict:
@@ -188,8 +145,7 @@ def _layer4_variables(config: ModelConfig) -> dict:
   for i in range(LAYER4_BLOCKS):
     block = Bottleneck(width, expansion=config.expansion, downsample=(i == 0))
     x = jax.ShapeDtypeStruct((1, 8, 8, in_ch), jnp.float32)
-    shapes = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)
-    for collection, tree in shapes.items():
+    for collection, tree in jax.eval_shape(block.init, jax.random.PRNGKey(0), x).items():
       out.setdefault(collection, {}).setdefault("encoder", {})[f"layer{LAYER4_STAGE}_{i}"] = (
           jax.tree_util.tree_map_with_path(
               lambda p, s: np.full(s.shape, _LAYER4_FILL[p[-1].key], np.float32), tree))
@@ -199,7 +155,8 @@ def _layer4_variables(config: ModelConfig) -> dict:
 
 def flax_to_torch(variables, config: ModelConfig,
                   num_batches_tracked: int = 0) -> Dict[str, np.ndarray]:
-  """Flax variables -> the published layout's state dict (docs/model.md, "Exporting to PyTorch")."""
+  """Flax variables (HWIO) -> the published layout's state dict (OIHW, ``module.``-prefixed, with
+  layer4 placeholders; docs/model.md, "Exporting to PyTorch")."""
   count = num_batches_tracked
   if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
     raise MappingError(f"num_batches_tracked must be a non-negative integer, "
@@ -208,26 +165,25 @@ def flax_to_torch(variables, config: ModelConfig,
     ckpt.check_tree(variables, config, "variables")
   except ckpt.CheckpointError as e:
     raise MappingError(str(e)) from None
-  entries = {}  # (PyTorch module, leaf) -> (the leaf's rank within its module, array)
+  state = {}
   for tree in (variables, _layer4_variables(config)):
     for module, leaf, kind, axes, value in _torch_entries(tree):
       value = np.asarray(value, dtype=np.float32)
-      entries[(module, leaf)] = (list(_LEAVES[kind]).index(leaf), np.ascontiguousarray(
-          value if axes is None else value.transpose(axes)))
+      state[f"{module}.{leaf}"] = np.ascontiguousarray(
+          value if axes is None else value.transpose(axes))
       if kind == BN:
-        entries[(module, BN_COUNTER)] = (len(_LEAVES[BN]), np.array(count, dtype=np.int64))
-  tops = list(dict.fromkeys(rule.torch.split(".")[0] for rule in _RULES))  # feats, aspp_, imnet
+        state[f"{module}.{BN_COUNTER}"] = np.array(count, dtype=np.int64)
 
   def rank(key):  # Top module, then modules in natural order, then leaves in PyTorch's.
-    natural = tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key[0]))
-    return tops.index(key[0].split(".")[0]), natural, entries[key][0]
+    module, _, leaf = key.rpartition(".")
+    natural = tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", module))
+    return _TOPS.index(module.split(".")[0]), natural, _LEAF_ORDER.index(leaf)
 
-  return {f"{PREFIX}{module}.{leaf}": entries[(module, leaf)][1]
-          for module, leaf in sorted(entries, key=rank)}
+  return {PREFIX + key: state[key] for key in sorted(state, key=rank)}
 
 
 def infer_config(state: Mapping[str, np.ndarray]) -> ModelConfig:
-  """Reads the architecture off a CRM state dict's shapes."""
+  """Reads the architecture off a CRM state dict's shapes (``module.`` prefix or not)."""
   state = strip_prefix(state)
 
   def shape(flax_module, leaf="weight"):
@@ -240,15 +196,12 @@ def infer_config(state: Mapping[str, np.ndarray]) -> ModelConfig:
   if len(conv1) != 4 or conv1[1] != 4 or conv1[2:] != (7, 7):
     raise MappingError(f"{torch_key('encoder/conv1', 'weight')} has shape {conv1}; "
                        "CRM needs [C, 4, 7, 7]")
-  blocks: Dict[int, set] = {}
-  for key in state:
-    found = _translate(key.rpartition(".")[0], "torch")
-    if found and {"s", "b"} <= set(found[1]):
-      blocks.setdefault(found[1]["s"], set()).add(found[1]["b"])
+  found = [_translate(key.rpartition(".")[0], 0) for key in state]
+  blocks = [f[1] for f in found if f and "b" in f[1]]  # Fields {s, b} of the blocks' modules.
   sizes, widths = [], []
   for stage in range(1, USED_STAGES + 1):
     widths.append(shape(f"encoder/layer{stage}_0/conv1")[0])  # Raises if the stage is missing.
-    sizes.append(max(blocks[stage]) + 1)
+    sizes.append(1 + max(f["b"] for f in blocks if f["s"] == stage))
   expansion = shape("encoder/layer1_0/conv3")[0] // widths[0]
   fusion = tuple(shape(f"fusion/{branch}/conv")[0] for _, branch in _FUSION_BRANCHES)
   feature_dim = shape("fusion/last_conv")[0]
@@ -258,18 +211,15 @@ def infer_config(state: Mapping[str, np.ndarray]) -> ModelConfig:
   if hidden[-1] != 1:
     last = torch_key(f"implicit_decoder/layers_{len(hidden) - 1}", "weight")
     raise MappingError(f"{last} has {hidden[-1]} outputs; CRM's last layer has one")
-  return ModelConfig(stem_width=conv1[0], stage_sizes=tuple(sizes),
-                     stage_widths=tuple(widths), expansion=expansion,
-                     fusion_widths=fusion, feature_dim=feature_dim,
-                     decoder_hidden=tuple(hidden[:-1]))
+  return ModelConfig(stem_width=conv1[0], stage_sizes=tuple(sizes), stage_widths=tuple(widths),
+                     expansion=expansion, fusion_widths=fusion,
+                     feature_dim=feature_dim, decoder_hidden=tuple(hidden[:-1]))
 
 
 def expected_keys(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
   """The keys CRM uses and their PyTorch shapes (no prefix, ``layer4``, ``num_batches_tracked``)."""
-  keys = {}
-  for module, leaf, _, axes, value in _torch_entries(ckpt.abstract_variables(config)):
-    keys[f"{module}.{leaf}"] = tuple(value.shape[i] for i in axes) if axes else value.shape
-  return keys
+  return {f"{module}.{leaf}": tuple(value.shape[i] for i in axes) if axes else value.shape
+          for module, leaf, _, axes, value in _torch_entries(ckpt.abstract_variables(config))}
 
 
 def check_keys(state: Mapping[str, np.ndarray], config: ModelConfig) -> None:
@@ -308,7 +258,8 @@ def torch_load_reason(e: BaseException) -> str:
 
 
 def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """A ``.pth`` file's state dict (plain or under ``state_dict``/``model``/``net``) as numpy."""
+  """A ``.pth`` file's state dict (plain or under ``state_dict``/``model``/``net``/
+  ``model_state_dict``) as numpy arrays, PyTorch layout."""
   try:
     import torch  # Only needed here.
   except ImportError:
@@ -326,10 +277,8 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
                          "read, as the published checkpoint is") from None
     raise MappingError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
   if isinstance(obj, Mapping):
-    for wrapper in ("state_dict", "model", "net", "model_state_dict"):
-      if wrapper in obj and isinstance(obj[wrapper], Mapping):
-        obj = obj[wrapper]
-        break
+    obj = next((obj[w] for w in ("state_dict", "model", "net", "model_state_dict")
+                if w in obj and isinstance(obj[w], Mapping)), obj)
   if not isinstance(obj, Mapping) or not obj or not all(
       hasattr(v, "numpy") for v in obj.values()):
     raise MappingError(f"{path}: does not hold a state dict of tensors")

@@ -1,10 +1,10 @@
-"""An independent PyTorch CRM (float32, or float64 after ``.double()``): the yardstick of
-``crm-convert --verify`` and the parity tests, written from docs/ and importing nothing else of
-crm_jax. Published key names (``feats`` with ``layer4``, ``aspp_``, ``imnet``); F queried with
-``F.grid_sample(mode='nearest')``. NCHW; coordinates ``(y, x)``."""
+"""An independent PyTorch CRM (float32, or float64 after ``.double()``), the yardstick of
+``crm-convert --verify`` and the parity tests; written from docs/, importing nothing of crm_jax.
+Published key names (``feats``, ``aspp_``, ``imnet``). NCHW; coordinates ``(y, x)``."""
 
 import math
 import re
+from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -19,135 +19,86 @@ except ImportError:
 import torch.nn as nn
 import torch.nn.functional as F
 
-# docs/model.md, inputs.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-# docs/refinement.md.
-PAD = 32
-SCALES = (0.125, 0.25, 0.5, 1.0)
-CHUNK = 802816
-
-
-def _bn(channels: int) -> nn.BatchNorm2d:
-  return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # docs/model.md, inputs.
+PAD, SCALES, CHUNK = 32, (0.125, 0.25, 0.5, 1.0), 802816  # docs/refinement.md.
 
 
 class Bottleneck(nn.Module):
   """``conv1`` 1x1, ``conv2`` 3x3 (stride, dilation), ``conv3`` 1x1, optional ``downsample``."""
 
-  def __init__(self, in_ch: int, width: int, expansion: int, stride: int,
-               dilation: int, downsample: bool):
+  def __init__(self, in_ch, width, expansion, stride, dilation, downsample):
     super().__init__()
     out_ch = width * expansion
-    self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
-    self.bn1 = _bn(width)
-    self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=dilation,
-                           dilation=dilation, bias=False)
-    self.bn2 = _bn(width)
-    self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
-    self.bn3 = _bn(out_ch)
+    self.conv1, self.bn1 = nn.Conv2d(in_ch, width, 1, bias=False), nn.BatchNorm2d(width)
+    self.conv2 = nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation, bias=False)
+    self.bn2 = nn.BatchNorm2d(width)
+    self.conv3, self.bn3 = nn.Conv2d(width, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)
     self.relu = nn.ReLU()
     self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
-                                    _bn(out_ch)) if downsample else None
+                                    nn.BatchNorm2d(out_ch)) if downsample else None
 
   def forward(self, x):
-    y = self.relu(self.bn1(self.conv1(x)))
-    y = self.relu(self.bn2(self.conv2(y)))
-    y = self.bn3(self.conv3(y))
+    y = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
     shortcut = x if self.downsample is None else self.downsample(x)
-    return self.relu(y + shortcut)
+    return self.relu(self.bn3(self.conv3(y)) + shortcut)
 
 
 class ResNetFeatures(nn.Module):
-  """``feats``: returns (x1, x2, x3) and computes ``layer4`` (unused)."""
+  """``feats``: ``[B, 4, H, W]`` -> (x1, x2, x3); also runs ``layer4`` (result unused)."""
 
   def __init__(self, stem_width, stage_sizes, stage_widths, expansion,
                layer4_blocks, layer4_width):
     super().__init__()
     self.conv1 = nn.Conv2d(4, stem_width, 7, stride=2, padding=3, bias=False)
-    self.bn1 = _bn(stem_width)
-    self.relu = nn.ReLU()
+    self.bn1, self.relu = nn.BatchNorm2d(stem_width), nn.ReLU()
     self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
     in_ch = stem_width
-    # (stride, dilation of block 0, dilation of the later blocks) per layer; layer4 if any.
-    plan = [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 1, 4)][:3 + bool(layer4_blocks)]
-    sizes, widths = [*stage_sizes, layer4_blocks], [*stage_widths, layer4_width]
-    for n, ((stride, d0, d), size, width) in enumerate(zip(plan, sizes, widths)):
-      blocks = []
-      for i in range(size):
-        blocks.append(Bottleneck(in_ch, width, expansion, stride if i == 0 else 1,
-                                 d0 if i == 0 else d, downsample=(i == 0)))
+    # Per layer: the first block's stride (its dilation is 1), the later blocks' dilation.
+    plan = zip((1, 2, 1, 1), (1, 1, 2, 4), [*stage_sizes, layer4_blocks],
+               [*stage_widths, layer4_width])
+    for n, (stride, d, size, width) in enumerate(plan):
+      if size:
+        blocks = [Bottleneck(in_ch, width, expansion, stride, 1, True)]
         in_ch = width * expansion
-      setattr(self, f"layer{n + 1}", nn.Sequential(*blocks))
-    self.has_layer4 = bool(layer4_blocks)
+        blocks += [Bottleneck(in_ch, width, expansion, 1, d, False) for _ in range(size - 1)]
+        setattr(self, f"layer{n + 1}", nn.Sequential(*blocks))
 
   def forward(self, x):
     x1 = self.relu(self.bn1(self.conv1(x)))
     x2 = self.layer1(self.maxpool(x1))
     x3 = self.layer3(self.layer2(x2))
-    if self.has_layer4:
-      self.layer4(x3)  # Computed as published; the result is never used.
+    if hasattr(self, "layer4"):
+      self.layer4(x3)  # Computed as published (its BatchNorm statistics train); never used.
     return x1, x2, x3
 
 
-class _ConvBN(nn.Module):
-  """``atrous_conv`` (1x1) + ``bn`` + ReLU, one ASPP_no4level branch."""
-
-  def __init__(self, in_ch: int, out_ch: int):
-    super().__init__()
-    self.atrous_conv = nn.Conv2d(in_ch, out_ch, 1, bias=False)
-    self.bn = _bn(out_ch)
-
-  def forward(self, x):
-    return F.relu(self.bn(self.atrous_conv(x)))
-
-
 class Fusion(nn.Module):
-  """``aspp_`` (ASPP_no4level): three branches resized to x1, then last_conv."""
+  """``aspp_`` (ASPP_no4level): branches on x1, x2, x3 resized to x1, then ``last_conv``."""
 
   NAMES = ("128", "256", "1024")
 
-  def __init__(self, in_widths: Sequence[int], widths: Sequence[int],
-               feature_dim: int, dropout_rate: float = 0.5):
+  def __init__(self, in_widths, widths, feature_dim, dropout_rate=0.5):
     super().__init__()
     for n, in_ch, width in zip(self.NAMES, in_widths, widths):
-      setattr(self, f"aspp1_{n}", _ConvBN(in_ch, width))
-      setattr(self, f"bn1_{n}", _bn(width))
+      setattr(self, f"aspp1_{n}", nn.Sequential(OrderedDict(
+          atrous_conv=nn.Conv2d(in_ch, width, 1, bias=False), bn=nn.BatchNorm2d(width))))
+      setattr(self, f"bn1_{n}", nn.BatchNorm2d(width))
     self.dropout = nn.Dropout(dropout_rate)
     self.last_conv = nn.Sequential(
         nn.Conv2d(sum(widths), feature_dim, 3, padding=1, bias=False),
-        _bn(feature_dim), nn.ReLU(), nn.Dropout(dropout_rate))
+        nn.BatchNorm2d(feature_dim), nn.ReLU(), nn.Dropout(dropout_rate))
 
   def forward(self, x1, x2, x3):
-    a, b, c = (self.dropout(F.relu(getattr(self, f"bn1_{n}")(getattr(self, f"aspp1_{n}")(x))))
-               for n, x in zip(self.NAMES, (x1, x2, x3)))
+    a, b, c = (self.dropout(F.relu(getattr(self, f"bn1_{n}")(
+        F.relu(getattr(self, f"aspp1_{n}")(x))))) for n, x in zip(self.NAMES, (x1, x2, x3)))
     b, c = (F.interpolate(t, size=a.shape[-2:], mode="bilinear", align_corners=True)
             for t in (b, c))
     return self.last_conv(torch.cat([a, b, c], dim=1))
 
 
-class MLP(nn.Module):
-  """``imnet``: Linear/ReLU stack in a Sequential named ``layers``."""
-
-  def __init__(self, in_dim: int, hidden: Sequence[int]):
-    super().__init__()
-    mods, d = [], in_dim
-    for hdim in hidden:
-      mods += [nn.Linear(d, hdim), nn.ReLU()]
-      d = hdim
-    mods.append(nn.Linear(d, 1))
-    self.layers = nn.Sequential(*mods)
-
-  def forward(self, x):
-    return self.layers(x)
-
-
 def make_coord(shape: Sequence[int], flatten: bool = True) -> torch.Tensor:
   """Pixel centres ``-1 + 1/n + 2i/n``: ``[n0*n1, 2]`` (flatten) or ``[n0, n1, 2]``, ``(y, x)``."""
-  seqs = []
-  for n in shape:
-    r = 1.0 / n
-    seqs.append(-1 + r + (2 * r) * torch.arange(n).float())
+  seqs = [-1 + 1.0 / n + (2 * (1.0 / n)) * torch.arange(n).float() for n in shape]
   grid = torch.stack(torch.meshgrid(*seqs, indexing="ij"), dim=-1)
   return grid.reshape(-1, 2) if flatten else grid
 
@@ -156,7 +107,7 @@ SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))  # (vy, vx), first sign outer.
 
 
 class TorchCRM(nn.Module):
-  """CRM with the published module names; arguments as ``ModelConfig``'s, and the unused
+  """CRM with the published module names; arguments as ``ModelConfig``'s, plus the unused
   ``layer4``'s size (0 blocks: none; width default ``2 * stage_widths[-1]``)."""
 
   def __init__(self, stem_width=64, stage_sizes=(3, 4, 6), stage_widths=(64, 128, 256),
@@ -164,13 +115,14 @@ class TorchCRM(nn.Module):
                decoder_hidden=(32, 32, 32, 32), dropout_rate=0.5, layer4_blocks=3,
                layer4_width: Optional[int] = None):
     super().__init__()
-    layer4_width = 2 * stage_widths[-1] if layer4_width is None else layer4_width
-    self.feature_dim = feature_dim
-    self.feats = ResNetFeatures(stem_width, stage_sizes, stage_widths, expansion,
-                                layer4_blocks, layer4_width)
+    self.feats = ResNetFeatures(stem_width, stage_sizes, stage_widths, expansion, layer4_blocks,
+                                2 * stage_widths[-1] if layer4_width is None else layer4_width)
     in_widths = (stem_width, stage_widths[0] * expansion, stage_widths[2] * expansion)
     self.aspp_ = Fusion(in_widths, fusion_widths, feature_dim, dropout_rate)
-    self.imnet = MLP(feature_dim + 6, decoder_hidden)
+    dims = [feature_dim + 6, *decoder_hidden]  # imnet.layers: Linear/ReLU pairs, Linear to 1.
+    layers = [m for i, o in zip(dims, dims[1:]) for m in (nn.Linear(i, o), nn.ReLU())]
+    self.imnet = nn.Sequential(OrderedDict(layers=nn.Sequential(*layers,
+                                                                nn.Linear(dims[-1], 1))))
 
   def features(self, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``[B, 4, H, W]`` -> F ``[B, feature_dim, h, w]``."""
@@ -183,13 +135,10 @@ class TorchCRM(nn.Module):
     b, _, h, w = feat.shape
     feat_coord = make_coord((h, w), flatten=False).permute(2, 0, 1)[None]
     feat_coord = feat_coord.expand(b, 2, h, w).to(feat.device, feat.dtype)
-    iy, ix = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(),
-                            indexing="ij")
-    index_grid = torch.stack([iy, ix])[None].expand(b, 2, h, w).to(feat.device, feat.dtype)
-    ry, rx = 2 / h / 2, 2 / w / 2
-    rel_cell = cell.clone()
-    rel_cell[:, :, 0] *= h
-    rel_cell[:, :, 1] *= w
+    index_grid = torch.stack(torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(),
+                                            indexing="ij"))[None]
+    index_grid = index_grid.expand(b, 2, h, w).to(feat.device, feat.dtype)
+    rel_cell = cell * cell.new_tensor([h, w])
 
     def sample(src, grid):  # grid_sample wants (x, y); returns [B, Q, C].
       out = F.grid_sample(src, grid.flip(-1).unsqueeze(1), mode="nearest",
@@ -198,58 +147,43 @@ class TorchCRM(nn.Module):
 
     preds, areas, indices = [], [], []
     for vy, vx in SHIFTS:
-      c = coord.clone()
-      c[:, :, 0] += vy * ry + 1e-6
-      c[:, :, 1] += vx * rx + 1e-6
+      c = coord + coord.new_tensor([vy * (1 / h) + 1e-6, vx * (1 / w) + 1e-6])
       c.clamp_(-1 + 1e-6, 1 - 1e-6)
-      q_feat = sample(feat, c)
-      q_coord = sample(feat_coord, c)
-      rel = coord - q_coord
-      rel[:, :, 0] *= h
-      rel[:, :, 1] *= w
-      inp = torch.cat([q_feat, rel, coord, rel_cell], dim=-1)
-      preds.append(self.imnet(inp)[..., 0])
+      rel = (coord - sample(feat_coord, c)) * coord.new_tensor([h, w])
+      preds.append(self.imnet(torch.cat([sample(feat, c), rel, coord, rel_cell], dim=-1))[..., 0])
       areas.append(torch.abs(rel[:, :, 0] * rel[:, :, 1]) + 1e-9)
       if return_indices:
         indices.append(sample(index_grid, c).round().long())
     total = torch.stack(areas).sum(dim=0)
-    out = 0
-    for k in range(4):
-      out = out + preds[k] * (areas[3 - k] / total)
-    if return_indices:
-      return out, torch.stack(indices, dim=2)
-    return out
+    out = sum(p * (a / total) for p, a in zip(preds, areas[::-1]))
+    return (out, torch.stack(indices, dim=2)) if return_indices else out
 
   def forward(self, x, coord, cell):
     return self.query(self.features(x), coord, cell)
 
 
-# Helpers for tests: configs, random weights, DataParallel-style saving.
-
 def config_from_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, object]:
-  """``TorchCRM`` keyword arguments read off a state dict's shapes."""
-  state = {k[len("module."):] if k.startswith("module.") else k: v
-           for k, v in state.items()}
+  """``TorchCRM`` keyword arguments read off a state dict's shapes (``module.`` prefix or not)."""
+  state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
   def blocks(n):
-    return 1 + max([int(m.group(1)) for k in state
-                    for m in [re.match(rf"feats\.layer{n}\.(\d+)\.", k)] if m],
-                   default=-1)
+    return 1 + max([int(m.group(1)) for m in map(
+        re.compile(rf"feats\.layer{n}\.(\d+)\.").match, state) if m], default=-1)
 
-  widths = [state[f"feats.layer{n}.0.conv1.weight"].shape[0] for n in (1, 2, 3)]
-  hidden, i = [], 0
-  while f"imnet.layers.{i}.weight" in state:
-    hidden.append(state[f"imnet.layers.{i}.weight"].shape[0])
-    i += 2
+  def out(key):
+    return state[key].shape[0]
+
+  widths = [out(f"feats.layer{n}.0.conv1.weight") for n in (1, 2, 3)]
+  hidden = []
+  while f"imnet.layers.{2 * len(hidden)}.weight" in state:
+    hidden.append(out(f"imnet.layers.{2 * len(hidden)}.weight"))
   l4 = blocks(4)
   return dict(
-      stem_width=state["feats.conv1.weight"].shape[0],
-      stage_sizes=tuple(blocks(n) for n in (1, 2, 3)), stage_widths=tuple(widths),
-      expansion=state["feats.layer1.0.conv3.weight"].shape[0] // widths[0],
-      fusion_widths=tuple(state[f"aspp_.aspp1_{n}.atrous_conv.weight"].shape[0]
-                          for n in (128, 256, 1024)),
-      feature_dim=state["aspp_.last_conv.0.weight"].shape[0], decoder_hidden=tuple(hidden[:-1]),
-      layer4_blocks=l4, layer4_width=state["feats.layer4.0.conv1.weight"].shape[0] if l4 else None)
+      stem_width=out("feats.conv1.weight"), stage_sizes=tuple(blocks(n) for n in (1, 2, 3)),
+      stage_widths=tuple(widths), expansion=out("feats.layer1.0.conv3.weight") // widths[0],
+      fusion_widths=tuple(out(f"aspp_.aspp1_{n}.atrous_conv.weight") for n in Fusion.NAMES),
+      feature_dim=out("aspp_.last_conv.0.weight"), decoder_hidden=tuple(hidden[:-1]),
+      layer4_blocks=l4, layer4_width=out("feats.layer4.0.conv1.weight") if l4 else None)
 
 
 @torch.no_grad()
@@ -289,39 +223,36 @@ def save_like_dataparallel(model: nn.Module, path: str) -> Dict[str, torch.Tenso
 # The multi-scale test loop (docs/refinement.md).
 
 def prepare_inputs(image: np.ndarray, mask: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-  """Normalised, reflect-padded ``[1, 3, H, W]`` image and ``[1, 1, H, W]`` seg."""
+  """RGB uint8 ``[H, W, 3]``, grey uint8 ``[H, W]`` -> normalised, reflect-padded image
+  ``[1, 3, H', W']`` and seg ``[1, 1, H', W']`` in [-1, 1]."""
   img = torch.from_numpy(np.ascontiguousarray(image)).float().permute(2, 0, 1) / 255
   img = (img - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
-  seg = torch.from_numpy(np.ascontiguousarray(mask)).float()[None] / 255
-  seg = (seg - 0.5) / 0.5
+  seg = (torch.from_numpy(np.ascontiguousarray(mask)).float()[None] / 255 - 0.5) / 0.5
   return tuple(F.pad(t[None], (PAD, PAD, PAD, PAD), mode="reflect") for t in (img, seg))
 
 
 def grid_queries(big_h: int, big_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
   """Every pixel centre of ``(H, W)``: coord and cell ``[1, H*W, 2]``."""
-  coord = make_coord((big_h, big_w))[None]
-  cell = torch.ones_like(coord)
-  cell[:, :, 0] *= 2 / big_h
-  cell[:, :, 1] *= 2 / big_w
-  return coord, cell
+  return make_coord((big_h, big_w))[None], torch.tensor([2 / big_h, 2 / big_w]).repeat(
+      1, big_h * big_w, 1)
 
 
 @torch.no_grad()
 def refine_reference(model: TorchCRM, image: np.ndarray, mask: np.ndarray,
                      scales: Sequence[float] = SCALES,
                      chunk: int = CHUNK) -> Dict[float, np.ndarray]:
-  """The published multi-scale loop on RGB uint8 ``[H, W, 3]`` and grey uint8 ``[H, W]``:
-  ``{s: prob [H, W] float32}`` after each scale."""
+  """The published multi-scale loop on RGB uint8 ``[H, W, 3]`` and grey uint8 ``[H, W]``, on the
+  model's device: ``{s: prob [H, W] float32}`` after each scale."""
   model.eval()
-  device = next(model.parameters()).device  # The model's device (a GPU for benchmarks).
+  device = next(model.parameters()).device
   img, seg = (t.to(device) for t in prepare_inputs(image, mask))
   big_h, big_w = img.shape[-2:]
   coord, cell = (t.to(device) for t in grid_queries(big_h, big_w))
   out = {}
   for s in scales:
     size = (round(big_h * s), round(big_w * s))
-    im_s = F.interpolate(img, size=size, mode="bilinear", align_corners=True)
-    seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+    im_s, seg_s = (F.interpolate(t, size=size, mode="bilinear", align_corners=True)
+                   for t in (img, seg))
     if torch.sum(seg_s + 1) < 2:
       prob = torch.zeros(big_h * big_w, device=device)
     else:
@@ -335,15 +266,13 @@ def refine_reference(model: TorchCRM, image: np.ndarray, mask: np.ndarray,
   return out
 
 
-# The training loss (docs/training.md).
+# The training loss and step (docs/training.md).
 
 def sobel(x: torch.Tensor) -> torch.Tensor:
   """Smoothed Sobel magnitude of ``x`` ``[B, 1, H, W]``, same shape."""
   x = F.avg_pool2d(x, 3, stride=1, padding=1)  # Padding counted (default).
   kx = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]], dtype=x.dtype) / 4
-  ky = torch.tensor([[1., 2., 1.], [0., 0., 0.], [-1., -2., -1.]], dtype=x.dtype) / 4
-  gx = F.conv2d(x, kx.view(1, 1, 3, 3), padding=1)
-  gy = F.conv2d(x, ky.view(1, 1, 3, 3), padding=1)
+  gx, gy = (F.conv2d(x, k.reshape(1, 1, 3, 3), padding=1) for k in (kx, kx.t()))
   return torch.sqrt(gx * gx + gy * gy + 1e-4)
 
 
@@ -359,16 +288,13 @@ def crm_loss_reference(logit: torch.Tensor, gt: torch.Tensor, ce_w=1.0, l1_w=0.5
   return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
-# Training (docs/training.md): the published train.py step under nn.DataParallel.
-
 def make_optimizer(model: nn.Module, lr: float = 2.25e-4, weight_decay: float = 1e-4,
                    milestones: Sequence[int] = (22500, 37500), gamma: float = 0.1,
                    betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
   """``(Adam with L2 weight decay, MultiStepLR stepped once per iteration)``, as published."""
   optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay)
-  scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
-  return optimizer, scheduler
+  return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
 
 
 def data_parallel_forward(model: TorchCRM, x: torch.Tensor, coord: torch.Tensor,
@@ -376,13 +302,12 @@ def data_parallel_forward(model: TorchCRM, x: torch.Tensor, coord: torch.Tensor,
   """``model(x, coord, cell)`` as ``nn.DataParallel`` runs it on ``num_devices`` GPUs
   (docs/training.md, "BatchNorm"): ``(logits [B, Q], each replica's buffers after it)``."""
   chunks = list(zip(x.chunk(num_devices), coord.chunk(num_devices), cell.chunk(num_devices)))
-  # Replication comes first: every other replica copies the buffers as they were before the step.
-  copies = [{n: b.detach().clone() for n, b in model.named_buffers()} for _ in chunks[1:]]
+  # Replicas copy the buffers as they were before the step; replica 0 updates the model's own.
+  buffers = [{n: b.detach().clone() for n, b in model.named_buffers()} for _ in chunks]
   outputs = [model(*chunks[0])]
-  buffers = [{n: b.detach().clone() for n, b in model.named_buffers()}]
-  for chunk, replica_buffers in zip(chunks[1:], copies):
-    outputs.append(torch.func.functional_call(model, replica_buffers, chunk))
-    buffers.append(replica_buffers)
+  buffers[0] = {n: b.detach().clone() for n, b in model.named_buffers()}
+  outputs += [torch.func.functional_call(model, replica_buffers, chunk)
+              for chunk, replica_buffers in zip(chunks[1:], buffers[1:])]
   return torch.cat(outputs), buffers
 
 
@@ -393,9 +318,7 @@ def train_step_reference(model: TorchCRM, optimizer, scheduler, image: torch.Ten
   ``[B, 1, S, S]``: ``(loss parts, every parameter's gradient, the replicas' buffers)``."""
   model.train()
   b, _, size, _ = gt.shape
-  coord, cell = grid_queries(size, size)
-  coord = coord.expand(b, -1, -1).to(image.dtype)
-  cell = cell.expand(b, -1, -1).to(image.dtype)
+  coord, cell = (t.expand(b, -1, -1).to(image.dtype) for t in grid_queries(size, size))
   logits, buffers = data_parallel_forward(model, torch.cat([image, seg], dim=1), coord, cell,
                                           num_devices)
   total, parts = crm_loss_reference(logits.view(b, 1, size, size), gt, **dict(weights or {}))
