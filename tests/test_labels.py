@@ -253,3 +253,76 @@ def test_crm_evaluate_labels_scores_writes_and_resumes(tiny, refiner, tmp_path, 
   assert evaluate_cli.main(args) == 0  # resumed: scored from the files
   again = json.load(open(tmp_path / 'out' / 'metrics.json'))
   assert {k: again[k] for k in want} == want and again['already_complete'] == 2
+
+
+def test_label_far_flip_share_by_hand():
+  from crm_jax.data.real_photos import label_far_flip_share
+  coarse = np.zeros((100, 100), np.uint8)
+  coarse[:, 50:] = 1  # columns 49 and 50 are the boundary; fraction 0.1: farther than 14.1 px
+  refined = coarse.copy()
+  refined[:, 40:50] = 1  # near: not counted
+  assert label_far_flip_share(coarse, refined, 0.1) == 0.0
+  refined[:10, :10] = 2  # 100 of the 70 x 100 far pixels (columns 0-34 and 65-99)
+  assert label_far_flip_share(coarse, refined, 0.1) == pytest.approx(100 / 7000)
+  flat = np.full((20, 20), 3, np.uint8)  # no label change: every pixel is far
+  assert label_far_flip_share(flat, np.where(np.arange(20) < 5, 4, 3)[None].repeat(20, 0)) == 0.25
+  assert np.isnan(label_far_flip_share(coarse[:4, 48:52], coarse[:4, 48:52], 0.5))  # none far
+
+
+@pytest.mark.skipif(__import__('importlib.util').util.find_spec('skimage') is None,
+                    reason='scikit-image (requirements.txt) ships the photographs')
+def test_heldout_label_composites_are_multi_class_and_deterministic():
+  from crm_jax.data.real_photos import heldout_label_composites
+  pairs = heldout_label_composites(256, count=3)
+  for k, p in enumerate(pairs):  # 2, 3, 4 objects
+    assert p.image.shape == (256, 256, 3) and p.image.dtype == np.uint8 and p.image.std() > 5
+    assert p.coarse.shape == p.gt.shape == (256, 256)
+    assert p.coarse.dtype == p.gt.dtype == np.uint8
+    assert np.unique(p.gt).tolist() == list(range(3 + k))
+    assert set(np.unique(p.coarse).tolist()) <= set(range(3 + k))
+    assert 0.9 < np.mean(p.coarse == p.gt) < 1.0  # a low-resolution segmenter's map
+  for p, q in zip(pairs, heldout_label_composites(256, count=3)):
+    for a, b in zip(p, q):
+      np.testing.assert_array_equal(a, b)
+  for p, q in zip(pairs, heldout_label_composites(128, count=3)):  # the same scenes
+    assert p.name == q.name
+    down = lambda x: cv2.resize(x, (128, 128), interpolation=cv2.INTER_NEAREST)  # noqa: E731
+    assert np.mean(down(p.gt) == q.gt) > 0.97 and np.mean(down(p.coarse) == q.coarse) > 0.97
+    image = cv2.resize(p.image, (128, 128), interpolation=cv2.INTER_AREA)
+    assert np.abs(image.astype(int) - q.image).mean() < 8
+
+
+@pytest.mark.skipif(__import__('importlib.util').util.find_spec('skimage') is None,
+                    reason='scikit-image (requirements.txt) ships the photographs')
+def test_labels_benchmark_runs_at_a_tiny_size(tmp_path):
+  picture = tmp_path / 'labels.png'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'labels.py'), '--sizes',
+                         '192', '--count', '1', '--synthetic', '96', '--picture', str(picture)],
+                        cwd=root, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  for line in ('held-out composites, 192 px', 'synthetic scenes, 96 px', '  coarse  mIoU',
+               '  refined mIoU', '  far flips: max', '  seconds per image (median): refine_labels',
+               '  identical label maps: yes', 'picture: '):
+    assert line in out, out
+  with Image.open(picture) as img:
+    assert img.size == (1280, 640)
+
+
+def test_synthetic_scene_and_the_low_resolution_segmenters_label_map():
+  from crm_jax.data import synthesis, synthetic
+  image, gt = synthetic.make_synthetic_scene(96, 128, np.random.default_rng(0), 4)
+  assert image.shape == (96, 128, 3) and image.dtype == gt.dtype == np.uint8
+  assert gt.shape == (96, 128) and set(np.unique(gt).tolist()) == {0, 1, 2, 3}
+  again = synthetic.make_synthetic_scene(96, 128, np.random.default_rng(0), 4)
+  np.testing.assert_array_equal(image, again[0])
+  np.testing.assert_array_equal(gt, again[1])
+  coarse = synthesis.lowres_segmenter_labels(gt, np.random.default_rng(1), 4, (256, 192))
+  assert coarse.shape == (192, 256) and coarse.dtype == np.uint8
+  up = cv2.resize(gt, (256, 192), interpolation=cv2.INTER_NEAREST)
+  assert set(np.unique(coarse).tolist()) <= {0, 1, 2, 3} and 0.8 < np.mean(coarse == up) < 1
+  mask = np.where(gt == 2, 255, 0).astype(np.uint8)  # two classes: the binary segmenter's mask
+  np.testing.assert_array_equal(synthesis.lowres_segmenter_labels(gt == 2, None, 8) * 255,
+                                synthesis.lowres_segmenter_mask(mask, None, 8))

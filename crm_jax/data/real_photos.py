@@ -356,6 +356,42 @@ def heldout_composites(long_side: int, count: int = len(HELDOUT_KINDS),
     pairs.append(EvalPair(f'{fg_name}_on_{bg_name}_{kind}_{k}', image, coarse, gt))
   return pairs
 
+
+class LabelPair(NamedTuple):
+  name: str
+  image: np.ndarray  # uint8 [H, W, 3]
+  coarse: np.ndarray  # uint8 [H, W] class ids
+  gt: np.ndarray  # uint8 [H, W] class ids
+
+
+def heldout_label_composites(long_side: int, count: int = 4, seed: int = 0) -> List[LabelPair]:
+  """``count`` scenes of 2-4 objects cut from one ``HELD_OUT`` photograph and pasted over the
+  other, object j of class j (0: the background; a later object covers an earlier one), the same
+  scenes at every ``long_side``; coarse: ``synthesis.lowres_segmenter_labels`` of the base gt."""
+  pairs, base, big = [], HELDOUT_BASE, max(long_side, HELDOUT_SHAPE_SIDE)
+  for k in range(count):
+    rng = np.random.default_rng([seed, HELDOUT_STREAM + 1, k])
+    fg_name, bg_name = HELD_OUT if k % 2 == 0 else HELD_OUT[::-1]
+    image = photo_region(bg_name, base, base, rng, (0.8, 1.25))
+    gt_base, gt = np.zeros((base, base), np.uint8), np.zeros((long_side, long_side), np.uint8)
+    for j in range(1, 3 + k % 3):
+      side = int(rng.uniform(0.4, 0.7) * big)
+      y, x = (rng.uniform(0, 1, 2) * (big - side)).astype(int)
+      mask_big = np.zeros((big, big), np.uint8)
+      mask_big[y:y + side, x:x + side] = silhouette(
+          HELDOUT_KINDS[(k + j) % len(HELDOUT_KINDS)], side,
+          np.random.default_rng([seed, HELDOUT_STREAM + 1, k, j]))
+      alpha, fg = alpha_from_silhouette(mask_big, base), photo_region(fg_name, base, base, rng)
+      fg = match_lighting(fg, image, rng) if (k + j) % 3 == 0 else jitter(fg, rng)
+      image, gt_base[alpha > 0.5] = composite(fg, image, alpha), j
+      gt[cv2.resize(mask_big, (long_side,) * 2, interpolation=cv2.INTER_AREA) > 127] = j
+    coarse = synthesis.lowres_segmenter_labels(gt_base, rng, HELDOUT_LOWRES_FACTOR,
+                                               (long_side,) * 2)
+    image = _resize_long_side(np.clip(np.rint(image), 0, 255).astype(np.uint8), long_side)
+    pairs.append(LabelPair(f'{fg_name}_on_{bg_name}_{j}_objects_{k}', image, coarse, gt))
+  return pairs
+
+
 # Outlines around each held-out subject (fractions of width, height): polygon; ellipse, degrees.
 OUTLINES = {
     'astronaut': {'polygon': ((0.28, 0.05), (0.45, 0.02), (0.60, 0.06), (0.62, 0.30), (0.70, 0.45),
@@ -427,6 +463,18 @@ def far_flip_share(coarse: np.ndarray, refined: np.ndarray,
   counts = [(int(np.count_nonzero(flipped & r)), int(np.count_nonzero(r)))
             for r in (far, far & coarse_fg, far & ~coarse_fg)]
   return FarFlips(*(f / n if n else math.nan for f, n in counts), counts[0][1])
+
+
+def label_far_flip_share(coarse: np.ndarray, refined: np.ndarray,
+                         fraction: float = FAR_FRACTION) -> float:
+  """The share (NaN: none) of the pixels of ``[H, W]`` class ids ``coarse`` farther than
+  ``fraction`` of the diagonal from every coarse label change (a pixel unlike a 4-neighbour)
+  whose label differs in ``refined``."""
+  coarse, cross = np.asarray(coarse), cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+  edge = (cv2.dilate(coarse, cross) != coarse) | (cv2.erode(coarse, cross) != coarse)
+  far = (cv2.distanceTransform(np.uint8(~edge), cv2.DIST_L2, 5) > fraction * math.hypot(
+      *coarse.shape)) if edge.any() else np.ones(coarse.shape, bool)
+  return float(np.count_nonzero(far & (coarse != refined)) / far.sum()) if far.any() else math.nan
 
 
 def make_source(config):

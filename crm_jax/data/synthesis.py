@@ -135,19 +135,36 @@ def synthesize_coarse_mask(gt: np.ndarray, rng: np.random.Generator,
   return random_morphology(simplified, simplified, iou_target, rng)
 
 
-def lowres_segmenter_mask(gt: np.ndarray, rng: np.random.Generator | None = None,
-                          factor: int = LOWRES_FACTOR) -> np.ndarray:
-  """A low-resolution segmenter's mask of the binarised gt: area-downsampled by ``factor``,
-  blurred, given a random error field when ``rng`` is given, upsampled and thresholded at 0.5;
-  [H, W] uint8 in {0, 255}."""
-  gt_bin = binarize_gt(gt)
-  h, w = gt_bin.shape
+def _lowres_score(fg: np.ndarray, rng: np.random.Generator | None, factor: int,
+                  size: tuple[int, int]) -> np.ndarray:
+  """float32 ``[H, W]`` indicator -> a low-resolution segmenter's score at ``size`` (W, H):
+  area-downsampled by ``factor``, blurred, a random error field when ``rng`` is given, upsampled."""
+  h, w = fg.shape
   lh, lw = max(1, int(round(h / factor))), max(1, int(round(w / factor)))
-  small = cv2.resize(gt_bin.astype(np.float32) / 255.0, (lw, lh),
-                     interpolation=cv2.INTER_AREA).reshape(lh, lw)
+  small = cv2.resize(fg, (lw, lh), interpolation=cv2.INTER_AREA).reshape(lh, lw)
   small = cv2.GaussianBlur(small, (0, 0), LOWRES_BLUR_SIGMA,
                            borderType=cv2.BORDER_REPLICATE).reshape(lh, lw)
   if rng is not None:
     small = small + rng.uniform(-0.1, 0.1, size=small.shape).astype(np.float32)
-  up = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w)
+  return cv2.resize(small, size, interpolation=cv2.INTER_LINEAR).reshape(size[1], size[0])
+
+
+def lowres_segmenter_mask(gt: np.ndarray, rng: np.random.Generator | None = None,
+                          factor: int = LOWRES_FACTOR) -> np.ndarray:
+  """A low-resolution segmenter's mask of the binarised gt (``_lowres_score``) thresholded at
+  0.5; [H, W] uint8 in {0, 255}."""
+  gt_bin = binarize_gt(gt)
+  up = _lowres_score(gt_bin.astype(np.float32) / 255.0, rng, factor, gt_bin.shape[::-1])
   return np.where(up > LOWRES_THRESHOLD, 255, 0).astype(np.uint8)
+
+
+def lowres_segmenter_labels(labels: np.ndarray, rng: np.random.Generator | None = None,
+                            factor: int = LOWRES_FACTOR,
+                            size: tuple[int, int] | None = None) -> np.ndarray:
+  """A low-resolution segmenter's label map of ``[H, W]`` class ids: each class's
+  ``_lowres_score`` (its own error field) at ``size`` (W, H; default the input's), the highest
+  one's class per pixel; the input's dtype."""
+  labels = np.asarray(labels)
+  classes, size = np.unique(labels), size or labels.shape[::-1]
+  scores = [_lowres_score((labels == c).astype(np.float32), rng, factor, size) for c in classes]
+  return classes[np.argmax(scores, axis=0)].astype(labels.dtype)

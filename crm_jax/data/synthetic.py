@@ -164,6 +164,21 @@ def make_synthetic_pair(height: int, width: int,
   return image, mask
 
 
+def make_synthetic_scene(height: int, width: int, rng: np.random.Generator,
+                         num_classes: int = 4) -> Tuple[np.ndarray, np.ndarray]:
+  """(image uint8 [H, W, 3] RGB, gt uint8 [H, W] class ids < ``num_classes``): a synthetic pair
+  (its object class 1), then the object of one more pair per class pasted over it (a later
+  object covers an earlier one); 0 the first pair's background."""
+  image, mask = make_synthetic_pair(height, width, rng)
+  gt = (mask > 0).astype(np.uint8)
+  for c in range(2, num_classes):
+    other, mask = make_synthetic_pair(height, width, rng)
+    alpha = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), ALPHA_BLUR_SIGMA)[..., None]
+    image = np.rint(alpha * other + (1 - alpha) * image).astype(np.uint8)
+    gt[mask > 0] = c
+  return image, gt
+
+
 class SyntheticSource:
   """``source[i]``: ``{"image": uint8 [H, W, 3], "mask": uint8 [H, W]}`` from rng [seed, i]."""
 
