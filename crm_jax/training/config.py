@@ -1,8 +1,5 @@
-"""The training config's fields, checked before anything runs, and what is derived from them.
-
-The configs in ``configs/`` are the one place for hyperparameter defaults; this module only reads
-them. A field that is missing or out of range is a ``TrainingError`` with a one-line message.
-"""
+"""The training config's fields (defaults live in ``configs/``), checked before anything runs
+(a one-line ``TrainingError``), and what is derived from them."""
 
 from __future__ import annotations
 
@@ -28,9 +25,8 @@ RESUMABLE_FIELDS = ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoi
 ADDED_FIELDS = {'rescale_range': None, 'pass_scales': None, 'refine_min_side': 0,
                 'fine_seg_fraction': 0.0}
 # Replaced fields: old name -> (new name, new value of an old value); a run may not use the old.
-REPLACED_FIELDS = {
-    'sync_batch_norm': ('batch_norm_sync', lambda old: 'all' if old else 'published'),
-}
+REPLACED_FIELDS = {'sync_batch_norm': ('batch_norm_sync',
+                                       lambda old: 'all' if old else 'published')}
 OPTIMIZER_FIELDS = ('learning_rate', 'weight_decay', 'lr_milestones', 'lr_gamma', 'adam_b1',
                     'adam_b2', 'adam_eps')
 LOSS_FIELDS = ('ce_weight', 'l1_weight', 'l2_weight', 'grad_weight')
@@ -43,35 +39,28 @@ class TrainingError(RuntimeError):
   """A run that cannot start or go on; the message is one line and says why."""
 
 
-def _get(config, name: str, default=None):
-  return config[name] if name in config else default
+def _one_of(name: str, value, choices: Tuple[str, ...]):
+  if value not in choices:
+    raise TrainingError(f'config.{name} must be one of {", ".join(choices)}, got {value!r}')
+  return value
 
 
 def check_config(config) -> None:
   """Raises TrainingError naming the first field that is missing or out of range."""
-  for name, low in _MINIMA.items():
+  for name in (*_MINIMA, *OPTIMIZER_FIELDS, *LOSS_FIELDS):
     if name not in config:
       raise TrainingError(f'config.{name} is missing')
-    value = config[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    value, low = config[name], _MINIMA.get(name)
+    if low is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
       raise TrainingError(f'config.{name} must be an integer >= {low}, got {value!r}')
-  for name in OPTIMIZER_FIELDS + LOSS_FIELDS:
-    if name not in config:
-      raise TrainingError(f'config.{name} is missing')
-  dtype = _get(config, 'compute_dtype', 'float32')
-  if dtype not in COMPUTE_DTYPES:
-    raise TrainingError(f'config.compute_dtype must be one of {", ".join(COMPUTE_DTYPES)}, '
-                        f'got {dtype!r}')
+  _one_of('compute_dtype', config.get('compute_dtype', 'float32'), COMPUTE_DTYPES)
   for old, (new, _) in REPLACED_FIELDS.items():
     if old in config:
       raise TrainingError(f'config.{old} was replaced by config.{new} (docs/training.md); '
                           f'remove config.{old}')
   batch_norm_sync(config)
-  best = _get(config, 'eval_best_metric', 'mba')
-  if best not in EVAL_BEST_METRICS:
-    raise TrainingError(f'config.eval_best_metric must be one of {", ".join(EVAL_BEST_METRICS)}'
-                        f', got {best!r}')
-  if config['eval_every'] and not _get(config, 'eval_data'):
+  _one_of('eval_best_metric', config.get('eval_best_metric', 'mba'), EVAL_BEST_METRICS)
+  if config['eval_every'] and not config.get('eval_data'):
     raise TrainingError('config.eval_every > 0 needs config.eval_data (a BIG-layout folder, '
                         "'tfds:NAME[:SPLIT]' or 'synthetic')")
   try:
@@ -85,7 +74,7 @@ def check_config(config) -> None:
 def refine_min_side(config) -> int:
   """``config.refine_min_side`` (default 0): the ``min_side`` the exported model recommends."""
   try:
-    return check_min_side(_get(config, 'refine_min_side', 0))
+    return check_min_side(config.get('refine_min_side', 0))
   except ValueError as e:
     raise TrainingError(f'config.refine_min_side: {e}') from None
 
@@ -103,7 +92,7 @@ def model_config(config) -> ModelConfig:
       cfg = ModelConfig.from_dict(dict(m))
     except (TypeError, ValueError) as e:
       raise TrainingError(f'config.model: {e}') from None
-  rate = _get(config, 'dropout_rate')
+  rate = config.get('dropout_rate')
   if rate is not None:
     if not 0.0 <= float(rate) < 1.0:
       raise TrainingError(f'config.dropout_rate must be in [0, 1), got {rate}')
@@ -115,11 +104,7 @@ def batch_norm_sync(config) -> str:
   """``config.batch_norm_sync``: 'published' or 'all' (``BATCH_NORM_SYNC``)."""
   if 'batch_norm_sync' not in config:
     raise TrainingError('config.batch_norm_sync is missing')
-  value = config['batch_norm_sync']
-  if value not in BATCH_NORM_SYNC:
-    raise TrainingError(f'config.batch_norm_sync must be one of {", ".join(BATCH_NORM_SYNC)}, '
-                        f'got {value!r}')
-  return value
+  return _one_of('batch_norm_sync', config['batch_norm_sync'], BATCH_NORM_SYNC)
 
 
 def recorded_fields(record) -> Dict[str, Any]:
@@ -127,14 +112,13 @@ def recorded_fields(record) -> Dict[str, Any]:
   fields = dict(ADDED_FIELDS, **record)
   for old, (new, convert) in REPLACED_FIELDS.items():
     if old in fields:
-      value = fields.pop(old)
-      fields.setdefault(new, convert(value))
+      fields.setdefault(new, convert(fields.pop(old)))
   return fields
 
 
 def compute_dtype(config) -> str:
   """``config.compute_dtype`` ('float32' when absent)."""
-  return str(_get(config, 'compute_dtype', 'float32'))
+  return str(config.get('compute_dtype', 'float32'))
 
 
 def loss_weights(config) -> Dict[str, float]:

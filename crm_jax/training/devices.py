@@ -1,8 +1,5 @@
-"""Placing trees on this host's devices for ``jax.pmap``: replicate, shard, prefetch, fetch.
-
-Placements use a ``NamedSharding`` whose axis is named as pmap names its outputs, so the first
-step and the following ones share one compilation.
-"""
+"""Placing trees on this host's devices for ``jax.pmap``: replicate, shard, prefetch, fetch. The
+``NamedSharding`` axis is named as pmap names its outputs, so all steps share one compilation."""
 
 from __future__ import annotations
 
@@ -18,16 +15,15 @@ from crm_jax.training.step import AXIS_NAME
 PREFETCH = 2  # batches placed on the devices ahead of the step that uses them.
 
 
-def _sharding(devices: Optional[Sequence[jax.Device]]) -> jax.sharding.NamedSharding:
+def _sharding(devices: Optional[Sequence[jax.Device]]) -> Tuple[jax.sharding.NamedSharding, int]:
   devices = list(devices) if devices is not None else jax.local_devices()
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS_NAME,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME)), len(devices)
 
 
 def replicate(tree, devices: Optional[Sequence[jax.Device]] = None):
   """A copy of ``tree`` on every local device (or ``devices``), stacked on a new leading axis."""
-  sharding = _sharding(devices)
-  n = len(sharding.mesh.devices)
+  sharding, n = _sharding(devices)
   return jax.tree_util.tree_map(
       lambda x: jax.device_put(np.stack([np.asarray(x)] * n), sharding), tree)
 
@@ -44,19 +40,11 @@ def shard(batch: Dict[str, np.ndarray], num_devices: int) -> Dict[str, np.ndarra
 
 
 def prefetch(batches: Iterable[Tuple[int, Dict[str, np.ndarray]]], size: int = PREFETCH,
-             devices: Optional[Sequence[jax.Device]] = None
-             ) -> Iterator[Tuple[int, Dict[str, np.ndarray], Dict[str, jax.Array]]]:
+             devices: Optional[Sequence[jax.Device]] = None) -> Iterator[Tuple]:
   """``(step, host_batch)`` -> ``(step, host_batch, device_batch)``, ``size`` batches ahead."""
-  sharding = _sharding(devices)
-  n = len(sharding.mesh.devices)
-  batches = iter(batches)
-  queue = collections.deque()
-
-  def put(items):
-    for step, batch in items:
-      queue.append((step, batch, jax.device_put(shard(batch, n), sharding)))
-
-  put(itertools.islice(batches, size))
+  sharding, n = _sharding(devices)
+  placed = ((step, batch, jax.device_put(shard(batch, n), sharding)) for step, batch in batches)
+  queue = collections.deque(itertools.islice(placed, size))
   while queue:
     yield queue.popleft()
-    put(itertools.islice(batches, 1))
+    queue.extend(itertools.islice(placed, 1))

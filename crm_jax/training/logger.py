@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Dict, Iterable
+from typing import Dict, List
 
 import cv2
 import jax
@@ -31,21 +31,15 @@ class Logger:
   """Console lines, tqdm and TensorBoard on process 0; silent elsewhere."""
 
   def __init__(self, workdir: str, start: int, total: int, enabled: bool):
-    self.enabled = enabled
-    self.writer = None
-    self.bar = None
-    if not enabled:
-      return
-    self.writer = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
-    self.bar = tqdm(total=total, initial=start, desc='train', unit='step', dynamic_ncols=True,
-                    file=sys.stderr, mininterval=1.0)
+    self.writer = self.bar = None
+    if enabled:
+      self.writer = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
+      self.bar = tqdm(total=total, initial=start, desc='train', unit='step', dynamic_ncols=True,
+                      file=sys.stderr, mininterval=1.0)
 
   def line(self, text: str) -> None:
-    if self.enabled:
-      if self.bar is not None:
-        self.bar.write(text, file=sys.stdout)
-      else:
-        print(text, flush=True)
+    if self.bar is not None:
+      self.bar.write(text, file=sys.stdout)
 
   def advance(self, n: int = 1) -> None:
     if self.bar is not None:
@@ -81,9 +75,8 @@ def fetch_window(window) -> list:
   return [{k: np.asarray(v[0]) for k, v in m.items()} for m in jax.device_get(window)]
 
 
-def summarize(window: Iterable[Dict[str, np.ndarray]]) -> Dict[str, float]:
+def summarize(window: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
   """Means of the loss parts, IoUs from the summed counts, last lr, over host metrics."""
-  window = list(window)
   out = {k: float(np.mean([m[k] for m in window])) for k in _LOSS_PARTS}
   counts = {k: np.sum([m[k] for m in window]) for k in _COUNTS}
   out.update({k: float(v) for k, v in losses.iou_from_counts(counts).items()})
@@ -111,8 +104,7 @@ def _predict_fn(model_cfg: ModelConfig):
   return predict
 
 
-def example_picture(model_cfg: ModelConfig, variables, batch: Dict[str, np.ndarray]
-                    ) -> np.ndarray:
+def example_picture(model_cfg: ModelConfig, variables, batch: Dict[str, np.ndarray]) -> np.ndarray:
   """Rows of [image | coarse seg | prediction (eval mode) | gt], RGB uint8 ``[n*S, 4*S, 3]``."""
   n = min(NUM_EXAMPLE_IMAGES, batch['image'].shape[0])
   image, seg, gt = batch['image'][:n], batch['seg'][:n], batch['gt'][:n]

@@ -1,9 +1,6 @@
-"""``train_and_evaluate(config, workdir)``: the training loop, read top to bottom.
-
-restore -> (step, log, validate, checkpoint) x N -> export. The host looks at the devices only at
-"sync steps" (a log, picture, validation or checkpoint step, the last step, or a stop signal), so
-dispatch runs ahead of the devices in between.
-"""
+"""``train_and_evaluate(config, workdir)``: restore -> (step, log, validate, checkpoint) x N ->
+export. The host looks at the devices only at log, picture, validation, checkpoint, last or stop
+steps, so dispatch runs ahead of the devices in between."""
 
 from __future__ import annotations
 
@@ -104,33 +101,26 @@ def _lock_workdir(workdir: str) -> Optional[FolderLock]:
     os.makedirs(path, exist_ok=True)
   except OSError:
     return None
-  if not os.access(path, os.W_OK):
-    return None
-  return FolderLock(path, 'workdir').acquire()
+  return FolderLock(path, 'workdir').acquire() if os.access(path, os.W_OK) else None
 
 
 def start_run(config, workdir: str) -> Run:
-  """Checks all that can be checked before a step (config, devices, workdir, dataset, checkpoint
-  or ``config.init``, validation set), restores the state, then records the config."""
+  """Checks config, devices, workdir, dataset, checkpoint or init and validation set before any
+  step, restores the state, then records the config."""
   cfg_lib.check_config(config)
   multi_process = maybe_initialize_distributed()
   is_main = jax.process_index() == 0
   per_device = cfg_lib.check_batch_size(int(config.batch_size), jax.device_count(),
                                         jax.process_count())
-  lock = _lock_workdir(workdir) if is_main else None
+  lock, run = _lock_workdir(workdir) if is_main else None, None
   try:
     workdir = wd.prepare(workdir, is_main)
     source = pipeline.make_source(config)  # fails early and clearly on a missing dataset
     manager = resume.checkpoint_manager(workdir, config.keep_checkpoints)
-  except BaseException:
-    if lock is not None:
-      lock.release()
-    raise
-  root = jax.random.PRNGKey(int(config.seed))
-  init_rng, dropout_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-  run = Run(config, workdir, is_main, int(config.num_steps), build(config), manager, None,
-            dropout_rng, lock=lock)
-  try:
+    root = jax.random.PRNGKey(int(config.seed))
+    init_rng, dropout_rng = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+    run = Run(config, workdir, is_main, int(config.num_steps), build(config), manager, None,
+              dropout_rng, lock=lock)
     if manager.latest_step() == 0:  # a run that never stepped binds nothing: start afresh
       manager.delete(0)
     wd.check_config(workdir, config, manager.latest_step() is not None)
@@ -148,7 +138,10 @@ def start_run(config, workdir: str) -> Run:
     run.loader = pipeline.TrainLoader(config, start, source=source)
     return run
   except BaseException:
-    run.close()
+    if run is not None:
+      run.close()
+    elif lock is not None:
+      lock.release()
     raise
 
 
@@ -166,11 +159,9 @@ def _picture(run: Run, done: int, state: TrainState, batch) -> None:
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
-  """Trains CRM as ``config`` says, in ``workdir`` (docs/training.md); returns the final host
-  TrainState. Raises TrainingError (one line: a bad field, workdir, batch size, init, validation
-  set or a non-finite step), pipeline.DatasetError, Preempted (a signal; a checkpoint was saved)
-  or crm_jax.io.InputError (another run holds the workdir).
-  """
+  """Trains CRM as ``config`` says in ``workdir`` (docs/training.md); returns the final host
+  TrainState. Raises TrainingError (one line), pipeline.DatasetError, Preempted (a signal, after a
+  checkpoint) or crm_jax.io.InputError (another run holds the workdir)."""
   run = start_run(config, workdir)
   try:
     r_state, guard = devices.replicate(run.state), devices.replicate(Guard.clear())
@@ -180,12 +171,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                                                    run.dropout_rng)
       window.append(metrics)
       done = step + 1
+      last = done == run.num_steps
       run.logger.advance()
       stop = run.preemption.reached(done) and done < run.num_steps
-      checkpoint = _every(config, 'checkpoint_every', done) or done == run.num_steps
+      checkpoint = _every(config, 'checkpoint_every', done) or last
       picture = run.is_main and _every(config, 'image_every', done)
-      validate = run.validator is not None and validation.wanted(config, done, run.num_steps)
-      log = _every(config, 'log_every', done) or done == run.num_steps
+      validate = run.validator is not None and (_every(config, 'eval_every', done) or last)
+      log = _every(config, 'log_every', done) or last
       if not (stop or checkpoint or picture or validate or log):
         continue  # no look at the devices: the next step is dispatched at once.
       _stop_if_non_finite(guard, r_state, run.manager, config)

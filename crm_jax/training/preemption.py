@@ -1,8 +1,6 @@
-"""SIGTERM and SIGINT (Ctrl-C) -> stop at the next step boundary, after a checkpoint.
-
-One process: a handler sets a flag. Several: JAX's preemption sync point, so that every process
-stops at the same step (SIGINT is turned into a SIGTERM, which JAX's preemption service sees).
-"""
+"""SIGTERM and SIGINT (Ctrl-C) -> stop at the next step boundary, after a checkpoint. One process:
+a handler sets a flag; several: every process stops at JAX's preemption sync point (SIGINT is
+forwarded as a SIGTERM, which JAX's preemption service sees)."""
 
 from __future__ import annotations
 
@@ -30,20 +28,17 @@ class Preempted(Exception):
 
 
 class Preemption:
-  """Installs the handlers (main thread only) until ``close``; ``reached(step)`` says whether to
-  stop after ``step`` and ``name`` which signal asked for it."""
+  """Signal handlers (main thread only) until ``close``; ``reached(step)``: stop after ``step``."""
 
   def __init__(self, multi_process: bool):
     self.multi_process = multi_process
-    self.name: Optional[str] = None
+    self.name: Optional[str] = None  # the signal that asked to stop
     self._previous = {}
-    if threading.current_thread() is not threading.main_thread():
-      return
-    if multi_process:  # SIGTERM is JAX's; SIGINT is forwarded to it.
-      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward)
-    else:
-      for sig in SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handler)
+    if threading.current_thread() is threading.main_thread():
+      # Several processes: SIGTERM is JAX's; SIGINT is forwarded to it.
+      handlers = ({signal.SIGINT: self._forward} if multi_process
+                  else {sig: self._handler for sig in SIGNALS})
+      self._previous = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
 
   def _handler(self, signum, frame):
     del frame

@@ -1,6 +1,5 @@
-"""Where a training run starts from (docs/training.md): the workdir's training-state checkpoints
-(orbax: the TrainState and the data position), or the weights of ``config.init``.
-"""
+"""Where a training run starts from: the workdir's orbax checkpoints (the TrainState and the data
+position), or the weights of ``config.init`` (docs/training.md)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""The train state, the pure train step, the on-device non-finite guard, and ``build``.
-
-The global batch is split over every device of every host and the step runs under
-``jax.pmap(axis_name='batch')``, gradients averaged with ``pmean``. BatchNorm follows
-``config.batch_norm_sync`` and ``config.compute_dtype='bfloat16'`` computes encoder and fusion in
-bfloat16 with float32 state (docs/training.md, "BatchNorm" and "bfloat16 in training").
-"""
+"""The train state, the pure train step (under ``jax.pmap(axis_name='batch')``, gradients
+averaged with ``pmean``), the on-device non-finite guard, and ``build``. BatchNorm and bfloat16:
+docs/training.md."""
 
 from __future__ import annotations
 
@@ -43,8 +39,7 @@ class TrainState:
 
 @flax.struct.dataclass
 class Guard:
-  """The non-finite guard, kept on the devices: ``bad_step`` int32 (-1: every step so far was
-  finite; else the first step that was not), ``what`` int32 bits of ``NON_FINITE_PARTS``."""
+  """On the devices: ``bad_step`` (-1 or the first non-finite step), ``what`` (NON_FINITE_PARTS)."""
 
   bad_step: jax.Array
   what: jax.Array
@@ -69,9 +64,8 @@ def queries(crop_size: int, batch: int) -> Tuple[jax.Array, jax.Array]:
 
 
 def decode_every_pixel(model: CRM, variables, feature_map: jax.Array, size: int) -> jax.Array:
-  """Logits ``[B, size, size]`` (float32, or F's dtype where wider) at every pixel centre of a
-  ``size`` crop, from F ``[B, h, w, C]``: ``model(x, *queries(size, B))`` computed as the
-  bucketed refinement does (``CRM.project``, then ``CRM.decode_grid``)."""
+  """Logits ``[B, size, size]`` (at least float32) at every pixel centre of a ``size`` crop from F
+  ``[B, h, w, C]``, via ``CRM.project`` and ``CRM.decode_grid``."""
   projected = model.apply(variables, feature_map, method=CRM.project)
   projected = projected.astype(jnp.promote_types(projected.dtype, jnp.float32))
   rows = jnp.arange(size, dtype=jnp.int32)
@@ -83,14 +77,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
                model: CRM, tx: optax.GradientTransformation, schedule: optax.Schedule,
                weights: Dict[str, float], compute_dtype: str = 'float32',
                axis_name: str = AXIS_NAME) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimiser step on one device's share of the batch (under ``jax.pmap``).
-
-  ``batch``: ``image`` ``[b, s', s', 3]``, ``seg`` ``[b, s', s', 1]``, ``gt`` ``[b, S, S, 1]``
-  (NHWC; ``s' < S`` only under ``pass_scales``). ``rng``: the dropout key, folded with the step
-  and the device index. A ``model`` without ``bn_axis_name`` keeps device 0's running statistics.
-  Returns ``(new_state, metrics)``, metrics the same on every device: the loss parts (means over
-  the global batch), the IoU counts (sums), ``lr``, ``grad_norm``, ``param_norm``.
-  """
+  """One optimiser step on one device's share (under ``jax.pmap``). ``batch``: ``image``
+  ``[b, s', s', 3]``, ``seg`` ``[b, s', s', 1]``, ``gt`` ``[b, S, S, 1]`` (``s' < S`` under
+  ``pass_scales``). Returns ``(new_state, metrics)``, metrics the same on every device."""
   step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                                 jax.lax.axis_index(axis_name))
   image, seg, gt = batch['image'], batch['seg'], batch['gt']
@@ -141,9 +130,8 @@ def _all_finite(tree) -> jax.Array:
 
 def guarded_step(state: TrainState, guard: Guard, batch, rng, *, step_fn: Callable,
                  axis_name: str = AXIS_NAME):
-  """``step_fn`` (a bound ``train_step``) behind the non-finite guard, on the devices: a step
-  with a non-finite loss, gradient norm, new variables or optimiser state is not applied, and
-  ``guard`` records it; no later step is applied. Returns ``(state, guard, metrics)``."""
+  """``step_fn`` behind the guard: the first non-finite step and every later one are not applied
+  and ``guard`` records it. Returns ``(state, guard, metrics)``."""
   new_state, metrics = step_fn(state, batch, rng)
   checks = (jnp.isfinite(metrics['total']), jnp.isfinite(metrics['grad_norm']),
             _all_finite((new_state.params, new_state.batch_stats)),
@@ -160,8 +148,7 @@ def guarded_step(state: TrainState, guard: Guard, batch, rng, *, step_fn: Callab
 
 
 class Trainer(NamedTuple):
-  """What ``build(config)`` gives: ``p_step(state, guard, batch, rng) -> (state, guard,
-  metrics)`` is ``guarded_step`` pmapped (state and guard donated); ``init(rng) -> variables``."""
+  """``p_step(state, guard, batch, rng)``: ``guarded_step`` pmapped; ``init(rng) -> variables``."""
 
   model: CRM
   tx: optax.GradientTransformation
@@ -200,12 +187,9 @@ def build(config) -> Trainer:
                 cfg_lib.compute_dtype(config))
 
 
-def create_train_state(config, rng: jax.Array, variables=None) -> TrainState:
-  """A host (unreplicated) TrainState at step 0: fresh weights, or ``variables``."""
+def create_train_state(config, rng: jax.Array) -> TrainState:
+  """A host (unreplicated) TrainState at step 0 with fresh weights."""
   trainer = build(config)
-  if variables is None:
-    variables = trainer.init(rng)
-  variables = jax.device_get(variables)
-  params, batch_stats = variables['params'], variables['batch_stats']
-  return TrainState(step=np.zeros((), np.int32), params=params, batch_stats=batch_stats,
-                    opt_state=jax.device_get(trainer.tx.init(params)))
+  v = jax.device_get(trainer.init(rng))
+  return TrainState(step=np.zeros((), np.int32), params=v['params'], batch_stats=v['batch_stats'],
+                    opt_state=jax.device_get(trainer.tx.init(v['params'])))

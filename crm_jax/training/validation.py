@@ -1,11 +1,6 @@
-"""Validation during training: the multi-scale loop on every validation object, scored in memory.
-
-``config.eval_data`` names the set: a BIG-layout folder, ``'tfds:NAME[:SPLIT]'`` (a prepared
-TFDS set with seg/gt features in ``config.data_dir``) or ``'synthetic'`` (held-out synthetic
-pairs made in memory from seeds training never uses). Every process refines its share on every
-local device, scores it as ``crm-evaluate`` does (``crm_jax.metrics``), and the records are
-gathered; nothing is written but ``WORKDIR/validation.json`` (docs/training.md).
-"""
+"""Validation during training: the multi-scale loop on every object of ``config.eval_data`` (a
+BIG-layout folder, ``'tfds:NAME[:SPLIT]'`` or ``'synthetic'``: held-out pairs made in memory),
+scored in memory as ``crm-evaluate`` does; only ``WORKDIR/validation.json`` is written."""
 
 from __future__ import annotations
 
@@ -21,9 +16,8 @@ from crm_jax.data import big
 from crm_jax.data.synthesis import lowres_segmenter_mask
 from crm_jax.data.synthetic import make_synthetic_pair
 from crm_jax.io import InputError
-from crm_jax.outputs import write_image, write_text
 from crm_jax.metrics import scale_key
-from crm_jax.outputs import error_line
+from crm_jax.outputs import error_line, write_image, write_text
 from crm_jax.parallel import Item, local_refiners, refine_share, share
 from crm_jax.preprocess import prob_to_uint8
 from crm_jax.scales import check_scales
@@ -45,8 +39,7 @@ def scales(config) -> Tuple[float, ...]:
 
 
 def held_out_pair(size: int, seed: int, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Held-out object ``i``: ``(image RGB uint8 [size, size, 3], seg, gt uint8 [size, size])``,
-  the seg from a low-resolution segmenter."""
+  """Held-out object ``i``: ``(image RGB uint8 [size, size, 3], seg, gt uint8 [size, size])``."""
   image, gt = make_synthetic_pair(size, size, np.random.default_rng([HELD_OUT_TAG, seed, i]))
   return image, lowres_segmenter_mask(gt), gt
 
@@ -58,8 +51,7 @@ def held_out_items(num: int, size: int, seed: int) -> List[Item]:
 
 
 def make_held_out_set(folder: str, num: int, size: int, seed: int) -> None:
-  """Writes the held-out set as a BIG-layout folder (``held_out_<i>_{im,seg,gt}.png``), to
-  score a checkpoint with ``crm-evaluate`` on the objects validation uses."""
+  """Writes the held-out set as a BIG-layout folder (``held_out_<i>_{im,seg,gt}.png``)."""
   for i in range(num):
     for role, picture in zip(('im', 'seg', 'gt'), held_out_pair(size, seed, i)):
       write_image(os.path.join(folder, f'held_out_{i:03d}_{role}.png'), picture)
@@ -88,17 +80,14 @@ class Validator:
       raise TrainingError(f'config.eval_data: {e}') from None
     self.num_objects = len(self.items)
     self.path = os.path.join(workdir, wd.VALIDATION_FILE)
-    self.record = {'metric': None, 'best': None, 'steps': {}}
-    if os.path.isfile(self.path):
-      try:
-        with open(self.path) as f:
-          self.record = json.load(f)
-      except (OSError, json.JSONDecodeError):
-        pass  # rewritten at the next validation
+    try:
+      with open(self.path) as f:
+        self.record = json.load(f)
+    except (OSError, json.JSONDecodeError):  # none yet, or rewritten at the next validation
+      self.record = {'metric': None, 'best': None, 'steps': {}}
 
   def __call__(self, variables, step: int) -> Dict[str, float]:
-    """Refines every object with ``variables``; returns ``{'val/iou_<s>': .., 'val/mba_<s>':
-    ..}`` and records the step (and the best one) in ``validation.json``."""
+    """Scores ``variables``: ``{'val/iou_<s>': .., 'val/mba_<s>': ..}``, recorded in the file."""
     keys = [scale_key(s) for s in self.scales]
 
     def score(item, loaded, probs):  # as crm-evaluate scores what it writes
@@ -119,10 +108,7 @@ class Validator:
       failed = [f for g in gathered for f in g['failed']]
       raise TrainingError(f'validation at step {step}: nothing could be evaluated'
                           + (f' ({failed[0]})' if failed else ''))
-    scores = {}
-    for k in keys:
-      scores[f'val/iou_{k}'] = float(summary['scales'][k]['iou'])
-      scores[f'val/mba_{k}'] = float(summary['scales'][k]['mba'])
+    scores = {f'val/{m}_{k}': float(summary['scales'][k][m]) for k in keys for m in ('iou', 'mba')}
     self._update(step, scores, int(summary['num_images']))
     return scores
 
@@ -138,13 +124,11 @@ class Validator:
 
   def line(self, step: int, scores: Dict[str, float]) -> str:
     """``validation at step N (K objects): IoU 0.125 a | ... mBA ...; best step B``."""
-    iou = ' '.join(f'{scale_key(s)}:{scores[f"val/iou_{scale_key(s)}"]:.4f}'
-                   for s in self.scales)
-    mba = ' '.join(f'{scale_key(s)}:{scores[f"val/mba_{scale_key(s)}"]:.4f}'
-                   for s in self.scales)
-    best = self.record['best']
-    return (f'validation at step {step} ({self.num_objects} objects): IoU {iou} | mBA {mba}; '
-            f'best {self.record["metric"]} {best["value"]:.4f} at step {best["step"]}')
+    keys, best = [scale_key(s) for s in self.scales], self.record['best']
+    part = lambda m: ' '.join(f'{k}:{scores[f"val/{m}_{k}"]:.4f}' for k in keys)
+    return (f'validation at step {step} ({self.num_objects} objects): IoU {part("iou")} | mBA '
+            f'{part("mba")}; best {self.record["metric"]} {best["value"]:.4f} at step '
+            f'{best["step"]}')
 
 
 def make_validator(config, workdir: str, model_cfg, is_main: bool) -> Optional[Validator]:
@@ -152,9 +136,3 @@ def make_validator(config, workdir: str, model_cfg, is_main: bool) -> Optional[V
   if not int(config.get('eval_every') or 0):
     return None
   return Validator(config, workdir, model_cfg, is_main)
-
-
-def wanted(config, done: int, num_steps: int) -> bool:
-  """Whether to validate after ``done`` steps (every eval_every steps and at the end)."""
-  every = int(config.get('eval_every') or 0)
-  return every > 0 and (done % every == 0 or done == num_steps)

@@ -25,8 +25,8 @@ _WRITTEN_DIRS = ('', IMAGES_DIR)
 
 
 def prepare(workdir: str, is_main: bool) -> str:
-  """The absolute workdir, created and writable (process 0), cleared of a killed run's
-  leftovers; an OS problem is a one-line TrainingError naming the path."""
+  """The absolute workdir, created, writable and cleared of leftovers (process 0); an OS problem
+  is a one-line TrainingError naming the path."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not is_main:
     return workdir
@@ -43,25 +43,20 @@ def prepare(workdir: str, is_main: bool) -> str:
   return workdir
 
 
-def remove_leftovers(workdir: str) -> list:
-  """Removes the temporary files and folders of interrupted writes; returns their paths."""
-  removed = []
+def remove_leftovers(workdir: str) -> None:
+  """Removes the temporary files and folders of interrupted writes."""
   for sub in _WRITTEN_DIRS:
     for pattern in _LEFTOVERS:
       for path in glob.glob(os.path.join(workdir, sub, pattern)):
-        if path in removed:
-          continue
         if os.path.isdir(path) and not os.path.islink(path):
           shutil.rmtree(path, ignore_errors=True)
         else:
           os.remove(path)
-        removed.append(path)
-  return removed
 
 
 def check_config(workdir: str, config, has_checkpoint: bool) -> None:
-  """Raises TrainingError if ``workdir`` holds checkpoints of another config (only
-  ``RESUMABLE_FIELDS`` may differ); a recorded config without a checkpoint binds nothing."""
+  """Raises TrainingError if ``workdir`` holds checkpoints of another config (``RESUMABLE_FIELDS``
+  may differ); a recorded config without a checkpoint binds nothing."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not (has_checkpoint and os.path.exists(path)):
     return
