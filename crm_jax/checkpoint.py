@@ -26,8 +26,7 @@ class CheckpointError(ValueError):
 
 def abstract_variables(config: ModelConfig):
   """Shapes and dtypes of the variables of ``CRM(config)``, without computing."""
-  model = CRM(config)
-  return jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0)))
+  return jax.eval_shape(lambda: init_variables(CRM(config), jax.random.PRNGKey(0)))
 
 
 def tree_paths(tree) -> Dict[str, Any]:
@@ -52,8 +51,7 @@ def check_tree(variables, config: ModelConfig, source: str) -> None:
 
 def save_model(path: str, variables, config: ModelConfig,
                meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
-  """Writes a model checkpoint directory atomically; returns its path. ``CheckpointError`` for a
-  file or an unwritable folder, ``FileExistsError`` unless ``overwrite``."""
+  """Writes a checkpoint folder atomically; returns its path (existing: needs ``overwrite``)."""
   path = os.path.abspath(path)
   check_tree(variables, config, path)
   if os.path.exists(path) and not os.path.isdir(path):
@@ -81,8 +79,7 @@ def save_model(path: str, variables, config: ModelConfig,
 
 
 def fingerprint(config: ModelConfig, variables) -> str:
-  """``sha256:<hex>`` over the architecture (canonical JSON) and every variable's path, dtype,
-  shape and bytes, in path order: equal exactly for the same network and numbers."""
+  """``sha256:<hex>`` of the architecture and every variable's path, dtype, shape and bytes."""
   h = hashlib.sha256(json.dumps(config.architecture(), sort_keys=True).encode())
   leaves = tree_paths(jax.device_get(variables))
   for key in sorted(leaves):
@@ -96,10 +93,8 @@ def resolve(path: str) -> str:
   """``path``, or ``path/model`` when ``path`` is a training workdir."""
   path = os.path.abspath(path)
   exported = os.path.join(path, EXPORT_DIR)
-  if (not os.path.isfile(os.path.join(path, CONFIG_FILE))
-      and os.path.isfile(os.path.join(exported, CONFIG_FILE))):
-    return exported
-  return path
+  return (exported if not os.path.isfile(os.path.join(path, CONFIG_FILE))
+          and os.path.isfile(os.path.join(exported, CONFIG_FILE)) else path)
 
 
 def read_config(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:
@@ -124,8 +119,7 @@ def read_config(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:
 
 def recommended_min_side(path: str) -> int:
   """``meta["refine"]["min_side"]`` of the checkpoint at ``path``, else 0 (the published loop)."""
-  _, meta = read_config(path)
-  refine = meta.get("refine", {})
+  refine = read_config(path)[1].get("refine", {})
   try:
     if not isinstance(refine, dict):
       raise ValueError(f"expected {{\"min_side\": N}}, got {refine!r}")
@@ -136,28 +130,24 @@ def recommended_min_side(path: str) -> int:
 
 
 def resolve_min_side(min_side: Optional[int], path: str) -> Tuple[int, Optional[str]]:
-  """``(min_side, note)``: the caller's (checked) or else the checkpoint's; ``note`` for a
-  ``note:`` line when a recommendation other than 0 was taken."""
+  """``(min_side, note)``: the caller's (checked), else the checkpoint's, noted unless it is 0."""
   if min_side is not None:
     return check_min_side(min_side), None
   value = recommended_min_side(path)
-  if not value:
-    return 0, None
   return value, (f"{path} recommends min_side {value}: the leading scales at which an image's "
                  f"shorter side is below {value} px are left out (small images only; "
-                 f"--min-side 0 runs the published loop)")
+                 f"--min-side 0 runs the published loop)" if value else None)
 
 
 def load_model(path: str) -> Tuple[ModelConfig, Dict[str, Any]]:
   """``(config, {'params', 'batch_stats'} of numpy arrays)`` of a model checkpoint directory."""
   path = resolve(path)
   config, _ = read_config(path)
-  target = abstract_variables(config)
   var_dir = os.path.join(path, VARIABLES_DIR)
   if not os.path.isdir(var_dir):
     raise CheckpointError(f"{var_dir}: missing (incomplete checkpoint)")
   try:
-    variables = ocp.StandardCheckpointer().restore(var_dir, target)
+    variables = ocp.StandardCheckpointer().restore(var_dir, abstract_variables(config))
   except Exception as e:  # orbax raises many types; report one line.
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise CheckpointError(f"{var_dir}: cannot restore the variables ({msg})") from None

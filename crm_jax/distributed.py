@@ -1,10 +1,5 @@
-"""Multi-host runs: the one start-up (training, evaluation, folder mode) and ``allgather``.
-
-``maybe_initialize_distributed`` starts ``jax.distributed`` when ``JAX_COORDINATOR_ADDRESS`` is
-set (with ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; optionally ``JAX_LOCAL_DEVICE_IDS`` and
-``JAX_HEARTBEAT_TIMEOUT_SECONDS``: docs/devices.md). Needs only JAX, so the refinement path
-can use it.
-"""
+"""Multi-host runs (JAX only): the one start-up of training, evaluation and folder mode, from
+the ``JAX_*`` variables of docs/devices.md, and ``allgather``."""
 
 from __future__ import annotations
 
@@ -26,8 +21,8 @@ _CHUNK = 1 << 20  # characters per value in the coordination service's key-value
 
 
 def maybe_initialize_distributed() -> bool:
-  """Whether a multi-process run was set up (now or before); bad variables: ``InputError``.
-  Must run before anything touches a JAX backend."""
+  """Whether ``JAX_COORDINATOR_ADDRESS`` set up a multi-process run (now or before); bad variables:
+  ``InputError``. Must run before anything touches a JAX backend."""
   address = os.environ.get('JAX_COORDINATOR_ADDRESS')
   if not address:
     return False
@@ -43,10 +38,9 @@ def maybe_initialize_distributed() -> bool:
     if timeouts and timeouts['heartbeat_timeout_seconds'] < 1:
       raise ValueError(heartbeat)
   except (KeyError, ValueError):
-    raise InputError('JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and '
-                     'JAX_PROCESS_ID must be set to integers too (JAX_LOCAL_DEVICE_IDS to '
-                     'integers and JAX_HEARTBEAT_TIMEOUT_SECONDS to a positive one, if set)'
-                     ) from None
+    raise InputError('JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID '
+                     'must be set to integers too (JAX_LOCAL_DEVICE_IDS to integers and '
+                     'JAX_HEARTBEAT_TIMEOUT_SECONDS to a positive one, if set)') from None
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU only; GPU/TPU unchanged
   jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
                              process_id=process_id, local_device_ids=local_ids, **timeouts)
@@ -67,19 +61,15 @@ def coordination_client():
     client = distributed.global_state.client
   except (ImportError, AttributeError):
     return None
-  if client is None or not all(hasattr(client, m)
-                               for m in ('key_value_set', 'blocking_key_value_get')):
-    return None
-  return client
+  usable = client is not None and all(hasattr(client, m)
+                                      for m in ('key_value_set', 'blocking_key_value_get'))
+  return client if usable else None
 
 
 def allgather(value) -> list:
-  """Every process's ``value`` (anything JSON writes), in process order; a barrier.
-
-  Through the coordination service's key-value store, the one use of a private JAX API: a
-  collective on the CPU (gloo) gives up after 30 s, and processes that refine shares of
-  different sizes arrive minutes apart. A JAX without that client: a public collective.
-  """
+  """Every process's ``value`` (anything JSON writes), in process order; a barrier. Through the
+  coordination service's key-value store (CPU collectives give up after 30 s; peers may arrive
+  minutes apart), else a public collective."""
   if jax.process_count() == 1:
     return [value]
   client = coordination_client()
@@ -87,8 +77,7 @@ def allgather(value) -> list:
   if client is None:
     data = np.frombuffer(text.encode('utf-8'), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
+    padded = np.pad(data, (0, int(sizes.max()) - data.size))
     rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return [json.loads(bytes(rows[i, :n]).decode('utf-8')) for i, n in enumerate(sizes)]
   prefix = f'crm_jax/allgather/{next(_CALLS)}'
@@ -96,17 +85,15 @@ def allgather(value) -> list:
   for k, chunk in enumerate(chunks):
     client.key_value_set(f'{prefix}/{jax.process_index()}/{k}', chunk)
   client.key_value_set(f'{prefix}/{jax.process_index()}/n', str(len(chunks)))
-  out = []
-  for i in range(jax.process_count()):
-    n = int(client.blocking_key_value_get(f'{prefix}/{i}/n', _WAIT_MS))
-    out.append(json.loads(''.join(client.blocking_key_value_get(f'{prefix}/{i}/{k}', _WAIT_MS)
-                                  for k in range(n))))
-  return out
+
+  def get(key):
+    return client.blocking_key_value_get(f'{prefix}/{key}', _WAIT_MS)
+  return [json.loads(''.join(get(f'{i}/{k}') for k in range(int(get(f'{i}/n')))))
+          for i in range(jax.process_count())]
 
 
 def gather(value, error: BaseException | None = None) -> list:
-  """``allgather(value)`` that fails together: this process's ``error`` is raised here, another
-  process's as an ``InputError`` naming it; otherwise every process's ``value``, in order."""
+  """``allgather(value)`` failing together: raises ``error``, or another process's as InputError."""
   gathered = allgather([None if error is None else error_line(error), value])
   if error is not None:
     raise error

@@ -142,25 +142,15 @@ def export_fused(checkpoint_dir: str, out_dir: str, buckets: Sequence[Tuple[int,
 
 @dataclasses.dataclass
 class ExportedFused:
-  """A loaded export folder: its manifest and deserialized programs. ``program`` has
-  ``plans.fused_program``'s signature (``queries`` ignored) and returns the program's call."""
+  """A loaded export folder; ``program`` takes ``plans.fused_program``'s arguments, gives a call."""
 
   path: str
   manifest: Dict
   config: ModelConfig
   programs: Dict[Tuple[Tuple[int, int], float, int], jax.export.Exported]
-
-  @property
-  def dtype(self) -> str:
-    return self.manifest["dtype"]
-
-  @property
-  def scales(self) -> Tuple[float, ...]:
-    return tuple(self.manifest["scales"])
-
-  @property
-  def batch_sizes(self) -> Tuple[int, ...]:
-    return tuple(self.manifest["batch_sizes"])
+  dtype = property(lambda self: self.manifest["dtype"])
+  scales = property(lambda self: tuple(self.manifest["scales"]))
+  batch_sizes = property(lambda self: tuple(self.manifest["batch_sizes"]))
 
   def refiner_kwargs(self) -> Dict:
     """The ``Refiner`` settings these programs need."""
@@ -183,13 +173,12 @@ class ExportedFused:
       raise ExportError(f"{self.path}: exported for scales {list(self.scales)} (largest "
                         f"{max(self.scales)}), not a run whose largest scale is {max_scale}")
     key = ((int(bucket[0]), int(bucket[1])), float(scale), int(batch))
-    exported = self.programs.get(key)
-    if exported is None:
+    if key not in self.programs:
       raise ExportError(f"{self.path}: no program for bucket {key[0][1]}x{key[0][0]} "
                         f"(width x height), scale {scale}, batch {batch}; exported: buckets "
                         f"{self.manifest['buckets']}, scales {list(self.scales)}, batch sizes "
                         f"{list(self.batch_sizes)}")
-    return exported.call
+    return self.programs[key].call
 
 
 def load_fused(path: str) -> ExportedFused:

@@ -2,6 +2,7 @@
 IEEE operation at a time, as PyTorch makes them (docs/refinement.md). No JAX."""
 
 import dataclasses
+import itertools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,12 +32,9 @@ def down(n: int) -> int:
 
 def bucket_side(n: int, steps: int = BUCKET_STEPS) -> int:
   """The smallest ladder rung ``>= n`` (four per octave: ..., 2048, 2448, 2912, 3456, 4096)."""
-  k = 0
-  while True:
-    rung = -(-math.ceil(BUCKET_BASE * 2 ** (k / steps)) // BUCKET_ALIGN) * BUCKET_ALIGN
-    if rung >= n:
-      return rung
-    k += 1
+  rungs = (-(-math.ceil(BUCKET_BASE * 2 ** (k / steps)) // BUCKET_ALIGN) * BUCKET_ALIGN
+           for k in itertools.count())
+  return next(rung for rung in rungs if rung >= n)
 
 
 def bucket_shape(size: Size, steps: int = BUCKET_STEPS) -> Size:
@@ -60,23 +58,20 @@ def align_corners_table(in_size: int, out_size: int, length: Optional[int] = Non
   i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
   lam = (src - i0.astype(np.float32)).astype(np.float32)
-  if length is not None:
-    pad = length - out_size
-    i0, i1, lam = np.pad(i0, (0, pad)), np.pad(i1, (0, pad)), np.pad(lam, (0, pad))
-  return i0, i1, lam
+  if length is None:
+    return i0, i1, lam
+  return tuple(np.pad(a, (0, length - out_size)) for a in (i0, i1, lam))
 
 
 def coord_axis(n: int, length: Optional[int] = None) -> np.ndarray:
   """Pixel centres ``-1 + 1/n + (2/n) * i`` in float32, ``length`` entries (default ``n``)."""
   f32 = np.float32
-  return f32(-1.0 + 1.0 / n) + f32(2.0 / n) * np.arange(n if length is None else length,
-                                                        dtype=f32)
+  return f32(-1.0 + 1.0 / n) + f32(2.0 / n) * np.arange(n if length is None else length, dtype=f32)
 
 
 def align_axis(q, v: int, m: int, xp=np):
-  """The alignment (docs/decoder.md) of float32 queries ``q`` shifted by ``v`` (-1 or +1) on a
-  feature axis of ``m`` cells: ``(index int32, rel = (q - p) * m)``, ``p`` the nearest cell's
-  centre (``grid_sample(mode='nearest')``, halves to even). ``xp``: ``numpy`` or ``jax.numpy``."""
+  """``(index int32, rel = (q - p) * m)`` of float32 queries ``q`` shifted by ``v`` (-1 or +1) on
+  ``m`` cells, ``p`` the nearest cell's centre (docs/decoder.md); ``xp``: ``numpy`` or ``jnp``."""
   f32 = np.float32
   shifted = xp.clip(q + f32(v * (2 / m / 2) + SHIFT_EPS), f32(-1 + SHIFT_EPS), f32(1 - SHIFT_EPS))
   src = ((shifted + f32(1)) * f32(m) - f32(1)) / f32(2)
@@ -95,20 +90,16 @@ def query_axis(n: int, m: int, length: Optional[int] = None):
 def bands(rows: int, valid_rows: int, halo: int, band: int):
   """Static ``(slab, band)`` and the ``(start, r0)`` of each band holding valid rows: output rows
   ``[r0, r0 + band)`` from input rows ``[start, start + slab)``, with a ``halo``."""
-  if band + 2 * halo >= rows:
-    return rows, rows, [(0, 0)]
   slab = band + 2 * halo
-  spans = []
-  for i in range(-(-valid_rows // band)):
-    r0 = min(i * band, rows - band)
-    spans.append((min(max(r0 - halo, 0), rows - slab), r0))
-  return slab, band, spans
+  if slab >= rows:
+    return rows, rows, [(0, 0)]
+  starts = [min(i * band, rows - band) for i in range(-(-valid_rows // band))]
+  return slab, band, [(min(max(r0 - halo, 0), rows - slab), r0) for r0 in starts]
 
 
 @dataclasses.dataclass
 class ScaleGeometry:
-  """Everything the bucketed plans need for one image at one scale: static shapes, then the
-  traced tables (padded to the static shapes)."""
+  """What the bucketed plans need for one image at one scale: static shapes, then padded tables."""
 
   target: Size  # The padded target grid (H, W), in ``bucket`` (Hb, Wb).
   bucket: Size
@@ -124,14 +115,12 @@ class ScaleGeometry:
 
   def arrays(self) -> Dict[str, object]:
     """The traced inputs of a bucketed program, as a pytree of NumPy arrays."""
-    return {"sizes": self.sizes, "input_tables": self.input_tables,
-            "fusion_tables": self.fusion_tables, "y_axis": self.y_axis,
-            "x_axis": self.x_axis, "rel_cell": self.rel_cell}
+    return {k: getattr(self, k) for k in ("sizes", "input_tables", "fusion_tables", "y_axis",
+                                          "x_axis", "rel_cell")}
 
   def query_arrays(self) -> Dict[str, object]:
     """The part of ``arrays()`` the decoder's queries read (shapes fixed by the bucket alone)."""
-    return {k: v for k, v in self.arrays().items()
-            if k in ("sizes", "y_axis", "x_axis", "rel_cell")}
+    return {k: getattr(self, k) for k in ("sizes", "y_axis", "x_axis", "rel_cell")}
 
 
 def scale_geometry(target: Size, scale: float, max_scale: float,
@@ -139,20 +128,17 @@ def scale_geometry(target: Size, scale: float, max_scale: float,
   """``ScaleGeometry`` of a padded grid ``target`` at ``scale`` of a run up to ``max_scale``."""
   bucket = tuple(bucket or bucket_shape(target, steps))
   sizes = level_sizes(target, scale)
-  in_shape = scaled_size(bucket, scale)
-  x1_shape = (down(in_shape[0]), down(in_shape[1]))
-  in_max = scaled_size(bucket, max_scale)
-  query_shape = (down(in_max[0]), down(in_max[1]))
+  in_shape, x1_shape = level_sizes(bucket, scale)[1:3]
+  query_shape = level_sizes(bucket, max_scale)[2]
   (big_h, big_w), (h_s, w_s), (h1, w1) = sizes[0], sizes[1], sizes[2]
-  fusion_tables = tuple(
-      (align_corners_table(sizes[level][0], h1, x1_shape[0]),
-       align_corners_table(sizes[level][1], w1, x1_shape[1])) for level in (3, 4))
   return ScaleGeometry(
       target=tuple(target), bucket=bucket, in_shape=in_shape, x1_shape=x1_shape,
       query_shape=query_shape, sizes=np.asarray(sizes, np.int32),
       input_tables=(align_corners_table(big_h, h_s, in_shape[0]),
                     align_corners_table(big_w, w_s, in_shape[1])),
-      fusion_tables=fusion_tables,
+      fusion_tables=tuple((align_corners_table(sizes[level][0], h1, x1_shape[0]),
+                           align_corners_table(sizes[level][1], w1, x1_shape[1]))
+                          for level in (3, 4)),
       y_axis=query_axis(big_h, h1, bucket[0]), x_axis=query_axis(big_w, w1, bucket[1]),
       rel_cell=np.asarray([np.float32(2 / big_h) * np.float32(h1),
                            np.float32(2 / big_w) * np.float32(w1)], np.float32))
@@ -160,7 +146,4 @@ def scale_geometry(target: Size, scale: float, max_scale: float,
 
 def batch_size_rung(n: int, ladder: Sequence[int]) -> int:
   """The smallest batch size of ``ladder`` holding ``n`` pairs (the largest if none)."""
-  for rung in sorted(ladder):
-    if rung >= n:
-      return rung
-  return max(ladder)
+  return next((rung for rung in sorted(ladder) if rung >= n), max(ladder))

@@ -1,6 +1,5 @@
-"""The one rule for refinement scales (docs/refining.md, input rules), shared by the API, the CLIs
-and the configs, and ``min_side``: the leading scales a small image skips, and the warnings
-about small images (docs/refinement.md, "Small images and min_side")."""
+"""The one rule for refinement scales (docs/refining.md), shared by the API, CLIs and configs;
+``min_side``, the leading scales a small image skips, and its warnings (docs/refinement.md)."""
 
 import math
 import numbers
@@ -15,9 +14,8 @@ MIN_SCALED_SIDE = 8  # pixels: the encoder's output stride (one feature).
 
 def check_scales(scales: Sequence[float], size: Optional[Tuple[int, int]] = None,
                  pad: int = REFLECT_PAD) -> Tuple[float, ...]:
-  """The scales (coarse to fine) as a tuple of floats, or ``InputError`` naming the rule broken.
-  With ``size`` ``(H, W)`` (unpadded), each scale must leave the image padded by ``pad`` at least
-  ``MIN_SCALED_SIDE`` pixels on each side."""
+  """The scales (coarse to fine) as a tuple of floats, or ``InputError`` naming the rule broken;
+  with ``size`` ``(H, W)``, the image padded by ``pad`` keeps ``MIN_SCALED_SIDE`` px a side."""
   try:
     out = tuple(float(s) for s in scales)
   except (TypeError, ValueError):
@@ -59,8 +57,7 @@ def check_min_side(min_side) -> int:
 
 def scales_to_run(scales: Sequence[float], size: Tuple[int, int],
                   min_side: int) -> Tuple[float, ...]:
-  """The ``scales`` that refine an image of ``size`` ``(H, W)``: without the leading ones where
-  ``min(H, W) * s < min_side``; the last always stays (``min_side=0``: every scale)."""
+  """``scales`` less the leading ones where ``min(size) * s < min_side`` (never the last)."""
   scales, min_side = check_scales(scales), check_min_side(min_side)
   return tuple(s for s in scales[:-1] if min(size) * s >= min_side) + scales[-1:]
 
@@ -78,9 +75,8 @@ def small_image_note(scales: Sequence[float], size: Tuple[int, int]) -> Optional
 def small_image_advice(scales: Sequence[float], size: Optional[Tuple[int, int]] = None) -> str:
   """The command lines' advice; with ``size`` ``(H, W)``, the scales ``SMALL_SIDE`` would run."""
   advice = f"small images refine better with --min-side {SMALL_SIDE}"
-  if size is None:
-    return advice
-  return f"{advice} (or --scales {' '.join(map(str, scales_to_run(scales, size, SMALL_SIDE)))})"
+  return advice if size is None else (
+      f"{advice} (or --scales {' '.join(map(str, scales_to_run(scales, size, SMALL_SIDE)))})")
 
 
 def small_images_line(named_sizes: Sequence[Tuple[str, Optional[Tuple[int, int]]]],

@@ -46,11 +46,8 @@ def exit_status(run: Callable[[], object]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(128 + signum)  # no shutdown: threads may be inside XLA, peers never reach a barrier
-  except (InputError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: {os_error_line(e)}", file=sys.stderr)
+  except (InputError, CheckpointError, OSError) as e:
+    print(f"error: {os_error_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
     return 2
   finally:
     for sig, handler in previous.items():

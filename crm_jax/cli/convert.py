@@ -1,6 +1,5 @@
-"""``crm-convert`` (``convert_torch_weights.py`` in a checkout): PyTorch weights in and out:
-``crm-convert CKPT.pth OUT_DIR [--verify]``, ``--imagenet RESNET50.pth OUT_DIR``, ``--to-torch
-CKPT_DIR OUT.pth`` (``crm_jax.convert``; docs/model.md)."""
+"""``crm-convert`` (``convert_torch_weights.py`` in a checkout): PyTorch weights in and out
+(``crm_jax.convert``; docs/model.md): ``crm-convert [--imagenet | --to-torch] SOURCE TARGET``."""
 
 import argparse
 import sys

@@ -1,7 +1,5 @@
 """``make demo``: refine the bundled images with the bundled checkpoint.
-
-The before/after IoU and mBA table and side-by-side pictures (image, coarse, refined, gt).
-"""
+The before/after IoU and mBA table and side-by-side pictures (image, coarse, refined, gt)."""
 
 import argparse
 import os
@@ -28,8 +26,7 @@ def boundary_overlay(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
   binary = (mask > BINARY_THRESHOLD).astype(np.uint8)
   contours, _ = cv2.findContours(binary, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
   out = image.copy()
-  thickness = max(2, image.shape[1] // 400)
-  cv2.drawContours(out, contours, -1, colour, thickness)
+  cv2.drawContours(out, contours, -1, colour, max(2, image.shape[1] // 400))
   return out
 
 
@@ -44,10 +41,9 @@ def labelled_row(panels, titles, width: int = PANEL_WIDTH) -> np.ndarray:
 
 def side_by_side(image, coarse, refined, gt) -> np.ndarray:
   """Four panels: image, coarse, refined, ground truth (boundaries overlaid)."""
-  panels = [image] + [
-      boundary_overlay(image, m, COLOURS[k])
-      for k, m in (("coarse", coarse), ("refined", refined), ("gt", gt))]
-  return labelled_row(panels, ("image", "coarse", "refined", "ground truth"))
+  panels = [boundary_overlay(image, m, COLOURS[k])
+            for k, m in (("coarse", coarse), ("refined", refined), ("gt", gt))]
+  return labelled_row([image] + panels, ("image", "coarse", "refined", "ground truth"))
 
 
 def run_demo(output: str = "demo_output", checkpoint: str = DEMO_CHECKPOINT,
@@ -59,14 +55,12 @@ def run_demo(output: str = "demo_output", checkpoint: str = DEMO_CHECKPOINT,
     refined_path = mask_path(output, obj.name, SCALES[-1])
     if not os.path.isfile(refined_path):
       continue
-    picture = side_by_side(read_image(obj.image), read_mask(obj.seg),
-                           read_grey(refined_path), read_mask(obj.gt))
     path = os.path.join(output, f"compare_{obj.name}.png")
-    write_image(path, picture)
+    write_image(path, side_by_side(read_image(obj.image), read_mask(obj.seg),
+                                   read_grey(refined_path), read_mask(obj.gt)))
     pictures.append(path)
-  print("side-by-side pictures (image | coarse | refined | ground truth):")
-  for p in pictures:
-    print(f"  {p}")
+  print("\n".join(["side-by-side pictures (image | coarse | refined | ground truth):"]
+                  + [f"  {p}" for p in pictures]))
   return result
 
 

@@ -31,12 +31,9 @@ HELP_FLAGS = ("-h", "--help", "-help", "--helpshort")
 def _config_import_roots(argv):
   """The current folder and, for ``--config PATH`` / ``--config=PATH``, PATH's grandparent."""
   roots = [os.getcwd()]
-  for i, arg in enumerate(argv):
-    path = None
-    if arg in ("--config", "-config") and i + 1 < len(argv):
-      path = argv[i + 1]
-    elif arg.startswith(("--config=", "-config=")):
-      path = arg.split("=", 1)[1]
+  for arg, nxt in zip(argv, list(argv[1:]) + [None]):
+    path = nxt if arg in ("--config", "-config") else (
+        arg.split("=", 1)[1] if arg.startswith(("--config=", "-config=")) else None)
     if path:
       roots.append(os.path.dirname(os.path.dirname(os.path.abspath(path))))
   return roots
@@ -49,8 +46,7 @@ def _fail(message) -> None:
 
 
 def _end(status: int, message=None) -> None:
-  """Ends a started run: the ``error:`` line (if any), then ``os._exit``, skipping JAX's
-  multi-process shutdown barrier (a peer may never come) and background threads' noise."""
+  """The ``error:`` line (if any), then ``os._exit``: no shutdown barrier (a peer may be gone)."""
   if message is not None:
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
   sys.stdout.flush()
@@ -70,8 +66,7 @@ def os_error_in(e: BaseException):
 
 
 def _quiet_closed_loops() -> None:
-  """Drops the "Event loop is closed" reports of orbax's background reads that outlive a failed
-  restore (a damaged checkpoint, reported in one line); others are reported as usual."""
+  """Drops the "Event loop is closed" reports of orbax's reads that outlive a failed restore."""
   report = sys.unraisablehook
 
   def hook(unraisable):
@@ -109,8 +104,7 @@ def _parse_train_flags(argv):
 
 
 def main(argv=None) -> None:
-  """``argv``: the whole command line (``sys.argv`` when None). The current folder and the one
-  above the config file's go first on ``sys.path``, so that configs importing ``configs.*`` load."""
+  """``argv``: the whole command line (``sys.argv`` when None); configs may import ``configs.*``."""
   argv = list(sys.argv if argv is None else argv)
   if any(a in HELP_FLAGS for a in argv[1:]):
     print("usage: crm-train --config CONFIG.py --workdir DIR [--config.FIELD=VALUE ...]\n")
@@ -122,13 +116,12 @@ def main(argv=None) -> None:
       sys.path.insert(0, root)
 
   def run(args):
-    all_flags = _train_flags()
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
-    if not all_flags["verbosity"].present:  # no INFO chatter unless --verbosity asks for it
+    if not flags.FLAGS["verbosity"].present:  # no INFO chatter unless --verbosity asks for it
       logging.set_verbosity(logging.WARNING)
     try:
-      training.train_and_evaluate(all_flags.config, all_flags.workdir)
+      training.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except training.Preempted as e:  # its line is printed: a checkpoint was saved
       _end(e.exit_status)
     except (training.TrainingError, DatasetError, CheckpointError, InputError) as e:
@@ -138,7 +131,7 @@ def main(argv=None) -> None:
       if cause is None:
         raise
       _end(1, os_error_line(cause) if cause.filename else
-           f"{all_flags.workdir}: {os_error_line(cause)}")
+           f"{flags.FLAGS.workdir}: {os_error_line(cause)}")
 
   app.run(run, argv=argv, flags_parser=_parse_train_flags)
 
