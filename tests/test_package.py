@@ -183,6 +183,9 @@ def test_readme_snippets_run_as_written_from_another_folder(installed, tmp_path)
   assert cv2.imwrite(str(work / "coarse.png"), mask)
   assert cv2.imwrite(str(work / "IMAGES" / "photo.jpg"), image)
   assert cv2.imwrite(str(work / "MASKS" / "photo.png"), mask)
+  labels = (mask > 128).astype("uint8")  # a label map: background 0, the object 1 and 2
+  labels[:, :160] *= 2
+  assert cv2.imwrite(str(work / "coarse_labels.png"), labels)
   env = dict(installed["env"], PATH=f"{installed['bin']}{os.pathsep}{installed['env']['PATH']}")
   python = _readme_blocks("python")
   assert python, "the README has no Python snippet"
@@ -197,3 +200,5 @@ def test_readme_snippets_run_as_written_from_another_folder(installed, tmp_path)
     _run(["bash", "-c", line], cwd=work, env=env)
   assert cv2.imread(str(work / "refined.png"), cv2.IMREAD_GRAYSCALE).shape == (240, 320)
   assert cv2.imread(str(work / "OUT" / "photo.png"), cv2.IMREAD_GRAYSCALE).shape == (240, 320)
+  refined_labels = cv2.imread(str(work / "refined_labels.png"), cv2.IMREAD_UNCHANGED)
+  assert refined_labels.shape == (240, 320) and set(refined_labels.ravel()) <= {0, 1, 2}
